@@ -1,0 +1,1 @@
+"""Money: the double-entry ledger, usage records, credits, vendor earnings and payouts."""

@@ -1,0 +1,174 @@
+"""Usage ingest: from the Redis stream into ``UsageRecord`` rows and ledger postings.
+
+The gateway appends one event per request to the ``sy:usage`` stream. A consumer in the
+``ingest`` group reads a batch, writes every record and its ledger transaction in ONE
+database transaction, and acknowledges the batch only after the commit. The request id is
+unique in both tables, so an event delivered twice (a worker died after the commit but
+before the acknowledgement, or an entry was claimed again) is skipped, never charged twice.
+Entries left pending by a dead consumer are claimed again after ``CLAIM_IDLE_MS``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import redis
+from django.conf import settings
+from django.db import connection, transaction
+
+from billing.credit import USAGE_GROUP, USAGE_STREAM
+from billing.ledger import account_for_organization, account_for_vendor, platform_account
+from billing.models import LedgerAccount, LedgerEntry, LedgerTransaction, UsageRecord
+from billing.money import split_fee
+from marketplace.models import Organization
+from marketplace.redis_client import sync_client
+from vendors.models import Vendor
+
+logger = logging.getLogger("switchyard.ingest")
+
+CLAIM_IDLE_MS = 30_000
+INGEST_LOCK = 727_001  # pg advisory lock id: one batch writer at a time
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    read: int
+    recorded: int
+    duplicates: int
+    invalid: int
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def ensure_group(client: redis.Redis | None = None) -> None:
+    client = client or sync_client()
+    try:
+        client.xgroup_create(USAGE_STREAM, USAGE_GROUP, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def _decode(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> tuple[list[bytes], list[dict[str, Any]], int]:
+    ids, events, invalid = [], [], 0
+    for entry_id, fields in entries:
+        ids.append(entry_id)
+        try:
+            event = orjson.loads(fields[b"e"])
+            if not isinstance(event, dict) or not isinstance(event.get("rid"), str):
+                raise ValueError("no request id")
+            events.append(event)
+        except (KeyError, ValueError, orjson.JSONDecodeError):
+            # Acknowledged and logged: a malformed entry must not block the stream forever.
+            logger.error("dropping malformed usage entry %r", entry_id)
+            invalid += 1
+    return ids, events, invalid
+
+
+def usage_ingest_batch(*, count: int = 1000, block_ms: int | None = None,
+                       consumer: str | None = None) -> IngestResult:
+    """Ingest one batch: stale pending entries first, then new ones. Safe to run anywhere."""
+    client = sync_client()
+    ensure_group(client)
+    consumer = consumer or consumer_name()
+    claimed = client.xautoclaim(USAGE_STREAM, USAGE_GROUP, consumer, CLAIM_IDLE_MS, "0-0", count=count)
+    entries = list(claimed[1]) if claimed else []
+    if len(entries) < count:
+        fresh = client.xreadgroup(USAGE_GROUP, consumer, {USAGE_STREAM: ">"}, count=count - len(entries),
+                                  block=block_ms)
+        for _stream, items in fresh or []:
+            entries.extend(items)
+    if not entries:
+        return IngestResult(0, 0, 0, 0)
+    ids, events, invalid = _decode(entries)
+    recorded, duplicates = record_events(events)
+    client.xack(USAGE_STREAM, USAGE_GROUP, *ids)
+    return IngestResult(len(entries), recorded, duplicates, invalid)
+
+
+def record_events(events: list[dict[str, Any]]) -> tuple[int, int]:
+    """Write the events' usage records and ledger postings in one transaction, idempotently.
+
+    Returns (recorded, duplicates).
+    """
+    if not events:
+        return 0, 0
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [INGEST_LOCK])
+        unique: dict[str, dict[str, Any]] = {}
+        for event in events:
+            unique.setdefault(event["rid"], event)
+        seen = set(
+            UsageRecord.objects.filter(request_id__in=list(unique)).values_list("request_id", flat=True)
+        )
+        fresh = [e for rid, e in unique.items() if rid not in seen]
+        duplicates = len(events) - len(fresh)
+        if not fresh:
+            return 0, duplicates
+        org_ids = {int(e["org"]) for e in fresh}
+        vendor_ids = {int(e["vendor"]) for e in fresh if e.get("vendor")}
+        organizations = Organization.objects.in_bulk(org_ids)
+        vendors = Vendor.objects.in_bulk(vendor_ids)
+        org_accounts = {oid: account_for_organization(org) for oid, org in organizations.items()}
+        vendor_accounts = {vid: account_for_vendor(v) for vid, v in vendors.items()}
+        revenue = platform_account(LedgerAccount.Kind.PLATFORM_REVENUE)
+
+        charged = [e for e in fresh if int(e.get("cost") or 0) > 0]
+        transactions = LedgerTransaction.objects.bulk_create(
+            LedgerTransaction(kind=LedgerTransaction.Kind.USAGE, idempotency_key=f"usage:{e['rid']}",
+                              memo=f"{e.get('model', '')}"[:500])
+            for e in charged
+        )
+        txn_by_rid = {e["rid"]: txn for e, txn in zip(charged, transactions, strict=True)}
+        entries: list[LedgerEntry] = []
+        records: list[UsageRecord] = []
+        for event in fresh:
+            cost = int(event.get("cost") or 0)
+            vendor_id = int(event["vendor"]) if event.get("vendor") else None
+            vendor = vendors.get(vendor_id) if vendor_id else None
+            fee_bps = vendor.fee_bps if vendor and vendor.fee_bps is not None else settings.PLATFORM_FEE_BPS
+            share, fee = split_fee(cost, fee_bps)
+            txn = txn_by_rid.get(event["rid"])
+            if txn is not None:
+                entries.append(LedgerEntry(transaction=txn, account=org_accounts[int(event["org"])], amount=-cost))
+                if share:
+                    if vendor_id is None or vendor_id not in vendor_accounts:
+                        raise ValueError(f"usage {event['rid']} charges an unknown vendor")
+                    entries.append(LedgerEntry(transaction=txn, account=vendor_accounts[vendor_id], amount=share))
+                if fee:
+                    entries.append(LedgerEntry(transaction=txn, account=revenue, amount=fee))
+            records.append(
+                UsageRecord(
+                    request_id=event["rid"],
+                    organization_id=int(event["org"]),
+                    api_key_id=event.get("key"),
+                    endpoint_id=event.get("ep"),
+                    vendor_id=vendor_id,
+                    model_requested=str(event.get("model", ""))[:200],
+                    prompt_tokens=int(event.get("pt") or 0),
+                    completion_tokens=int(event.get("ct") or 0),
+                    price_input=int(event.get("pin") or 0),
+                    price_output=int(event.get("pout") or 0),
+                    cost=cost,
+                    vendor_share=share if txn else 0,
+                    platform_fee=fee if txn else 0,
+                    latency_ms=int(event.get("ms") or 0),
+                    attempts=int(event.get("att") or 1),
+                    outcome=str(event.get("out") or "success"),
+                    stream=bool(event.get("stream")),
+                    transaction=txn,
+                    occurred_at=datetime.fromtimestamp(float(event.get("ts") or 0), tz=UTC),
+                )
+            )
+        LedgerEntry.objects.bulk_create(entries)
+        UsageRecord.objects.bulk_create(records)
+    return len(fresh), duplicates

@@ -1,0 +1,45 @@
+"""ASGI entry point: the gateway beside Django.
+
+``/v1/...`` goes to the lean gateway (routing.gateway), which never enters Django's request
+machinery; WebSockets go to Channels; everything else is Django.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.settings")
+
+import django  # noqa: E402
+
+django.setup()
+
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.core.asgi import get_asgi_application  # noqa: E402
+
+from routing.gateway.app import GatewayApp  # noqa: E402
+
+
+
+def build_application(gateway: GatewayApp | None = None):  # type: ignore[no-untyped-def]
+    """The process's ASGI app; tests build one per test with a fresh gateway."""
+    gateway_app = gateway or GatewayApp()
+    django_app = get_asgi_application()
+    websocket_app = ProtocolTypeRouter({"websocket": URLRouter([])})
+
+    async def application(scope, receive, send):  # type: ignore[no-untyped-def]
+        kind = scope["type"]
+        if kind == "http" and scope["path"].startswith("/v1/"):
+            await gateway_app(scope, receive, send)
+        elif kind == "http":
+            await django_app(scope, receive, send)
+        elif kind == "websocket":
+            await websocket_app(scope, receive, send)
+        elif kind == "lifespan":
+            await gateway_app.lifespan(scope, receive, send)
+
+    application.gateway = gateway_app  # type: ignore[attr-defined]
+    return application
+
+
+application = build_application()

@@ -1,0 +1,109 @@
+"""API key authentication with an in-process cache.
+
+Keys are looked up by their keyed hash: first in a small in-process cache, then once in
+the database. A revoked key is dropped from every replica's cache through the
+invalidation channel; the cache's TTL bounds staleness should a message be lost.
+Unknown keys are remembered briefly too, so guessing keys cannot hammer the database.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from asgiref.sync import sync_to_async
+from django.db import connection
+
+from marketplace.keys import hash_key, looks_like_key
+from marketplace.models import ApiKey
+from routing.errors import Unauthorized
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    key_id: int
+    organization_id: int
+    key_hash: str
+    prefix: str
+    expires_at: float | None  # epoch seconds
+    revoked: bool
+    rate_limit_rpm: int | None
+
+
+def _load_key(key_hash: str) -> KeyInfo | None:
+    try:
+        return _query_key(key_hash)
+    finally:
+        # Misses are rare: do not keep a connection per executor thread open.
+        connection.close()
+
+
+def _query_key(key_hash: str) -> KeyInfo | None:
+    row = ApiKey.objects.filter(key_hash=key_hash).values(
+        "pk", "organization_id", "prefix", "expires_at", "revoked_at", "rate_limit_rpm"
+    ).first()
+    if row is None:
+        return None
+    expires: datetime | None = row["expires_at"]
+    return KeyInfo(
+        key_id=row["pk"],
+        organization_id=row["organization_id"],
+        key_hash=key_hash,
+        prefix=row["prefix"],
+        expires_at=expires.timestamp() if expires else None,
+        revoked=row["revoked_at"] is not None,
+        rate_limit_rpm=row["rate_limit_rpm"],
+    )
+
+
+class KeyCache:
+    def __init__(
+        self,
+        *,
+        ttl: float,
+        negative_ttl: float = 5.0,
+        max_entries: int = 100_000,
+        loader: Callable[[str], Awaitable[KeyInfo | None]] | None = None,
+    ) -> None:
+        self._ttl = ttl
+        self._negative_ttl = negative_ttl
+        self._max = max_entries
+        self._entries: OrderedDict[str, tuple[float, KeyInfo | None]] = OrderedDict()
+        self._loader = loader or sync_to_async(_load_key, thread_sensitive=False)
+
+    def forget(self, key_hash: str) -> None:
+        self._entries.pop(key_hash, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    async def authenticate(self, authorization: str | None) -> KeyInfo:
+        if not authorization:
+            raise Unauthorized("missing API key: send `Authorization: Bearer <key>`",
+                               code="missing_api_key")
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not looks_like_key(token):
+            raise Unauthorized("invalid API key")
+        key_hash = hash_key(token)
+        now = time.monotonic()
+        cached = self._entries.get(key_hash)
+        if cached is not None and cached[0] > now:
+            info = cached[1]
+        else:
+            info = await self._loader(key_hash)
+            ttl = self._ttl if info is not None else self._negative_ttl
+            self._entries[key_hash] = (now + ttl, info)
+            self._entries.move_to_end(key_hash)
+            while len(self._entries) > self._max:
+                self._entries.popitem(last=False)
+        if info is None:
+            raise Unauthorized("invalid API key")
+        if info.revoked:
+            raise Unauthorized("this API key has been revoked", code="revoked_api_key")
+        if info.expires_at is not None and info.expires_at <= time.time():
+            raise Unauthorized("this API key has expired", code="expired_api_key")
+        return info

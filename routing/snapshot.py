@@ -1,0 +1,90 @@
+"""The routing table: an immutable in-memory projection of routable endpoints.
+
+The gateway builds it from the database when it starts and whenever the control plane
+announces a change (``marketplace.invalidation``); requests read it without any I/O.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from vendors.crypto import decrypt_secret
+from vendors.models import Endpoint
+from vendors.selectors import routable_endpoints
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointView:
+    id: int
+    vendor_id: int
+    vendor_slug: str
+    slug: str
+    kind: str
+    base_url: str
+    upstream_model: str
+    secret: str
+    tags: frozenset[str]
+    price_input: int
+    price_output: int
+    context_length: int
+    capacity: int
+    surge_curve: tuple[tuple[float, float], ...]
+    surge_cap: float
+    region: str
+    data_retention_days: int
+    private_to: int | None
+
+    @property
+    def full_slug(self) -> str:
+        return f"{self.vendor_slug}/{self.slug}"
+
+    def visible_to(self, organization_id: int) -> bool:
+        return self.private_to is None or self.private_to == organization_id
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    endpoints: tuple[EndpointView, ...]
+    by_slug: dict[str, EndpointView] = field(default_factory=dict)
+    by_tag: dict[str, tuple[EndpointView, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, endpoints: list[EndpointView]) -> Snapshot:
+        by_tag: dict[str, list[EndpointView]] = defaultdict(list)
+        for endpoint in endpoints:
+            for tag in endpoint.tags:
+                by_tag[tag].append(endpoint)
+        return cls(
+            endpoints=tuple(endpoints),
+            by_slug={e.full_slug: e for e in endpoints},
+            by_tag={tag: tuple(items) for tag, items in by_tag.items()},
+        )
+
+
+def endpoint_view(endpoint: Endpoint) -> EndpointView:
+    return EndpointView(
+        id=endpoint.pk,
+        vendor_id=endpoint.vendor_id,
+        vendor_slug=endpoint.vendor.slug,
+        slug=endpoint.slug,
+        kind=endpoint.kind,
+        base_url=endpoint.base_url.rstrip("/"),
+        upstream_model=endpoint.upstream_model,
+        secret=decrypt_secret(endpoint.secret_encrypted),
+        tags=frozenset(tag.slug for tag in endpoint.tags.all()),
+        price_input=endpoint.price_input,
+        price_output=endpoint.price_output,
+        context_length=endpoint.context_length,
+        capacity=endpoint.capacity,
+        surge_curve=tuple((float(u), float(m)) for u, m in endpoint.surge_curve),
+        surge_cap=endpoint.surge_cap,
+        region=endpoint.region,
+        data_retention_days=endpoint.data_retention_days,
+        private_to=endpoint.private_to_id,
+    )
+
+
+def load_snapshot() -> Snapshot:
+    """Read every routable endpoint (three queries) into a new snapshot."""
+    return Snapshot.build([endpoint_view(e) for e in routable_endpoints()])

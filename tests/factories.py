@@ -1,0 +1,78 @@
+"""Test data, built through the same services the product uses."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from django.contrib.auth import get_user_model
+
+from billing.money import usd_to_nanos
+from billing.services import credit_grant
+from marketplace.models import Organization
+from marketplace.services import api_key_create, organization_create
+from vendors.models import Endpoint, Vendor
+from vendors.services import endpoint_approve, endpoint_create, vendor_approve, vendor_create
+
+_seq = itertools.count(1)
+
+
+def user(email: str | None = None, password: str = "a-long-test-password"):  # type: ignore[no-untyped-def]
+    n = next(_seq)
+    email = email or f"user{n}@example.test"
+    return get_user_model().objects.create_user(username=email, email=email, password=password)
+
+
+def organization(*, credit_usd: str | None = "10", name: str | None = None) -> Organization:
+    n = next(_seq)
+    org = organization_create(name=name or f"Customer {n}", slug=f"customer-{n}")
+    if credit_usd:
+        credit_grant(organization=org, amount=usd_to_nanos(credit_usd), reason="test credit")
+    return org
+
+
+@dataclass
+class Customer:
+    organization: Organization
+    key: str
+
+
+def customer(*, credit_usd: str | None = "10") -> Customer:
+    org = organization(credit_usd=credit_usd)
+    return Customer(org, api_key_create(organization=org, name="test key").plaintext)
+
+
+def vendor(*, approved: bool = True, slug: str | None = None) -> Vendor:
+    n = next(_seq)
+    v = vendor_create(name=f"Vendor {n}", slug=slug or f"vendor-{n}")
+    return vendor_approve(vendor=v) if approved else v
+
+
+def endpoint(
+    *,
+    base_url: str,
+    upstream_model: str = "test-model",
+    vendor_obj: Vendor | None = None,
+    slug: str | None = None,
+    tags: tuple[str, ...] = ("chat",),
+    price_input_usd: str = "1",
+    price_output_usd: str = "2",
+    approved: bool = True,
+    secret: str = "",
+    context_length: int = 2048,
+    **extra: object,
+) -> Endpoint:
+    n = next(_seq)
+    ep = endpoint_create(
+        vendor=vendor_obj or vendor(),
+        slug=slug or f"model-{n}",
+        base_url=base_url,
+        upstream_model=upstream_model,
+        tags=tags,
+        price_input=usd_to_nanos(price_input_usd),
+        price_output=usd_to_nanos(price_output_usd),
+        secret=secret,
+        context_length=context_length,
+        **extra,  # type: ignore[arg-type]
+    )
+    return endpoint_approve(endpoint=ep) if approved else ep

@@ -1,0 +1,1 @@
+"""Vendors: organisations that sell model endpoints, their endpoints and price curves."""
