@@ -9,12 +9,13 @@ UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test install lint typecheck check bench lock clean
+.PHONY: run test install lint typecheck check-compose bench lock clean
 
 run: $(STAMP)
 	$(PY) -m marketplace.devenv run
 
 test: $(STAMP)
+	scripts/check-compose.sh
 	$(PY) -m marketplace.devenv test -- $(PYTEST_ARGS)
 
 install: $(STAMP)
@@ -26,6 +27,9 @@ $(STAMP): requirements/lock.txt requirements/nodeps.txt
 	$(UV) pip sync --quiet --python $(PY) --require-hashes requirements/lock.txt
 	$(UV) pip install --quiet --python $(PY) --no-deps --require-hashes -r requirements/nodeps.txt
 	touch $(STAMP)
+
+check-compose: $(STAMP)
+	scripts/check-compose.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

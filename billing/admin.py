@@ -43,7 +43,15 @@ class LedgerTransactionAdmin(ReadOnlyAdmin):
 
 @admin.register(UsageRecord)
 class UsageRecordAdmin(ReadOnlyAdmin):
-    list_display = ("request_id", "organization", "endpoint", "prompt_tokens", "completion_tokens",
-                    "cost", "outcome", "occurred_at")
+    list_display = (
+        "request_id",
+        "organization",
+        "endpoint",
+        "prompt_tokens",
+        "completion_tokens",
+        "cost",
+        "outcome",
+        "occurred_at",
+    )
     list_filter = ("outcome",)
     search_fields = ("request_id",)

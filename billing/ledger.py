@@ -50,7 +50,9 @@ def account_for_vendor(vendor: Vendor) -> LedgerAccount:
 
 def platform_account(kind: LedgerAccount.Kind) -> LedgerAccount:
     """The platform's singleton account of ``kind`` (revenue, grants, Stripe clearing...)."""
-    account, _ = LedgerAccount.objects.get_or_create(code=f"platform:{kind}", defaults={"kind": kind})
+    account, _ = LedgerAccount.objects.get_or_create(
+        code=f"platform:{kind}", defaults={"kind": kind}
+    )
     return account
 
 

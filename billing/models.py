@@ -75,6 +75,9 @@ class LedgerEntry(models.Model):
         ]
         indexes = [models.Index(fields=["account", "transaction"])]
 
+    def __str__(self) -> str:
+        return f"{self.account_id}: {self.amount}"
+
 
 class UsageRecord(models.Model):
     """One metered request: what was asked, who served it, at what quoted price."""
@@ -120,3 +123,6 @@ class UsageRecord(models.Model):
             models.Index(fields=["organization", "occurred_at"]),
             models.Index(fields=["vendor", "occurred_at"]),
         ]
+
+    def __str__(self) -> str:
+        return self.request_id

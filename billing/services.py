@@ -11,8 +11,8 @@ from billing import credit
 from billing.ledger import (
     LedgerError,
     Posted,
-    account_for_organization,
     account_balance,
+    account_for_organization,
     platform_account,
     transaction_post,
 )

@@ -57,7 +57,9 @@ def ensure_group(client: redis.Redis | None = None) -> None:
             raise
 
 
-def _decode(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> tuple[list[bytes], list[dict[str, Any]], int]:
+def _decode(
+    entries: list[tuple[bytes, dict[bytes, bytes]]],
+) -> tuple[list[bytes], list[dict[str, Any]], int]:
     ids, events, invalid = [], [], 0
     for entry_id, fields in entries:
         ids.append(entry_id)
@@ -73,17 +75,21 @@ def _decode(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> tuple[list[bytes
     return ids, events, invalid
 
 
-def usage_ingest_batch(*, count: int = 1000, block_ms: int | None = None,
-                       consumer: str | None = None) -> IngestResult:
+def usage_ingest_batch(
+    *, count: int = 1000, block_ms: int | None = None, consumer: str | None = None
+) -> IngestResult:
     """Ingest one batch: stale pending entries first, then new ones. Safe to run anywhere."""
     client = sync_client()
     ensure_group(client)
     consumer = consumer or consumer_name()
-    claimed = client.xautoclaim(USAGE_STREAM, USAGE_GROUP, consumer, CLAIM_IDLE_MS, "0-0", count=count)
+    claimed = client.xautoclaim(
+        USAGE_STREAM, USAGE_GROUP, consumer, CLAIM_IDLE_MS, "0-0", count=count
+    )
     entries = list(claimed[1]) if claimed else []
     if len(entries) < count:
-        fresh = client.xreadgroup(USAGE_GROUP, consumer, {USAGE_STREAM: ">"}, count=count - len(entries),
-                                  block=block_ms)
+        fresh = client.xreadgroup(
+            USAGE_GROUP, consumer, {USAGE_STREAM: ">"}, count=count - len(entries), block=block_ms
+        )
         for _stream, items in fresh or []:
             entries.extend(items)
     if not entries:
@@ -108,7 +114,9 @@ def record_events(events: list[dict[str, Any]]) -> tuple[int, int]:
         for event in events:
             unique.setdefault(event["rid"], event)
         seen = set(
-            UsageRecord.objects.filter(request_id__in=list(unique)).values_list("request_id", flat=True)
+            UsageRecord.objects.filter(request_id__in=list(unique)).values_list(
+                "request_id", flat=True
+            )
         )
         fresh = [e for rid, e in unique.items() if rid not in seen]
         duplicates = len(events) - len(fresh)
@@ -124,8 +132,11 @@ def record_events(events: list[dict[str, Any]]) -> tuple[int, int]:
 
         charged = [e for e in fresh if int(e.get("cost") or 0) > 0]
         transactions = LedgerTransaction.objects.bulk_create(
-            LedgerTransaction(kind=LedgerTransaction.Kind.USAGE, idempotency_key=f"usage:{e['rid']}",
-                              memo=f"{e.get('model', '')}"[:500])
+            LedgerTransaction(
+                kind=LedgerTransaction.Kind.USAGE,
+                idempotency_key=f"usage:{e['rid']}",
+                memo=f"{e.get('model', '')}"[:500],
+            )
             for e in charged
         )
         txn_by_rid = {e["rid"]: txn for e, txn in zip(charged, transactions, strict=True)}
@@ -135,15 +146,27 @@ def record_events(events: list[dict[str, Any]]) -> tuple[int, int]:
             cost = int(event.get("cost") or 0)
             vendor_id = int(event["vendor"]) if event.get("vendor") else None
             vendor = vendors.get(vendor_id) if vendor_id else None
-            fee_bps = vendor.fee_bps if vendor and vendor.fee_bps is not None else settings.PLATFORM_FEE_BPS
+            fee_bps = (
+                vendor.fee_bps
+                if vendor and vendor.fee_bps is not None
+                else settings.PLATFORM_FEE_BPS
+            )
             share, fee = split_fee(cost, fee_bps)
             txn = txn_by_rid.get(event["rid"])
             if txn is not None:
-                entries.append(LedgerEntry(transaction=txn, account=org_accounts[int(event["org"])], amount=-cost))
+                entries.append(
+                    LedgerEntry(
+                        transaction=txn, account=org_accounts[int(event["org"])], amount=-cost
+                    )
+                )
                 if share:
                     if vendor_id is None or vendor_id not in vendor_accounts:
                         raise ValueError(f"usage {event['rid']} charges an unknown vendor")
-                    entries.append(LedgerEntry(transaction=txn, account=vendor_accounts[vendor_id], amount=share))
+                    entries.append(
+                        LedgerEntry(
+                            transaction=txn, account=vendor_accounts[vendor_id], amount=share
+                        )
+                    )
                 if fee:
                     entries.append(LedgerEntry(transaction=txn, account=revenue, amount=fee))
             records.append(

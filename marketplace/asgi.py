@@ -10,21 +10,25 @@ import os
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.settings")
 
-import django  # noqa: E402
+import django
 
 django.setup()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 from django.core.asgi import get_asgi_application  # noqa: E402
 
 from routing.gateway.app import GatewayApp  # noqa: E402
-
 
 
 def build_application(gateway: GatewayApp | None = None):  # type: ignore[no-untyped-def]
     """The process's ASGI app; tests build one per test with a fresh gateway."""
     gateway_app = gateway or GatewayApp()
     django_app = get_asgi_application()
+    if settings.DEBUG:
+        # Development only: production serves /static/ from collectstatic's output.
+        django_app = ASGIStaticFilesHandler(django_app)
     websocket_app = ProtocolTypeRouter({"websocket": URLRouter([])})
 
     async def application(scope, receive, send):  # type: ignore[no-untyped-def]

@@ -25,10 +25,12 @@ class Candidate:
     multiplier: float
 
 
-def resolve_model(snapshot: Snapshot, model: str, organization_id: int, kind: str) -> list[EndpointView]:
+def resolve_model(
+    snapshot: Snapshot, model: str, organization_id: int, kind: str
+) -> list[EndpointView]:
     """The endpoints that could serve ``model`` for this organisation (not yet filtered)."""
     if model.startswith(TAG_PREFIX):
-        wanted = [t for t in model[len(TAG_PREFIX):].split("+") if t]
+        wanted = [t for t in model[len(TAG_PREFIX) :].split("+") if t]
         if not wanted:
             raise BadRequest("`tag:` needs at least one capability tag", param="model")
         pool = snapshot.by_tag.get(wanted[0], ())
@@ -38,8 +40,9 @@ def resolve_model(snapshot: Snapshot, model: str, organization_id: int, kind: st
         found = [endpoint] if endpoint is not None else []
     visible = [e for e in found if e.visible_to(organization_id) and e.kind == kind]
     if not visible:
-        raise NotFound(f"the model `{model}` does not exist or you do not have access to it",
-                       param="model")
+        raise NotFound(
+            f"the model `{model}` does not exist or you do not have access to it", param="model"
+        )
     return visible
 
 
@@ -55,7 +58,9 @@ def route(
     load = utilisation or {}
     candidates = []
     for endpoint in resolve_model(snapshot, model, organization_id, kind):
-        multiplier = surge_multiplier(endpoint.surge_curve, load.get(endpoint.id, 0.0), endpoint.surge_cap)
+        multiplier = surge_multiplier(
+            endpoint.surge_curve, load.get(endpoint.id, 0.0), endpoint.surge_cap
+        )
         candidates.append(
             Candidate(
                 endpoint=endpoint,

@@ -19,7 +19,15 @@ class VendorAdmin(admin.ModelAdmin):
 
 @admin.register(Endpoint)
 class EndpointAdmin(admin.ModelAdmin):
-    list_display = ("__str__", "kind", "status", "capacity", "price_input", "price_output", "region")
+    list_display = (
+        "__str__",
+        "kind",
+        "status",
+        "capacity",
+        "price_input",
+        "price_output",
+        "region",
+    )
     list_filter = ("status", "kind", "region")
     search_fields = ("slug", "vendor__slug", "upstream_model")
     exclude = ("secret_encrypted",)  # secrets are set through the portal, never shown

@@ -45,6 +45,9 @@ class VendorMembership(models.Model):
             models.UniqueConstraint(fields=["vendor", "user"], name="uniq_vendor_member")
         ]
 
+    def __str__(self) -> str:
+        return f"{self.user} at {self.vendor} ({self.role})"
+
 
 class CapabilityTag(models.Model):
     class Kind(models.TextChoices):

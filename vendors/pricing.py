@@ -8,6 +8,7 @@ the last point it stays at the last multiplier; the result never exceeds the end
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 
@@ -40,7 +41,7 @@ def surge_multiplier(curve: Sequence[Sequence[float]], utilisation: float, cap: 
     """The price multiplier at ``utilisation`` (monotone in utilisation, at most ``cap``)."""
     u = min(max(utilisation, 0.0), 1.0)
     multiplier = float(curve[0][1])
-    for (u0, m0), (u1, m1) in zip(curve, curve[1:], strict=False):
+    for (u0, m0), (u1, m1) in itertools.pairwise(curve):
         if u <= u0:
             break
         if u >= u1:

@@ -10,7 +10,9 @@ from vendors.models import Endpoint, Vendor
 def routable_endpoints() -> QuerySet[Endpoint]:
     """Endpoints that may receive traffic: approved, of an approved vendor."""
     return (
-        Endpoint.objects.filter(status=Endpoint.Status.APPROVED, vendor__status=Vendor.Status.APPROVED)
+        Endpoint.objects.filter(
+            status=Endpoint.Status.APPROVED, vendor__status=Vendor.Status.APPROVED
+        )
         .select_related("vendor")
         .prefetch_related("tags")
         .order_by("pk")

@@ -6,76 +6,233 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('marketplace', '0001_initial'),
-        ('vendors', '0001_initial'),
+        ("marketplace", "0001_initial"),
+        ("vendors", "0001_initial"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='LedgerTransaction',
+            name="LedgerTransaction",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('kind', models.CharField(choices=[('grant', 'Credit grant'), ('deduction', 'Credit deduction'), ('topup', 'Top-up'), ('usage', 'Usage charge'), ('refund', 'Refund'), ('payout', 'Vendor payout')], max_length=16)),
-                ('idempotency_key', models.CharField(max_length=200, unique=True)),
-                ('memo', models.CharField(blank=True, max_length=500)),
-                ('created_at', models.DateTimeField(db_index=True, default=django.utils.timezone.now)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=[
+                            ("grant", "Credit grant"),
+                            ("deduction", "Credit deduction"),
+                            ("topup", "Top-up"),
+                            ("usage", "Usage charge"),
+                            ("refund", "Refund"),
+                            ("payout", "Vendor payout"),
+                        ],
+                        max_length=16,
+                    ),
+                ),
+                ("idempotency_key", models.CharField(max_length=200, unique=True)),
+                ("memo", models.CharField(blank=True, max_length=500)),
+                (
+                    "created_at",
+                    models.DateTimeField(db_index=True, default=django.utils.timezone.now),
+                ),
             ],
         ),
         migrations.CreateModel(
-            name='LedgerAccount',
+            name="LedgerAccount",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('code', models.CharField(max_length=100, unique=True)),
-                ('kind', models.CharField(choices=[('customer_credit', 'Customer credit'), ('vendor_payable', 'Vendor payable'), ('platform_revenue', 'Platform revenue'), ('platform_grants', 'Platform grants'), ('stripe_clearing', 'Stripe clearing'), ('vendor_payouts', 'Vendor payouts')], max_length=32)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('organization', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.PROTECT, related_name='ledger_accounts', to='marketplace.organization')),
-                ('vendor', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.PROTECT, related_name='ledger_accounts', to='vendors.vendor')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("code", models.CharField(max_length=100, unique=True)),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=[
+                            ("customer_credit", "Customer credit"),
+                            ("vendor_payable", "Vendor payable"),
+                            ("platform_revenue", "Platform revenue"),
+                            ("platform_grants", "Platform grants"),
+                            ("stripe_clearing", "Stripe clearing"),
+                            ("vendor_payouts", "Vendor payouts"),
+                        ],
+                        max_length=32,
+                    ),
+                ),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "organization",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="ledger_accounts",
+                        to="marketplace.organization",
+                    ),
+                ),
+                (
+                    "vendor",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="ledger_accounts",
+                        to="vendors.vendor",
+                    ),
+                ),
             ],
         ),
         migrations.CreateModel(
-            name='LedgerEntry',
+            name="LedgerEntry",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('amount', models.BigIntegerField(help_text='nano-USD; positive: received, negative: sent')),
-                ('account', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='entries', to='billing.ledgeraccount')),
-                ('transaction', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='entries', to='billing.ledgertransaction')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "amount",
+                    models.BigIntegerField(
+                        help_text="nano-USD; positive: received, negative: sent"
+                    ),
+                ),
+                (
+                    "account",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="entries",
+                        to="billing.ledgeraccount",
+                    ),
+                ),
+                (
+                    "transaction",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="entries",
+                        to="billing.ledgertransaction",
+                    ),
+                ),
             ],
             options={
-                'indexes': [models.Index(fields=['account', 'transaction'], name='billing_led_account_a7a60e_idx')],
-                'constraints': [models.CheckConstraint(condition=models.Q(('amount', 0), _negated=True), name='entry_amount_not_zero')],
+                "indexes": [
+                    models.Index(
+                        fields=["account", "transaction"], name="billing_led_account_a7a60e_idx"
+                    )
+                ],
+                "constraints": [
+                    models.CheckConstraint(
+                        condition=models.Q(("amount", 0), _negated=True),
+                        name="entry_amount_not_zero",
+                    )
+                ],
             },
         ),
         migrations.CreateModel(
-            name='UsageRecord',
+            name="UsageRecord",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('request_id', models.CharField(max_length=64, unique=True)),
-                ('model_requested', models.CharField(max_length=200)),
-                ('prompt_tokens', models.PositiveIntegerField(default=0)),
-                ('completion_tokens', models.PositiveIntegerField(default=0)),
-                ('price_input', models.BigIntegerField(help_text='quoted nano-USD per million input tokens')),
-                ('price_output', models.BigIntegerField(help_text='quoted nano-USD per million output tokens')),
-                ('cost', models.BigIntegerField(default=0)),
-                ('vendor_share', models.BigIntegerField(default=0)),
-                ('platform_fee', models.BigIntegerField(default=0)),
-                ('latency_ms', models.PositiveIntegerField(default=0)),
-                ('attempts', models.PositiveSmallIntegerField(default=1)),
-                ('outcome', models.CharField(choices=[('success', 'Success'), ('partial', 'Stream broken after bytes were sent'), ('failed', 'Failed')], max_length=16)),
-                ('stream', models.BooleanField(default=False)),
-                ('occurred_at', models.DateTimeField()),
-                ('ingested_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('api_key', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='usage_records', to='marketplace.apikey')),
-                ('endpoint', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='usage_records', to='vendors.endpoint')),
-                ('organization', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='usage_records', to='marketplace.organization')),
-                ('transaction', models.OneToOneField(null=True, on_delete=django.db.models.deletion.PROTECT, related_name='usage_record', to='billing.ledgertransaction')),
-                ('vendor', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='usage_records', to='vendors.vendor')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("request_id", models.CharField(max_length=64, unique=True)),
+                ("model_requested", models.CharField(max_length=200)),
+                ("prompt_tokens", models.PositiveIntegerField(default=0)),
+                ("completion_tokens", models.PositiveIntegerField(default=0)),
+                (
+                    "price_input",
+                    models.BigIntegerField(help_text="quoted nano-USD per million input tokens"),
+                ),
+                (
+                    "price_output",
+                    models.BigIntegerField(help_text="quoted nano-USD per million output tokens"),
+                ),
+                ("cost", models.BigIntegerField(default=0)),
+                ("vendor_share", models.BigIntegerField(default=0)),
+                ("platform_fee", models.BigIntegerField(default=0)),
+                ("latency_ms", models.PositiveIntegerField(default=0)),
+                ("attempts", models.PositiveSmallIntegerField(default=1)),
+                (
+                    "outcome",
+                    models.CharField(
+                        choices=[
+                            ("success", "Success"),
+                            ("partial", "Stream broken after bytes were sent"),
+                            ("failed", "Failed"),
+                        ],
+                        max_length=16,
+                    ),
+                ),
+                ("stream", models.BooleanField(default=False)),
+                ("occurred_at", models.DateTimeField()),
+                ("ingested_at", models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "api_key",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="usage_records",
+                        to="marketplace.apikey",
+                    ),
+                ),
+                (
+                    "endpoint",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="usage_records",
+                        to="vendors.endpoint",
+                    ),
+                ),
+                (
+                    "organization",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="usage_records",
+                        to="marketplace.organization",
+                    ),
+                ),
+                (
+                    "transaction",
+                    models.OneToOneField(
+                        null=True,
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="usage_record",
+                        to="billing.ledgertransaction",
+                    ),
+                ),
+                (
+                    "vendor",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="usage_records",
+                        to="vendors.vendor",
+                    ),
+                ),
             ],
             options={
-                'indexes': [models.Index(fields=['organization', 'occurred_at'], name='billing_usa_organiz_9edca0_idx'), models.Index(fields=['vendor', 'occurred_at'], name='billing_usa_vendor__c07978_idx')],
+                "indexes": [
+                    models.Index(
+                        fields=["organization", "occurred_at"],
+                        name="billing_usa_organiz_9edca0_idx",
+                    ),
+                    models.Index(
+                        fields=["vendor", "occurred_at"], name="billing_usa_vendor__c07978_idx"
+                    ),
+                ],
             },
         ),
     ]

@@ -234,10 +234,25 @@ class GatewayApp:
             if not endpoint.visible_to(key.organization_id):
                 continue
             tags.update(endpoint.tags)
-            data.append({"id": endpoint.full_slug, "object": "model", "created": 0,
-                         "owned_by": endpoint.vendor_slug, "kind": endpoint.kind})
-        data.extend({"id": f"tag:{tag}", "object": "model", "created": 0, "owned_by": "switchyard",
-                     "kind": "tag"} for tag in sorted(tags))
+            data.append(
+                {
+                    "id": endpoint.full_slug,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": endpoint.vendor_slug,
+                    "kind": endpoint.kind,
+                }
+            )
+        data.extend(
+            {
+                "id": f"tag:{tag}",
+                "object": "model",
+                "created": 0,
+                "owned_by": "switchyard",
+                "kind": "tag",
+            }
+            for tag in sorted(tags)
+        )
         await _send_json(send, 200, {"object": "list", "data": data}, request_id)
 
     async def _read_body(self, receive: Receive, headers: dict[str, str]) -> bytes:
@@ -282,12 +297,16 @@ class GatewayApp:
                 settings.GATEWAY_DEFAULT_MAX_TOKENS, candidate.endpoint.context_length
             )
             prompt_bound = prompt_token_bound(request)
-            hold = request_cost(prompt_bound, max_tokens, candidate.price_input, candidate.price_output)
+            hold = request_cost(
+                prompt_bound, max_tokens, candidate.price_input, candidate.price_output
+            )
             try:
                 reserved = await self._credit.reserve(key.organization_id, hold, self._load_balance)
             except aioredis.RedisError:
-                raise Unavailable("the gateway cannot reach its state store; nothing was charged",
-                                  code="state_unavailable") from None
+                raise Unavailable(
+                    "the gateway cannot reach its state store; nothing was charged",
+                    code="state_unavailable",
+                ) from None
             if not reserved:
                 raise InsufficientCredit(
                     "your organisation's credit does not cover this request "
@@ -306,8 +325,9 @@ class GatewayApp:
                 continue
             except _ClientError as exc:
                 await self._credit.release(key.organization_id, hold)
-                raise BadRequest(f"the vendor refused the request: {exc.message}",
-                                 code="upstream_rejected") from None
+                raise BadRequest(
+                    f"the vendor refused the request: {exc.message}", code="upstream_rejected"
+                ) from None
             except BaseException:
                 # Cancelled (the client went away) or a bug: the hold goes back, uncharged
                 # unless bytes were delivered, in which case settle what was delivered.
@@ -357,19 +377,28 @@ class GatewayApp:
             attempt.outcome, attempt.detail = "timeout", "no answer before the first-byte deadline"
             raise _Retryable(attempt) from None
         except aiohttp.ClientError as exc:
-            attempt.outcome, attempt.detail = "connect_error", f"cannot reach the vendor ({type(exc).__name__})"
+            attempt.outcome, attempt.detail = (
+                "connect_error",
+                f"cannot reach the vendor ({type(exc).__name__})",
+            )
             raise _Retryable(attempt) from None
         attempt.status = response.status
         try:
             if response.status != 200:
                 text = (await response.content.read(4096)).decode("utf-8", "replace")
                 attempt.latency_ms = int((time.monotonic() - t0) * 1000)
-                if response.status in RETRYABLE_STATUS or response.status >= 500 or response.status in (401, 403):
+                if (
+                    response.status in RETRYABLE_STATUS
+                    or response.status >= 500
+                    or response.status in (401, 403)
+                ):
                     attempt.detail = f"HTTP {response.status}"
                     raise _Retryable(attempt)
                 raise _ClientError(response.status, _vendor_error_message(text))
             if request.stream:
-                await self._relay_stream(send, response, request, prompt_bound, served, request_id, attempt, t0)
+                await self._relay_stream(
+                    send, response, request, prompt_bound, served, request_id, attempt, t0
+                )
             else:
                 await self._relay_json(send, response, served, request_id, attempt, t0)
         finally:
@@ -386,10 +415,14 @@ class GatewayApp:
     ) -> None:
         limit = settings.GATEWAY_MAX_UPSTREAM_BODY_BYTES
         try:
-            raw = await asyncio.wait_for(response.content.read(limit + 1),
-                                         timeout=settings.GATEWAY_TOTAL_TIMEOUT)
+            raw = await asyncio.wait_for(
+                response.content.read(limit + 1), timeout=settings.GATEWAY_TOTAL_TIMEOUT
+            )
         except (TimeoutError, aiohttp.ClientError) as exc:
-            attempt.outcome, attempt.detail = "read_error", f"the answer broke off ({type(exc).__name__})"
+            attempt.outcome, attempt.detail = (
+                "read_error",
+                f"the answer broke off ({type(exc).__name__})",
+            )
             raise _Retryable(attempt) from None
         if len(raw) > limit:
             attempt.outcome, attempt.detail = "invalid", "the answer is larger than the limit"
@@ -402,7 +435,10 @@ class GatewayApp:
             if not isinstance(body["choices"], list) or prompt_tokens < 0 or completion_tokens < 0:
                 raise ValueError("bad shape")
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            attempt.outcome, attempt.detail = "invalid", "the vendor's answer is not a valid completion"
+            attempt.outcome, attempt.detail = (
+                "invalid",
+                "the vendor's answer is not a valid completion",
+            )
             raise _Retryable(attempt) from None
         attempt.outcome = "success"
         attempt.latency_ms = int((time.monotonic() - t0) * 1000)
@@ -464,11 +500,21 @@ class GatewayApp:
                         continue
                 if not started_client:
                     orjson.loads(data)  # the first chunk must be JSON before we commit to it
-                    await send({"type": "http.response.start", "status": 200,
-                                "headers": _sse_headers(request_id, served)})
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": 200,
+                            "headers": _sse_headers(request_id, served),
+                        }
+                    )
                     started_client = True
-                await send({"type": "http.response.body", "body": b"data: " + data + b"\n\n",
-                            "more_body": True})
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": b"data: " + data + b"\n\n",
+                        "more_body": True,
+                    }
+                )
                 chunks_sent += 1
         except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError, ValueError) as exc:
             attempt.outcome = "stream_broken"
@@ -480,11 +526,21 @@ class GatewayApp:
             served.prompt_tokens = prompt_bound
             served.completion_tokens = chunks_sent
             _charge(served)
-            error = {"error": {"message": "the vendor's stream broke off; you are charged only for "
-                               "the tokens you received", "type": "upstream_error",
-                               "code": "stream_interrupted"}}
-            await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(error) + b"\n\n",
-                        "more_body": False})
+            error = {
+                "error": {
+                    "message": "the vendor's stream broke off; you are charged only for "
+                    "the tokens you received",
+                    "type": "upstream_error",
+                    "code": "stream_interrupted",
+                }
+            }
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": b"data: " + orjson.dumps(error) + b"\n\n",
+                    "more_body": False,
+                }
+            )
             return
         attempt.outcome = "success"
         attempt.latency_ms = int((time.monotonic() - t0) * 1000)
@@ -497,19 +553,27 @@ class GatewayApp:
             served.prompt_tokens, served.completion_tokens = prompt_bound, chunks_sent
         cost = _charge(served)
         if not started_client:
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": _sse_headers(request_id, served)})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": _sse_headers(request_id, served),
+                }
+            )
         tail = b""
         if request.include_usage and usage is not None:
             usage["id"] = request_id
             usage["usage"]["cost"] = cost / NANOS_PER_USD
             usage["usage"]["cost_nanos"] = cost
-            usage["switchyard"] = {"request_id": request_id,
-                                   "vendor": served.candidate.endpoint.vendor_slug,
-                                   "endpoint": served.candidate.endpoint.full_slug}
+            usage["switchyard"] = {
+                "request_id": request_id,
+                "vendor": served.candidate.endpoint.vendor_slug,
+                "endpoint": served.candidate.endpoint.full_slug,
+            }
             tail = b"data: " + orjson.dumps(usage) + b"\n\n"
-        await send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n",
-                    "more_body": False})
+        await send(
+            {"type": "http.response.body", "body": tail + b"data: [DONE]\n\n", "more_body": False}
+        )
 
     async def _settle(
         self,
@@ -549,15 +613,32 @@ class GatewayApp:
         await self._credit.settle(key.organization_id, refund=served.hold - cost, event=event or {})
 
     async def _emit_failure(
-        self, key: KeyInfo, request: ChatRequest, attempts: list[Attempt], request_id: str, started: float
+        self,
+        key: KeyInfo,
+        request: ChatRequest,
+        attempts: list[Attempt],
+        request_id: str,
+        started: float,
     ) -> None:
         """Record a request every vendor failed (no charge) for the customer's dashboards."""
         assert self._credit is not None
         event = {
-            "rid": request_id, "org": key.organization_id, "key": key.key_id, "ep": None,
-            "vendor": None, "model": request.model, "pt": 0, "ct": 0, "pin": 0, "pout": 0,
-            "cost": 0, "ms": int((time.monotonic() - started) * 1000), "att": len(attempts),
-            "out": "failed", "stream": request.stream, "ts": time.time(),
+            "rid": request_id,
+            "org": key.organization_id,
+            "key": key.key_id,
+            "ep": None,
+            "vendor": None,
+            "model": request.model,
+            "pt": 0,
+            "ct": 0,
+            "pin": 0,
+            "pout": 0,
+            "cost": 0,
+            "ms": int((time.monotonic() - started) * 1000),
+            "att": len(attempts),
+            "out": "failed",
+            "stream": request.stream,
+            "ts": time.time(),
         }
         with contextlib.suppress(aioredis.RedisError):
             await self._credit.settle(key.organization_id, refund=0, event=event)
@@ -566,8 +647,12 @@ class GatewayApp:
 def _charge(served: Served) -> int:
     """The charge at the quoted price, never more than the hold the customer agreed to."""
     candidate = served.candidate
-    cost = request_cost(served.prompt_tokens, served.completion_tokens,
-                        candidate.price_input, candidate.price_output)
+    cost = request_cost(
+        served.prompt_tokens,
+        served.completion_tokens,
+        candidate.price_input,
+        candidate.price_output,
+    )
     served.cost = min(cost, served.hold)
     return served.cost
 
@@ -600,7 +685,9 @@ def _route_headers(served: Served) -> dict[str, str]:
     return {
         "x-switchyard-vendor": candidate.endpoint.vendor_slug,
         "x-switchyard-endpoint": candidate.endpoint.full_slug,
-        "x-switchyard-price": f"input={candidate.price_input};output={candidate.price_output};unit=nano-usd-per-1m",
+        "x-switchyard-price": (
+            f"input={candidate.price_input};output={candidate.price_output};unit=nano-usd-per-1m"
+        ),
         "x-switchyard-attempts": str(len(served.attempts)),
     }
 
@@ -617,7 +704,11 @@ def _sse_headers(request_id: str, served: Served) -> list[tuple[bytes, bytes]]:
 
 
 async def _send_json(
-    send: Send, status: int, body: dict[str, Any], request_id: str, extra: dict[str, str] | None = None
+    send: Send,
+    status: int,
+    body: dict[str, Any],
+    request_id: str,
+    extra: dict[str, str] | None = None,
 ) -> None:
     payload = orjson.dumps(body)
     headers = [

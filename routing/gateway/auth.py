@@ -42,9 +42,11 @@ def _load_key(key_hash: str) -> KeyInfo | None:
 
 
 def _query_key(key_hash: str) -> KeyInfo | None:
-    row = ApiKey.objects.filter(key_hash=key_hash).values(
-        "pk", "organization_id", "prefix", "expires_at", "revoked_at", "rate_limit_rpm"
-    ).first()
+    row = (
+        ApiKey.objects.filter(key_hash=key_hash)
+        .values("pk", "organization_id", "prefix", "expires_at", "revoked_at", "rate_limit_rpm")
+        .first()
+    )
     if row is None:
         return None
     expires: datetime | None = row["expires_at"]
@@ -82,8 +84,9 @@ class KeyCache:
 
     async def authenticate(self, authorization: str | None) -> KeyInfo:
         if not authorization:
-            raise Unauthorized("missing API key: send `Authorization: Bearer <key>`",
-                               code="missing_api_key")
+            raise Unauthorized(
+                "missing API key: send `Authorization: Bearer <key>`", code="missing_api_key"
+            )
         scheme, _, token = authorization.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not looks_like_key(token):

@@ -35,12 +35,15 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+        raise BadRequest(
+            f"the request body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object", code="invalid_json")
     if _depth(body) > MAX_JSON_DEPTH:
-        raise BadRequest(f"the JSON is nested deeper than {MAX_JSON_DEPTH} levels",
-                         code="json_too_deep")
+        raise BadRequest(
+            f"the JSON is nested deeper than {MAX_JSON_DEPTH} levels", code="json_too_deep"
+        )
     return body
 
 
@@ -61,8 +64,9 @@ def _int_field(body: dict[str, Any], name: str, *, minimum: int, maximum: int) -
     if not isinstance(value, int) or isinstance(value, bool):
         raise BadRequest(f"`{name}` must be an integer", param=name, code="invalid_type")
     if not minimum <= value <= maximum:
-        raise BadRequest(f"`{name}` must be between {minimum} and {maximum}", param=name,
-                         code="invalid_value")
+        raise BadRequest(
+            f"`{name}` must be between {minimum} and {maximum}", param=name, code="invalid_value"
+        )
     return value
 
 
@@ -73,8 +77,9 @@ def _number_field(body: dict[str, Any], name: str, *, minimum: float, maximum: f
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise BadRequest(f"`{name}` must be a number", param=name, code="invalid_type")
     if not minimum <= value <= maximum:
-        raise BadRequest(f"`{name}` must be between {minimum} and {maximum}", param=name,
-                         code="invalid_value")
+        raise BadRequest(
+            f"`{name}` must be between {minimum} and {maximum}", param=name, code="invalid_value"
+        )
 
 
 def _content_bytes(content: Any, index: int) -> int:
@@ -86,23 +91,35 @@ def _content_bytes(content: Any, index: int) -> int:
         total = 0
         for part in content:
             if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                raise BadRequest(f"messages[{index}].content parts must be objects with a `type`",
-                                 param=f"messages[{index}].content", code="invalid_type")
+                raise BadRequest(
+                    f"messages[{index}].content parts must be objects with a `type`",
+                    param=f"messages[{index}].content",
+                    code="invalid_type",
+                )
             text = part.get("text")
             if part["type"] == "text" and not isinstance(text, str):
-                raise BadRequest(f"messages[{index}].content text parts need a string `text`",
-                                 param=f"messages[{index}].content", code="invalid_type")
+                raise BadRequest(
+                    f"messages[{index}].content text parts need a string `text`",
+                    param=f"messages[{index}].content",
+                    code="invalid_type",
+                )
             total += len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str) else 0
         return total
-    raise BadRequest(f"messages[{index}].content must be a string or a list of parts",
-                     param=f"messages[{index}].content", code="invalid_type")
+    raise BadRequest(
+        f"messages[{index}].content must be a string or a list of parts",
+        param=f"messages[{index}].content",
+        code="invalid_type",
+    )
 
 
 def model_field(body: dict[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
-        raise BadRequest("`model` is required and must be a string", param="model",
-                         code="missing_model" if model is None else "invalid_type")
+        raise BadRequest(
+            "`model` is required and must be a string",
+            param="model",
+            code="missing_model" if model is None else "invalid_type",
+        )
     if len(model) > 300:
         raise BadRequest("`model` is too long", param="model", code="invalid_value")
     return model.strip()
@@ -113,28 +130,41 @@ def chat_request(body: dict[str, Any], *, max_messages: int) -> ChatRequest:
     model = model_field(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise BadRequest("`messages` must be a non-empty list", param="messages",
-                         code="invalid_type" if messages is not None else "missing_messages")
+        raise BadRequest(
+            "`messages` must be a non-empty list",
+            param="messages",
+            code="invalid_type" if messages is not None else "missing_messages",
+        )
     if len(messages) > max_messages:
-        raise BadRequest(f"at most {max_messages} messages are accepted", param="messages",
-                         code="too_many_messages")
+        raise BadRequest(
+            f"at most {max_messages} messages are accepted",
+            param="messages",
+            code="too_many_messages",
+        )
     prompt_bytes = 0
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise BadRequest(f"messages[{index}] must be an object", param=f"messages[{index}]",
-                             code="invalid_type")
+            raise BadRequest(
+                f"messages[{index}] must be an object",
+                param=f"messages[{index}]",
+                code="invalid_type",
+            )
         role = message.get("role")
         if role not in ROLES:
-            raise BadRequest(f"messages[{index}].role must be one of {sorted(ROLES)}",
-                             param=f"messages[{index}].role", code="invalid_value")
+            raise BadRequest(
+                f"messages[{index}].role must be one of {sorted(ROLES)}",
+                param=f"messages[{index}].role",
+                code="invalid_value",
+            )
         prompt_bytes += _content_bytes(message.get("content"), index)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("`stream` must be a boolean", param="stream", code="invalid_type")
     stream_options = body.get("stream_options")
     if stream_options is not None and not isinstance(stream_options, dict):
-        raise BadRequest("`stream_options` must be an object", param="stream_options",
-                         code="invalid_type")
+        raise BadRequest(
+            "`stream_options` must be an object", param="stream_options", code="invalid_type"
+        )
     include_usage = bool(stream_options and stream_options.get("include_usage") is True)
     max_tokens = _int_field(body, "max_tokens", minimum=1, maximum=1_000_000)
     max_completion = _int_field(body, "max_completion_tokens", minimum=1, maximum=1_000_000)

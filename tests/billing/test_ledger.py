@@ -35,21 +35,23 @@ def test_it_keeps_every_transaction_balanced():
 def test_it_refuses_unbalanced_legs():
     org = factories.organization(credit_usd=None)
     with pytest.raises(LedgerError):
-        transaction_post(kind=LedgerTransaction.Kind.GRANT, idempotency_key="bad",
-                         legs=[(account_for_organization(org), 5)])
+        transaction_post(
+            kind=LedgerTransaction.Kind.GRANT,
+            idempotency_key="bad",
+            legs=[(account_for_organization(org), 5)],
+        )
     assert not LedgerTransaction.objects.filter(idempotency_key="bad").exists()
 
 
 def test_the_database_refuses_an_unbalanced_commit_that_bypasses_the_service():
     org = factories.organization(credit_usd=None)
     account = account_for_organization(org)
-    with pytest.raises(DatabaseError, match="does not balance"):
-        with transaction.atomic():
-            txn = LedgerTransaction.objects.create(kind="grant", idempotency_key="sneaky")
-            LedgerEntry.objects.create(transaction=txn, account=account, amount=100)
-            # Deferred constraint triggers fire at commit; force them inside the savepoint.
-            with connection.cursor() as cursor:
-                cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+    with pytest.raises(DatabaseError, match="does not balance"), transaction.atomic():
+        txn = LedgerTransaction.objects.create(kind="grant", idempotency_key="sneaky")
+        LedgerEntry.objects.create(transaction=txn, account=account, amount=100)
+        # Deferred constraint triggers fire at commit; force them inside the savepoint.
+        with connection.cursor() as cursor:
+            cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
 
 
 def test_the_database_refuses_to_rewrite_history():
@@ -66,8 +68,9 @@ def test_the_database_refuses_to_rewrite_history():
 def test_it_posts_an_idempotency_key_once():
     org = factories.organization(credit_usd=None)
     for _ in range(3):
-        credit_grant(organization=org, amount=usd_to_nanos("1"), reason="retry",
-                     idempotency_key="grant:once")
+        credit_grant(
+            organization=org, amount=usd_to_nanos("1"), reason="retry", idempotency_key="grant:once"
+        )
     assert organization_balance(org) == usd_to_nanos("1")
     assert LedgerTransaction.objects.filter(idempotency_key="grant:once").count() == 1
 

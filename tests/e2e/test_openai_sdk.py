@@ -16,9 +16,13 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slm]
 
 @pytest.fixture
 def sdk_setup(gateway_server, smollm2):  # type: ignore[no-untyped-def]
-    endpoint = factories.endpoint(base_url=smollm2.base_url, upstream_model=smollm2.model,
-                                  tags=("chat", "general"), price_input_usd="0.1",
-                                  price_output_usd="0.2")
+    endpoint = factories.endpoint(
+        base_url=smollm2.base_url,
+        upstream_model=smollm2.model,
+        tags=("chat", "general"),
+        price_input_usd="0.1",
+        price_output_usd="0.2",
+    )
     customer = factories.customer(credit_usd="1")
     client = openai.OpenAI(api_key=customer.key, base_url=f"{gateway_server.url}/v1", max_retries=0)
     return client, endpoint, customer
@@ -53,7 +57,7 @@ def test_it_answers_the_sdk_with_a_real_model_and_charges_for_it(sdk_setup):
 
 
 def test_it_streams_a_real_model_to_the_sdk(sdk_setup):
-    client, endpoint, customer = sdk_setup
+    client, endpoint, _customer = sdk_setup
     stream = client.chat.completions.create(
         model="tag:general",
         messages=[{"role": "user", "content": "Count from one to five."}],
@@ -78,20 +82,25 @@ def test_it_streams_a_real_model_to_the_sdk(sdk_setup):
 def test_it_raises_the_sdks_typed_errors(sdk_setup, gateway_server):
     client, endpoint, _ = sdk_setup
     with pytest.raises(openai.NotFoundError) as missing:
-        client.chat.completions.create(model="nobody/nothing",
-                                       messages=[{"role": "user", "content": "hi"}])
+        client.chat.completions.create(
+            model="nobody/nothing", messages=[{"role": "user", "content": "hi"}]
+        )
     assert missing.value.code == "model_not_found"
 
-    bad_key = openai.OpenAI(api_key="sy-bad-key", base_url=f"{gateway_server.url}/v1", max_retries=0)
+    bad_key = openai.OpenAI(
+        api_key="sy-bad-key", base_url=f"{gateway_server.url}/v1", max_retries=0
+    )
     with pytest.raises(openai.AuthenticationError):
-        bad_key.chat.completions.create(model=endpoint.full_slug,
-                                        messages=[{"role": "user", "content": "hi"}])
+        bad_key.chat.completions.create(
+            model=endpoint.full_slug, messages=[{"role": "user", "content": "hi"}]
+        )
 
     broke = factories.customer(credit_usd=None)
     poor = openai.OpenAI(api_key=broke.key, base_url=f"{gateway_server.url}/v1", max_retries=0)
     with pytest.raises(openai.APIStatusError) as unpaid:
-        poor.chat.completions.create(model=endpoint.full_slug,
-                                     messages=[{"role": "user", "content": "hi"}])
+        poor.chat.completions.create(
+            model=endpoint.full_slug, messages=[{"role": "user", "content": "hi"}]
+        )
     assert unpaid.value.status_code == 402
 
 

@@ -22,8 +22,9 @@ def _sse_events(text: str) -> list[str]:
 
 
 def test_it_routes_a_request_to_the_endpoint_and_charges_it_once(gateway_server, upstream):
-    endpoint = factories.endpoint(base_url=upstream.base_url, upstream_model="up-model",
-                                  secret="vendor-secret")
+    endpoint = factories.endpoint(
+        base_url=upstream.base_url, upstream_model="up-model", secret="vendor-secret"
+    )
     customer = factories.customer(credit_usd="10")
     before = organization_balance(customer.organization)
 
@@ -36,8 +37,9 @@ def test_it_routes_a_request_to_the_endpoint_and_charges_it_once(gateway_server,
     assert body["switchyard"]["vendor"] == endpoint.vendor.slug
     assert response.headers["x-switchyard-endpoint"] == endpoint.full_slug
     usage = body["usage"]
-    expected = request_cost(usage["prompt_tokens"], usage["completion_tokens"],
-                            usd_to_nanos("1"), usd_to_nanos("2"))
+    expected = request_cost(
+        usage["prompt_tokens"], usage["completion_tokens"], usd_to_nanos("1"), usd_to_nanos("2")
+    )
     assert usage["cost_nanos"] == expected > 0
 
     forwarded = upstream.last_request("/v1/chat/completions")
@@ -58,14 +60,21 @@ def test_it_routes_by_capability_tag(gateway_server, upstream):
     with gateway_server.client(customer.key) as client:
         response = client.post("/v1/chat/completions", json={**CHAT, "model": "tag:sql"})
     assert response.status_code == 200, response.text
-    assert "sql" in response.json()["switchyard"]["endpoint"] or response.json()["switchyard"]["vendor"]
+    assert (
+        "sql" in response.json()["switchyard"]["endpoint"]
+        or response.json()["switchyard"]["vendor"]
+    )
 
 
 def test_it_streams_chunks_and_ends_with_usage_and_cost(gateway_server, upstream):
     endpoint = factories.endpoint(base_url=upstream.base_url)
     customer = factories.customer()
-    payload = {**CHAT, "model": endpoint.full_slug, "stream": True,
-               "stream_options": {"include_usage": True}}
+    payload = {
+        **CHAT,
+        "model": endpoint.full_slug,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with gateway_server.client(customer.key) as client:
         response = client.post("/v1/chat/completions", json=payload)
     assert response.status_code == 200
@@ -87,8 +96,9 @@ def test_it_hides_the_usage_chunk_when_the_client_did_not_ask(gateway_server, up
     endpoint = factories.endpoint(base_url=upstream.base_url)
     customer = factories.customer()
     with gateway_server.client(customer.key) as client:
-        response = client.post("/v1/chat/completions",
-                               json={**CHAT, "model": endpoint.full_slug, "stream": True})
+        response = client.post(
+            "/v1/chat/completions", json={**CHAT, "model": endpoint.full_slug, "stream": True}
+        )
     events = _sse_events(response.text)
     assert events[-1] == "[DONE]"
     assert all("usage" not in orjson.loads(e) or orjson.loads(e)["choices"] for e in events[:-1])
@@ -102,13 +112,22 @@ def test_it_charges_a_request_once_even_if_its_event_is_ingested_twice(gateway_s
     endpoint = factories.endpoint(base_url=upstream.base_url)
     customer = factories.customer()
     with gateway_server.client(customer.key) as client:
-        request_id = client.post("/v1/chat/completions",
-                                 json={**CHAT, "model": endpoint.full_slug}).json()["id"]
+        request_id = client.post(
+            "/v1/chat/completions", json={**CHAT, "model": endpoint.full_slug}
+        ).json()["id"]
     ingest_all()
     balance = organization_balance(customer.organization)
     record = UsageRecord.objects.get(request_id=request_id)
-    replay = {"rid": request_id, "org": customer.organization.pk, "vendor": endpoint.vendor_id,
-              "ep": endpoint.pk, "cost": record.cost, "pt": 1, "ct": 1, "ts": 0}
+    replay = {
+        "rid": request_id,
+        "org": customer.organization.pk,
+        "vendor": endpoint.vendor_id,
+        "ep": endpoint.pk,
+        "cost": record.cost,
+        "pt": 1,
+        "ct": 1,
+        "ts": 0,
+    }
 
     assert record_events([replay, replay]) == (0, 2)
     assert organization_balance(customer.organization) == balance

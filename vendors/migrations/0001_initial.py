@@ -2,84 +2,217 @@
 
 import django.db.models.deletion
 import django.utils.timezone
-import vendors.models
 from django.conf import settings
 from django.db import migrations, models
 
+import vendors.models
+
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('marketplace', '0001_initial'),
+        ("marketplace", "0001_initial"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='CapabilityTag',
+            name="CapabilityTag",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('slug', models.SlugField(max_length=64, unique=True)),
-                ('name', models.CharField(max_length=100)),
-                ('kind', models.CharField(choices=[('task', 'Task'), ('domain', 'Domain')], default='task', max_length=8)),
-                ('description', models.TextField(blank=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("slug", models.SlugField(max_length=64, unique=True)),
+                ("name", models.CharField(max_length=100)),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=[("task", "Task"), ("domain", "Domain")],
+                        default="task",
+                        max_length=8,
+                    ),
+                ),
+                ("description", models.TextField(blank=True)),
             ],
         ),
         migrations.CreateModel(
-            name='Vendor',
+            name="Vendor",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=200)),
-                ('slug', models.SlugField(max_length=64, unique=True)),
-                ('status', models.CharField(choices=[('pending', 'Pending approval'), ('approved', 'Approved'), ('suspended', 'Suspended')], default='pending', max_length=16)),
-                ('stripe_account_id', models.CharField(blank=True, max_length=64)),
-                ('fee_bps', models.PositiveIntegerField(blank=True, help_text='Platform fee in basis points; empty: the default.', null=True)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=200)),
+                ("slug", models.SlugField(max_length=64, unique=True)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("pending", "Pending approval"),
+                            ("approved", "Approved"),
+                            ("suspended", "Suspended"),
+                        ],
+                        default="pending",
+                        max_length=16,
+                    ),
+                ),
+                ("stripe_account_id", models.CharField(blank=True, max_length=64)),
+                (
+                    "fee_bps",
+                    models.PositiveIntegerField(
+                        blank=True,
+                        help_text="Platform fee in basis points; empty: the default.",
+                        null=True,
+                    ),
+                ),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
             ],
         ),
         migrations.CreateModel(
-            name='Endpoint',
+            name="Endpoint",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('slug', models.SlugField(max_length=64)),
-                ('kind', models.CharField(choices=[('chat', 'Chat completions'), ('embeddings', 'Embeddings')], default='chat', max_length=16)),
-                ('base_url', models.URLField(help_text='OpenAI-compatible base, e.g. …/v1', max_length=500)),
-                ('upstream_model', models.CharField(max_length=200)),
-                ('secret_encrypted', models.TextField(blank=True)),
-                ('domains', models.JSONField(blank=True, default=list)),
-                ('languages', models.JSONField(blank=True, default=list)),
-                ('context_length', models.PositiveIntegerField(default=2048)),
-                ('capacity', models.PositiveIntegerField(default=4, help_text='Max concurrent requests')),
-                ('price_input', models.BigIntegerField(help_text='nano-USD per million input tokens')),
-                ('price_output', models.BigIntegerField(help_text='nano-USD per million output tokens')),
-                ('surge_curve', models.JSONField(default=vendors.models.default_surge_curve)),
-                ('surge_cap', models.FloatField(default=3.0)),
-                ('data_retention_days', models.PositiveIntegerField(default=0)),
-                ('region', models.CharField(default='eu', max_length=32)),
-                ('status', models.CharField(choices=[('pending', 'Pending approval'), ('approved', 'Approved'), ('suspended', 'Suspended')], default='pending', max_length=16)),
-                ('version', models.PositiveIntegerField(default=1)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('private_to', models.ForeignKey(blank=True, help_text='If set, only this organisation can see and route to the endpoint.', null=True, on_delete=django.db.models.deletion.CASCADE, related_name='private_endpoints', to='marketplace.organization')),
-                ('tags', models.ManyToManyField(blank=True, related_name='endpoints', to='vendors.capabilitytag')),
-                ('vendor', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='endpoints', to='vendors.vendor')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("slug", models.SlugField(max_length=64)),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=[("chat", "Chat completions"), ("embeddings", "Embeddings")],
+                        default="chat",
+                        max_length=16,
+                    ),
+                ),
+                (
+                    "base_url",
+                    models.URLField(help_text="OpenAI-compatible base, e.g. …/v1", max_length=500),
+                ),
+                ("upstream_model", models.CharField(max_length=200)),
+                ("secret_encrypted", models.TextField(blank=True)),
+                ("domains", models.JSONField(blank=True, default=list)),
+                ("languages", models.JSONField(blank=True, default=list)),
+                ("context_length", models.PositiveIntegerField(default=2048)),
+                (
+                    "capacity",
+                    models.PositiveIntegerField(default=4, help_text="Max concurrent requests"),
+                ),
+                (
+                    "price_input",
+                    models.BigIntegerField(help_text="nano-USD per million input tokens"),
+                ),
+                (
+                    "price_output",
+                    models.BigIntegerField(help_text="nano-USD per million output tokens"),
+                ),
+                ("surge_curve", models.JSONField(default=vendors.models.default_surge_curve)),
+                ("surge_cap", models.FloatField(default=3.0)),
+                ("data_retention_days", models.PositiveIntegerField(default=0)),
+                ("region", models.CharField(default="eu", max_length=32)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("pending", "Pending approval"),
+                            ("approved", "Approved"),
+                            ("suspended", "Suspended"),
+                        ],
+                        default="pending",
+                        max_length=16,
+                    ),
+                ),
+                ("version", models.PositiveIntegerField(default=1)),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                (
+                    "private_to",
+                    models.ForeignKey(
+                        blank=True,
+                        help_text="If set, only this organisation can see and route to the endpoint.",
+                        null=True,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="private_endpoints",
+                        to="marketplace.organization",
+                    ),
+                ),
+                (
+                    "tags",
+                    models.ManyToManyField(
+                        blank=True, related_name="endpoints", to="vendors.capabilitytag"
+                    ),
+                ),
+                (
+                    "vendor",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="endpoints",
+                        to="vendors.vendor",
+                    ),
+                ),
             ],
             options={
-                'constraints': [models.UniqueConstraint(fields=('vendor', 'slug'), name='uniq_vendor_endpoint'), models.CheckConstraint(condition=models.Q(('price_input__gte', 0), ('price_output__gte', 0)), name='endpoint_prices_not_negative'), models.CheckConstraint(condition=models.Q(('capacity__gte', 1)), name='capacity_positive')],
+                "constraints": [
+                    models.UniqueConstraint(fields=("vendor", "slug"), name="uniq_vendor_endpoint"),
+                    models.CheckConstraint(
+                        condition=models.Q(("price_input__gte", 0), ("price_output__gte", 0)),
+                        name="endpoint_prices_not_negative",
+                    ),
+                    models.CheckConstraint(
+                        condition=models.Q(("capacity__gte", 1)), name="capacity_positive"
+                    ),
+                ],
             },
         ),
         migrations.CreateModel(
-            name='VendorMembership',
+            name="VendorMembership",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('role', models.CharField(choices=[('owner', 'Owner'), ('admin', 'Admin'), ('developer', 'Developer')], default='developer', max_length=16)),
-                ('user', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='vendor_memberships', to=settings.AUTH_USER_MODEL)),
-                ('vendor', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='memberships', to='vendors.vendor')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "role",
+                    models.CharField(
+                        choices=[
+                            ("owner", "Owner"),
+                            ("admin", "Admin"),
+                            ("developer", "Developer"),
+                        ],
+                        default="developer",
+                        max_length=16,
+                    ),
+                ),
+                (
+                    "user",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="vendor_memberships",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "vendor",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="memberships",
+                        to="vendors.vendor",
+                    ),
+                ),
             ],
             options={
-                'constraints': [models.UniqueConstraint(fields=('vendor', 'user'), name='uniq_vendor_member')],
+                "constraints": [
+                    models.UniqueConstraint(fields=("vendor", "user"), name="uniq_vendor_member")
+                ],
             },
         ),
     ]

@@ -29,8 +29,12 @@ class Command(BaseCommand):
                 raise CommandError(str(exc)) from exc
             action = credit_grant if opts["action"] == "grant" else credit_deduct
             try:
-                action(organization=org, amount=amount, reason=opts["reason"],
-                       idempotency_key=opts["idempotency_key"])
+                action(
+                    organization=org,
+                    amount=amount,
+                    reason=opts["reason"],
+                    idempotency_key=opts["idempotency_key"],
+                )
             except CreditError as exc:
                 raise CommandError(str(exc)) from exc
         self.stdout.write(f"{org.slug}: {format_usd(organization_balance(org))}")

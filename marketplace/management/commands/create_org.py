@@ -13,8 +13,11 @@ class Command(BaseCommand):
         parser.add_argument("--name", required=True)
         parser.add_argument("--slug")
         parser.add_argument("--owner-email", help="an existing user who becomes the owner")
-        parser.add_argument("--billing-mode", default=Organization.BillingMode.PREPAID,
-                            choices=Organization.BillingMode.values)
+        parser.add_argument(
+            "--billing-mode",
+            default=Organization.BillingMode.PREPAID,
+            choices=Organization.BillingMode.values,
+        )
 
     @transaction.atomic
     def handle(self, *args, **opts):  # type: ignore[no-untyped-def]
@@ -24,8 +27,9 @@ class Command(BaseCommand):
             if owner is None:
                 raise CommandError(f"no user with the email {opts['owner_email']}")
         try:
-            org = organization_create(name=opts["name"], slug=opts["slug"], owner=owner,
-                                      billing_mode=opts["billing_mode"])
+            org = organization_create(
+                name=opts["name"], slug=opts["slug"], owner=owner, billing_mode=opts["billing_mode"]
+            )
         except ServiceError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(org.slug)

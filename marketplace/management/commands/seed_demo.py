@@ -35,8 +35,11 @@ class Command(BaseCommand):
         parser.add_argument("--chat-model", default="smollm2-135m-instruct")
         parser.add_argument("--weak-url", required=True, help="Gemma 270M server base URL (…/v1)")
         parser.add_argument("--weak-model", default="gemma-3-270m")
-        parser.add_argument("--credentials-file", type=Path,
-                            default=Path(settings.VAR_DIR) / "demo-credentials.json")
+        parser.add_argument(
+            "--credentials-file",
+            type=Path,
+            default=Path(settings.VAR_DIR) / "demo-credentials.json",
+        )
 
     def handle(self, *args, **opts):  # type: ignore[no-untyped-def]
         path: Path = opts["credentials_file"]
@@ -59,8 +62,10 @@ class Command(BaseCommand):
         self.stdout.write(f"(also saved, readable only by you, in {path})")
 
     def _refresh_urls(self, opts) -> None:  # type: ignore[no-untyped-def]
-        for full_slug, url in (("smol-labs/smollm2-135m", opts["chat_url"]),
-                               ("budget-models/gemma3-270m", opts["weak_url"])):
+        for full_slug, url in (
+            ("smol-labs/smollm2-135m", opts["chat_url"]),
+            ("budget-models/gemma3-270m", opts["weak_url"]),
+        ):
             vendor_slug, _, slug = full_slug.partition("/")
             endpoint = Endpoint.objects.filter(vendor__slug=vendor_slug, slug=slug).first()
             if endpoint is not None and endpoint.base_url != url.rstrip("/"):
@@ -84,25 +89,49 @@ class Command(BaseCommand):
         budget_owner = user("vendor@budget-models.example")
         customer = user("dev@acme.example")
 
-        smol = vendor_approve(vendor=vendor_create(name="Smol Labs", slug="smol-labs", owner=smol_owner))
+        smol = vendor_approve(
+            vendor=vendor_create(name="Smol Labs", slug="smol-labs", owner=smol_owner)
+        )
         budget = vendor_approve(
             vendor=vendor_create(name="Budget Models", slug="budget-models", owner=budget_owner)
         )
-        endpoint_approve(endpoint=endpoint_create(
-            vendor=smol, slug="smollm2-135m", base_url=opts["chat_url"],
-            upstream_model=opts["chat_model"], tags=["chat", "general", "sql"],
-            domains=["general"], languages=["en"], capacity=4, context_length=2048,
-            price_input=usd_to_nanos("0.10"), price_output=usd_to_nanos("0.20"),
-        ))
-        endpoint_approve(endpoint=endpoint_create(
-            vendor=budget, slug="gemma3-270m", base_url=opts["weak_url"],
-            upstream_model=opts["weak_model"], tags=["chat", "general"],
-            domains=["general"], languages=["en"], capacity=2, context_length=2048,
-            price_input=usd_to_nanos("0.02"), price_output=usd_to_nanos("0.04"),
-        ))
+        endpoint_approve(
+            endpoint=endpoint_create(
+                vendor=smol,
+                slug="smollm2-135m",
+                base_url=opts["chat_url"],
+                upstream_model=opts["chat_model"],
+                tags=["chat", "general", "sql"],
+                domains=["general"],
+                languages=["en"],
+                capacity=4,
+                context_length=2048,
+                price_input=usd_to_nanos("0.10"),
+                price_output=usd_to_nanos("0.20"),
+            )
+        )
+        endpoint_approve(
+            endpoint=endpoint_create(
+                vendor=budget,
+                slug="gemma3-270m",
+                base_url=opts["weak_url"],
+                upstream_model=opts["weak_model"],
+                tags=["chat", "general"],
+                domains=["general"],
+                languages=["en"],
+                capacity=2,
+                context_length=2048,
+                price_input=usd_to_nanos("0.02"),
+                price_output=usd_to_nanos("0.04"),
+            )
+        )
         org = organization_create(name="Acme Analytics", slug=DEMO_ORG, owner=customer)
-        credit_grant(organization=org, amount=usd_to_nanos("5"), reason="demo credit",
-                     idempotency_key="demo:initial-credit")
+        credit_grant(
+            organization=org,
+            amount=usd_to_nanos("5"),
+            reason="demo credit",
+            idempotency_key="demo:initial-credit",
+        )
         creds["customer API key"] = api_key_create(organization=org, name="demo").plaintext
         assert Vendor.objects.filter(status=Vendor.Status.APPROVED).count() >= 2
         return creds

@@ -14,15 +14,21 @@ class Command(BaseCommand):
     def add_arguments(self, parser):  # type: ignore[no-untyped-def]
         parser.add_argument("--vendor", required=True, help="vendor slug")
         parser.add_argument("--slug", required=True)
-        parser.add_argument("--url", required=True, help="OpenAI-compatible base URL, e.g. http://host/v1")
+        parser.add_argument(
+            "--url", required=True, help="OpenAI-compatible base URL, e.g. http://host/v1"
+        )
         parser.add_argument("--upstream-model", required=True)
         parser.add_argument("--kind", default=Endpoint.Kind.CHAT, choices=Endpoint.Kind.values)
         parser.add_argument("--tags", default="", help="comma-separated capability tags")
         parser.add_argument("--capacity", type=int, default=4)
         parser.add_argument("--context-length", type=int, default=2048)
         parser.add_argument("--price-input-usd", required=True, help="USD per million input tokens")
-        parser.add_argument("--price-output-usd", required=True, help="USD per million output tokens")
-        parser.add_argument("--secret-env", help="name of an environment variable holding the secret")
+        parser.add_argument(
+            "--price-output-usd", required=True, help="USD per million output tokens"
+        )
+        parser.add_argument(
+            "--secret-env", help="name of an environment variable holding the secret"
+        )
         parser.add_argument("--region", default="eu")
         parser.add_argument("--approve", action="store_true")
 
@@ -43,11 +49,17 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from exc
         try:
             endpoint = endpoint_create(
-                vendor=vendor, slug=opts["slug"], base_url=opts["url"],
-                upstream_model=opts["upstream_model"], kind=opts["kind"],
+                vendor=vendor,
+                slug=opts["slug"],
+                base_url=opts["url"],
+                upstream_model=opts["upstream_model"],
+                kind=opts["kind"],
                 tags=[t.strip() for t in opts["tags"].split(",") if t.strip()],
-                capacity=opts["capacity"], context_length=opts["context_length"],
-                price_input=price_input, price_output=price_output, secret=secret,
+                capacity=opts["capacity"],
+                context_length=opts["context_length"],
+                price_input=price_input,
+                price_output=price_output,
+                secret=secret,
                 region=opts["region"],
             )
             if opts["approve"]:

@@ -1,8 +1,8 @@
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
-from vendors.models import Endpoint, Vendor
 from vendors import services
+from vendors.models import Endpoint, Vendor
 
 
 class Command(BaseCommand):
