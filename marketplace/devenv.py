@@ -89,7 +89,16 @@ class EmbeddedRedis:
         else:
             args += ["--appendonly", "no", "--save", ""]
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)  # noqa: S603
-        wait_for_port("127.0.0.1", self.port)
+        deadline = time.monotonic() + 30
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}")
+            try:
+                wait_for_port("127.0.0.1", self.port, timeout=0.5)
+                break
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise
         return self
 
     def stop(self) -> None:
@@ -173,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if args.data_dir is not None:
+        args.data_dir = args.data_dir.resolve()
     rest = [a for a in args.rest if a != "--"] if args.rest[:1] == ["--"] else args.rest
 
     if args.mode == "test":
