@@ -96,3 +96,9 @@ class Unavailable(GatewayError):
     status = 503
     type = "service_unavailable"
     code = "unavailable"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limited"

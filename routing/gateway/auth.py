@@ -31,6 +31,10 @@ class KeyInfo:
     expires_at: float | None  # epoch seconds
     revoked: bool
     rate_limit_rpm: int | None
+    rate_limit_tpm: int | None = None
+    credit_limit: int | None = None
+    credit_limit_period: str = "never"
+    scopes: tuple[str, ...] = ()
 
 
 def _load_key(key_hash: str) -> KeyInfo | None:
@@ -44,7 +48,18 @@ def _load_key(key_hash: str) -> KeyInfo | None:
 def _query_key(key_hash: str) -> KeyInfo | None:
     row = (
         ApiKey.objects.filter(key_hash=key_hash)
-        .values("pk", "organization_id", "prefix", "expires_at", "revoked_at", "rate_limit_rpm")
+        .values(
+            "pk",
+            "organization_id",
+            "prefix",
+            "expires_at",
+            "revoked_at",
+            "rate_limit_rpm",
+            "rate_limit_tpm",
+            "credit_limit",
+            "credit_limit_period",
+            "scopes",
+        )
         .first()
     )
     if row is None:
@@ -58,6 +73,10 @@ def _query_key(key_hash: str) -> KeyInfo | None:
         expires_at=expires.timestamp() if expires else None,
         revoked=row["revoked_at"] is not None,
         rate_limit_rpm=row["rate_limit_rpm"],
+        rate_limit_tpm=row["rate_limit_tpm"],
+        credit_limit=row["credit_limit"],
+        credit_limit_period=row["credit_limit_period"],
+        scopes=tuple(row["scopes"] or ()),
     )
 
 

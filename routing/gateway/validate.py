@@ -182,3 +182,60 @@ def chat_request(body: dict[str, Any], *, max_messages: int) -> ChatRequest:
         prompt_bytes=prompt_bytes,
         message_count=len(messages),
     )
+
+
+@dataclass(slots=True)
+class EmbeddingsRequest:
+    body: dict[str, Any]
+    model: str
+    token_bound: int
+
+
+MAX_EMBEDDING_INPUTS = 2048
+
+
+def embeddings_request(body: dict[str, Any]) -> EmbeddingsRequest:
+    """Check an embeddings body (``input``: a string, strings, or token arrays)."""
+    model = model_field(body)
+    raw = body.get("input")
+    if raw is None:
+        raise BadRequest("`input` is required", param="input", code="missing_input")
+    items = raw if isinstance(raw, list) else [raw]
+    if not items:
+        raise BadRequest("`input` must not be empty", param="input", code="invalid_value")
+    if len(items) > MAX_EMBEDDING_INPUTS:
+        raise BadRequest(
+            f"at most {MAX_EMBEDDING_INPUTS} inputs are accepted",
+            param="input",
+            code="too_many_inputs",
+        )
+    bound = 0
+    if all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+        bound = len(items)  # one array of token ids
+    else:
+        for index, item in enumerate(items):
+            if isinstance(item, str):
+                if not item:
+                    raise BadRequest(
+                        f"input[{index}] is empty", param="input", code="invalid_value"
+                    )
+                bound += len(item.encode("utf-8", "surrogatepass")) + 2
+            elif isinstance(item, list) and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in item
+            ):
+                bound += len(item)
+            else:
+                raise BadRequest(
+                    "`input` must be a string, a list of strings or token arrays",
+                    param="input",
+                    code="invalid_type",
+                )
+    fmt = body.get("encoding_format")
+    if fmt is not None and fmt not in ("float", "base64"):
+        raise BadRequest(
+            "`encoding_format` must be float or base64",
+            param="encoding_format",
+            code="invalid_value",
+        )
+    _int_field(body, "dimensions", minimum=1, maximum=65_536)
+    return EmbeddingsRequest(body=body, model=model, token_bound=bound)

@@ -241,14 +241,14 @@ def test_it_passes_a_vendor_refusal_of_the_request_as_400(setup):
 
 def test_it_tells_the_client_when_a_stream_breaks_after_bytes_were_sent(setup):
     server, upstream, endpoint, customer = setup
-    upstream.script(["cut-stream:3"])
+    upstream.script(["trickle:30,cut-stream:3"])  # chunks arrive before the cut
     words = [{"role": "user", "content": "one two three four five six seven eight"}]
     with server.client(customer.key) as client:
         response = client.post(
             "/v1/chat/completions",
             json={"model": endpoint.full_slug, "messages": words, "stream": True, "max_tokens": 8},
         )
-    assert response.status_code == 200
+    assert response.status_code == 200, response.text
     lines = [line for line in response.text.splitlines() if line.startswith("data: ")]
     assert "[DONE]" not in lines[-1]
     assert '"stream_interrupted"' in lines[-1]

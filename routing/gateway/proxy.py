@@ -1,0 +1,662 @@
+"""Running one routed request: reserve, call the vendor, fall back, settle.
+
+For each candidate in the router's order: reserve (one Redis round trip: rate limit,
+circuit, capacity slot, credit hold, key limit), call the vendor, and either settle (one
+round trip: charge at the quoted price, free the slot, usage event, trace) or release and
+try the next candidate. Connect errors, timeouts before the first byte, 5xx, 429 and
+broken answers move on; a vendor's 4xx refusal of the request itself does not. A stream
+that broke after bytes reached the client is never retried or silently truncated: the
+client gets an error event and pays only for what it received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import orjson
+import redis.asyncio as aioredis
+from django.conf import settings
+
+from billing.money import NANOS_PER_USD, request_cost
+from routing.errors import (
+    BadRequest,
+    GatewayError,
+    InsufficientCredit,
+    NoCapacity,
+    RateLimited,
+    Unavailable,
+    UpstreamFailed,
+)
+from routing.gateway.auth import KeyInfo
+from routing.gateway.http import Send, send_json, send_sse, start_sse
+from routing.gateway.upstream import UpstreamPool, check_literal, upstream_headers
+from routing.live import LiveState, Reservation, Verdict
+from routing.router import Candidate
+from vendors.ssrf import UnsafeURLError
+
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+VENDOR_AUTH_STATUS = frozenset({401, 403})
+
+
+@dataclass
+class Job:
+    """One client request on its way through the gateway."""
+
+    kind: str  # "chat" | "embeddings"
+    request_id: str
+    key: KeyInfo
+    body: dict[str, Any]
+    model: str
+    upstream_path: str
+    prompt_bound: int  # upper bound of the prompt's tokens
+    max_tokens: int | None = None
+    stream: bool = False
+    include_usage: bool = False
+    allow_fallbacks: bool = True
+    started: float = field(default_factory=time.monotonic)
+    decision_trace: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Attempt:
+    endpoint: str
+    outcome: str
+    status: int | None = None
+    latency_ms: int = 0
+    detail: str = ""
+    price_input: int = 0
+    price_output: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "endpoint": self.endpoint,
+            "outcome": self.outcome,
+            "status": self.status,
+            "latency_ms": self.latency_ms,
+            "detail": self.detail,
+            "quote": {"input": self.price_input, "output": self.price_output},
+        }
+
+
+@dataclass
+class Served:
+    candidate: Candidate
+    reservation: Reservation
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    outcome: str = "success"
+    cost: int = 0
+    ttfb_ms: int | None = None
+
+    def charge(self) -> int:
+        """The charge at the quoted price, never more than the hold the customer agreed to."""
+        c = self.candidate
+        full = request_cost(
+            self.prompt_tokens, self.completion_tokens, c.price_input, c.price_output
+        )
+        self.cost = min(full, self.reservation.hold)
+        return self.cost
+
+
+class Retryable(Exception):
+    def __init__(
+        self, attempt: Attempt, *, vendor_fault: bool = True, retry_after: float = 0
+    ) -> None:
+        super().__init__(attempt.detail)
+        self.attempt = attempt
+        self.vendor_fault = vendor_fault
+        self.retry_after = retry_after
+
+
+class VendorRefused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def key_period(period: str, now: datetime | None = None) -> tuple[str, int]:
+    """The id of the key's current credit-limit period and seconds until it ends (+1 h)."""
+    now = now or datetime.now(UTC)
+    if period == "daily":
+        end = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+        return now.strftime("d%Y%m%d"), int((end - now).total_seconds()) + 3600
+    if period == "weekly":
+        start = (now - timedelta(days=now.weekday())).replace(
+            hour=0, minute=0, second=0, microsecond=0
+        )
+        end = start + timedelta(days=7)
+        return start.strftime("w%Y%m%d"), int((end - now).total_seconds()) + 3600
+    if period == "monthly":
+        nxt = (now.replace(day=28) + timedelta(days=4)).replace(
+            day=1, hour=0, minute=0, second=0, microsecond=0
+        )
+        return now.strftime("m%Y%m"), int((nxt - now).total_seconds()) + 3600
+    return "all", 400 * 24 * 3600
+
+
+def period_start(period: str, now: datetime | None = None) -> datetime | None:
+    now = now or datetime.now(UTC)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "daily":
+        return midnight
+    if period == "weekly":
+        return midnight - timedelta(days=now.weekday())
+    if period == "monthly":
+        return midnight.replace(day=1)
+    return None
+
+
+class Proxy:
+    def __init__(
+        self,
+        live: LiveState,
+        upstreams: UpstreamPool,
+        *,
+        load_balance: Any,
+        load_key_spend: Any,
+    ) -> None:
+        self.live = live
+        self.upstreams = upstreams
+        self._load_balance = load_balance
+        self._load_key_spend = load_key_spend
+
+    # --- reservation -----------------------------------------------------------------------
+
+    async def _reserve(
+        self, job: Job, candidate: Candidate, hold: int
+    ) -> tuple[Verdict, Reservation | None, int]:
+        key = job.key
+        period, ttl = key_period(key.credit_limit_period)
+        for _ in range(4):
+            result = await self.live.reserve(
+                organization_id=key.organization_id,
+                key_id=key.key_id,
+                endpoint_id=candidate.endpoint.id,
+                capacity=candidate.endpoint.capacity,
+                hold=hold,
+                lease=f"{job.request_id}:{uuid.uuid4().hex[:8]}",
+                rate_limit_rpm=key.rate_limit_rpm,
+                key_credit_limit=key.credit_limit,
+                key_period=period,
+                key_period_ttl=ttl,
+            )
+            if result.verdict is Verdict.CREDIT_UNKNOWN:
+                version = await self.live.credit_version(key.organization_id)
+                balance = await self._load_balance(key.organization_id)
+                await self.live.init_credit(key.organization_id, balance, version)
+                continue
+            if result.verdict is Verdict.KEY_SPEND_UNKNOWN:
+                spent = await self._load_key_spend(key.key_id, key.credit_limit_period)
+                await self.live.init_keyspend(key.key_id, period, spent, ttl)
+                continue
+            return result.verdict, result.reservation, result.retry_after
+        raise Unavailable("the gateway could not initialise its credit state; nothing was charged")
+
+    # --- the request ----------------------------------------------------------------------
+
+    async def run(self, job: Job, candidates: list[Candidate], send: Send) -> None:
+        attempts: list[Attempt] = []
+        deadline = job.started + settings.GATEWAY_TOTAL_TIMEOUT
+        last_error: GatewayError | None = None
+        tried = 0
+        for candidate in candidates:
+            if tried and not job.allow_fallbacks:
+                break
+            if time.monotonic() >= deadline:
+                last_error = UpstreamFailed(
+                    "the request ran out of time across vendors", code="deadline_exceeded"
+                )
+                break
+            hold = self._hold(job, candidate)
+            try:
+                verdict, reservation, retry_after = await self._reserve(job, candidate, hold)
+            except aioredis.RedisError:
+                raise Unavailable(
+                    "the gateway cannot reach its state store; nothing was charged",
+                    code="state_unavailable",
+                ) from None
+            if verdict is Verdict.NO_CREDIT:
+                raise InsufficientCredit(
+                    "your organisation's credit does not cover this request (up to "
+                    f"${hold / NANOS_PER_USD:.6f} at the quoted price); top up or lower max_tokens"
+                )
+            if verdict is Verdict.KEY_LIMIT:
+                raise InsufficientCredit(
+                    "this API key has reached its credit limit for the period",
+                    code="key_credit_limit",
+                )
+            if verdict is Verdict.RATE_LIMITED:
+                raise RateLimited(
+                    "rate limit reached for this API key; retry after the window resets",
+                    headers={
+                        "retry-after": str(retry_after),
+                        "x-ratelimit-limit-requests": str(job.key.rate_limit_rpm or 0),
+                        "x-ratelimit-remaining-requests": "0",
+                    },
+                )
+            if reservation is None:
+                reason = {Verdict.FULL: "at_capacity", Verdict.CIRCUIT_OPEN: "circuit_open"}.get(
+                    verdict, "cooling_down"
+                )
+                attempts.append(Attempt(candidate.endpoint.full_slug, f"skipped:{reason}"))
+                continue
+            tried += 1
+            served = Served(candidate=candidate, reservation=reservation)
+            try:
+                await self._attempt(job, served, send, attempts)
+            except Retryable as exc:
+                attempts.append(exc.attempt)
+                retry_until = time.time() + exc.retry_after if exc.retry_after else 0.0
+                await self.live.release(
+                    reservation, vendor_failed=exc.vendor_fault, retry_until=retry_until
+                )
+                last_error = UpstreamFailed(f"the vendor failed: {exc.attempt.detail}")
+                continue
+            except VendorRefused as exc:
+                attempts.append(
+                    Attempt(candidate.endpoint.full_slug, "refused", exc.status, detail=exc.message)
+                )
+                await self.live.release(reservation, vendor_failed=None)
+                await self._record_failure(job, attempts, outcome="rejected")
+                raise BadRequest(
+                    f"the vendor refused the request: {exc.message}", code="upstream_rejected"
+                ) from None
+            except BaseException:
+                # The client went away (or a bug): charge only what was delivered.
+                await asyncio.shield(self._finish(job, served, attempts, vendor_failed=False))
+                raise
+            await self._finish(job, served, attempts, vendor_failed=served.outcome != "success")
+            return
+        await self._record_failure(job, attempts, outcome="failed")
+        if last_error is None:
+            raise NoCapacity(
+                "every endpoint that serves this model is busy or unavailable right now; "
+                "retry shortly",
+                headers={"retry-after": "1"},
+            )
+        raise last_error
+
+    def _hold(self, job: Job, candidate: Candidate) -> int:
+        if job.kind == "embeddings":
+            return request_cost(job.prompt_bound, 0, candidate.price_input, candidate.price_output)
+        max_tokens = job.max_tokens or min(
+            settings.GATEWAY_DEFAULT_MAX_TOKENS, candidate.endpoint.context_length
+        )
+        return request_cost(
+            job.prompt_bound, max_tokens, candidate.price_input, candidate.price_output
+        )
+
+    # --- settlement -----------------------------------------------------------------------
+
+    def _trace(
+        self, job: Job, attempts: list[Attempt], served: Served | None, outcome: str
+    ) -> dict[str, Any]:
+        return {
+            "id": job.request_id,
+            "organization_id": job.key.organization_id,
+            "key_prefix": job.key.prefix,
+            "kind": job.kind,
+            "model": job.model,
+            "stream": job.stream,
+            "created": datetime.now(UTC).isoformat(),
+            "routing": job.decision_trace,
+            "attempts": [a.as_dict() for a in attempts],
+            "outcome": outcome,
+            "served_by": served.candidate.endpoint.full_slug if served else None,
+            "tokens": {
+                "prompt": served.prompt_tokens if served else 0,
+                "completion": served.completion_tokens if served else 0,
+            },
+            "cost_nanos": served.cost if served else 0,
+            "latency_ms": int((time.monotonic() - job.started) * 1000),
+        }
+
+    async def _finish(
+        self, job: Job, served: Served, attempts: list[Attempt], *, vendor_failed: bool
+    ) -> None:
+        delivered = served.outcome in ("success", "partial")
+        cost = served.cost if delivered else 0
+        served.cost = cost
+        candidate = served.candidate
+        event = None
+        if delivered:
+            event = {
+                "rid": job.request_id,
+                "org": job.key.organization_id,
+                "key": job.key.key_id,
+                "ep": candidate.endpoint.id,
+                "vendor": candidate.endpoint.vendor_id,
+                "model": job.model,
+                "kind": job.kind,
+                "pt": served.prompt_tokens,
+                "ct": served.completion_tokens,
+                "pin": candidate.price_input,
+                "pout": candidate.price_output,
+                "cost": cost,
+                "ms": int((time.monotonic() - job.started) * 1000),
+                "att": len([a for a in attempts if not a.outcome.startswith("skipped")]),
+                "out": served.outcome,
+                "stream": job.stream,
+                "ts": time.time(),
+            }
+        last = attempts[-1] if attempts else None
+        await self.live.settle(
+            served.reservation,
+            cost=cost,
+            vendor_failed=vendor_failed,
+            latency_ms=(
+                served.ttfb_ms
+                if served.ttfb_ms is not None
+                else (last.latency_ms if last else None)
+            ),
+            event=event,
+            request_id=job.request_id,
+            trace=self._trace(job, attempts, served, served.outcome),
+        )
+
+    async def _record_failure(self, job: Job, attempts: list[Attempt], *, outcome: str) -> None:
+        """A request no vendor answered: no charge, but the customer sees it on dashboards."""
+        event = {
+            "rid": job.request_id,
+            "org": job.key.organization_id,
+            "key": job.key.key_id,
+            "ep": None,
+            "vendor": None,
+            "model": job.model,
+            "kind": job.kind,
+            "pt": 0,
+            "ct": 0,
+            "pin": 0,
+            "pout": 0,
+            "cost": 0,
+            "ms": int((time.monotonic() - job.started) * 1000),
+            "att": len([a for a in attempts if not a.outcome.startswith("skipped")]),
+            "out": "failed",
+            "stream": job.stream,
+            "ts": time.time(),
+        }
+        with contextlib.suppress(aioredis.RedisError):
+            # Nothing was charged; losing a failure record is acceptable.
+            await self.live.emit(
+                event=event,
+                request_id=job.request_id,
+                trace=self._trace(job, attempts, None, outcome),
+            )
+
+    # --- one attempt ----------------------------------------------------------------------
+
+    async def _attempt(self, job: Job, served: Served, send: Send, attempts: list[Attempt]) -> None:
+        endpoint = served.candidate.endpoint
+        body = dict(job.body)
+        body["model"] = endpoint.upstream_model
+        body.pop("provider", None)
+        body.pop("models", None)
+        body.pop("route", None)
+        if job.kind == "chat":
+            body.pop("max_completion_tokens", None)
+            body["max_tokens"] = job.max_tokens or min(
+                settings.GATEWAY_DEFAULT_MAX_TOKENS, endpoint.context_length
+            )
+            if job.stream:
+                body["stream_options"] = {"include_usage": True}
+        url = f"{endpoint.base_url}{job.upstream_path}"
+        t0 = time.monotonic()
+        attempt = Attempt(
+            endpoint.full_slug,
+            "error",
+            price_input=served.candidate.price_input,
+            price_output=served.candidate.price_output,
+        )
+        remaining = job.started + settings.GATEWAY_TOTAL_TIMEOUT - t0
+        try:
+            check_literal(url)
+            response = await asyncio.wait_for(
+                self.upstreams.session().post(
+                    url,
+                    data=orjson.dumps(body),
+                    headers=upstream_headers(endpoint.secret, job.request_id),
+                    allow_redirects=False,
+                ),
+                timeout=min(settings.GATEWAY_FIRST_BYTE_TIMEOUT, max(remaining, 0.01)),
+            )
+        except UnsafeURLError as exc:
+            attempt.outcome, attempt.detail = "refused", f"refused by the outbound guard: {exc}"
+            raise Retryable(attempt) from None
+        except TimeoutError:
+            attempt.outcome, attempt.detail = "timeout", "no answer before the first-byte deadline"
+            raise Retryable(attempt) from None
+        except aiohttp.ClientError as exc:
+            attempt.outcome = "connect_error"
+            attempt.detail = f"cannot reach the vendor ({type(exc).__name__})"
+            raise Retryable(attempt) from None
+        attempt.status = response.status
+        served.ttfb_ms = int((time.monotonic() - t0) * 1000)
+        try:
+            if response.status != 200:
+                text = (await response.content.read(4096)).decode("utf-8", "replace")
+                attempt.latency_ms = int((time.monotonic() - t0) * 1000)
+                if response.status in RETRYABLE_STATUS or response.status >= 500:
+                    attempt.outcome, attempt.detail = "http_error", f"HTTP {response.status}"
+                    retry_after = _retry_after(response.headers.get("Retry-After"))
+                    raise Retryable(attempt, retry_after=retry_after)
+                if response.status in VENDOR_AUTH_STATUS or 300 <= response.status < 400:
+                    attempt.outcome, attempt.detail = (
+                        "http_error",
+                        f"HTTP {response.status} (vendor misconfigured)",
+                    )
+                    raise Retryable(attempt)
+                raise VendorRefused(response.status, _vendor_error_message(text))
+            if job.stream:
+                await self._relay_stream(job, response, served, send, attempt, attempts, t0)
+            else:
+                await self._relay_json(job, response, served, send, attempt, attempts, t0)
+        finally:
+            response.release()
+
+    async def _relay_json(
+        self,
+        job: Job,
+        response: aiohttp.ClientResponse,
+        served: Served,
+        send: Send,
+        attempt: Attempt,
+        attempts: list[Attempt],
+        t0: float,
+    ) -> None:
+        limit = settings.GATEWAY_MAX_UPSTREAM_BODY_BYTES
+        remaining = max(job.started + settings.GATEWAY_TOTAL_TIMEOUT - time.monotonic(), 0.01)
+        try:
+            raw = await asyncio.wait_for(response.content.read(limit + 1), timeout=remaining)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            attempt.outcome, attempt.detail = (
+                "read_error",
+                f"the answer broke off ({type(exc).__name__})",
+            )
+            raise Retryable(attempt) from None
+        if len(raw) > limit:
+            attempt.outcome, attempt.detail = "invalid", "the answer is larger than the limit"
+            raise Retryable(attempt)
+        try:
+            body = orjson.loads(raw)
+            usage = body["usage"]
+            prompt_tokens = int(usage["prompt_tokens"])
+            completion_tokens = int(usage.get("completion_tokens") or 0)
+            items = body["choices"] if job.kind == "chat" else body["data"]
+            if not isinstance(items, list) or prompt_tokens < 0 or completion_tokens < 0:
+                raise ValueError("bad shape")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            attempt.outcome, attempt.detail = (
+                "invalid",
+                "the vendor's answer is not valid for the API",
+            )
+            raise Retryable(attempt) from None
+        attempt.outcome = "success"
+        attempt.latency_ms = int((time.monotonic() - t0) * 1000)
+        attempts.append(attempt)
+        served.prompt_tokens, served.completion_tokens = prompt_tokens, completion_tokens
+        cost = served.charge()
+        endpoint = served.candidate.endpoint
+        if job.kind == "chat":
+            body["id"] = job.request_id
+        body["model"] = endpoint.full_slug
+        body.pop("timings", None)
+        usage["cost"] = cost / NANOS_PER_USD
+        usage["cost_nanos"] = cost
+        body["switchyard"] = {
+            "request_id": job.request_id,
+            "vendor": endpoint.vendor_slug,
+            "endpoint": endpoint.full_slug,
+            "attempts": len([a for a in attempts if not a.outcome.startswith("skipped")]),
+        }
+        await send_json(send, 200, body, job.request_id, route_headers(job, served, attempts))
+
+    async def _relay_stream(
+        self,
+        job: Job,
+        response: aiohttp.ClientResponse,
+        served: Served,
+        send: Send,
+        attempt: Attempt,
+        attempts: list[Attempt],
+        t0: float,
+    ) -> None:
+        started_client = False
+        usage_chunk: dict[str, Any] | None = None
+        chunks_sent = 0
+        deadline = job.started + settings.GATEWAY_TOTAL_TIMEOUT
+        content = response.content
+        line_limit = settings.GATEWAY_MAX_UPSTREAM_BODY_BYTES
+        received = 0
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                line = await asyncio.wait_for(content.readline(), timeout=remaining)
+                if not line:
+                    raise aiohttp.ClientPayloadError("the stream ended without [DONE]")
+                received += len(line)
+                if received > line_limit:
+                    raise ValueError("the stream is larger than the limit")
+                line = line.strip()
+                if not line.startswith(b"data:"):
+                    continue  # blank separators, comments, event names
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                chunk = None
+                if b'"usage"' in data:
+                    chunk = orjson.loads(data)
+                    if isinstance(chunk.get("usage"), dict) and not chunk.get("choices"):
+                        usage_chunk = chunk
+                        continue
+                if not started_client:
+                    if chunk is None:
+                        orjson.loads(data)  # the first chunk must be JSON before we commit to it
+                    await start_sse(
+                        send, job.request_id, route_headers(job, served, [*attempts, attempt])
+                    )
+                    started_client = True
+                await send_sse(send, b"data: " + data + b"\n\n")
+                chunks_sent += 1
+        except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError, ValueError) as exc:
+            attempt.outcome = "stream_broken"
+            attempt.detail = f"the stream broke off ({type(exc).__name__})"
+            attempt.latency_ms = int((time.monotonic() - t0) * 1000)
+            if not started_client:
+                raise Retryable(attempt) from None
+            attempts.append(attempt)
+            served.outcome = "partial"
+            served.prompt_tokens = job.prompt_bound
+            served.completion_tokens = chunks_sent
+            served.charge()
+            error = {
+                "error": {
+                    "message": "the vendor's stream broke off; you are charged only for the "
+                    "tokens you received",
+                    "type": "upstream_error",
+                    "code": "stream_interrupted",
+                }
+            }
+            await send_sse(send, b"data: " + orjson.dumps(error) + b"\n\n", more=False)
+            return
+        attempt.outcome = "success"
+        attempt.latency_ms = int((time.monotonic() - t0) * 1000)
+        attempts.append(attempt)
+        if usage_chunk is not None:
+            u = usage_chunk["usage"]
+            served.prompt_tokens = int(u.get("prompt_tokens", job.prompt_bound))
+            served.completion_tokens = int(u.get("completion_tokens", chunks_sent))
+        else:
+            served.prompt_tokens, served.completion_tokens = job.prompt_bound, chunks_sent
+        cost = served.charge()
+        if not started_client:
+            await start_sse(send, job.request_id, route_headers(job, served, attempts))
+        tail = b""
+        if job.include_usage:
+            endpoint = served.candidate.endpoint
+            final = usage_chunk or {"object": "chat.completion.chunk", "choices": [], "usage": {}}
+            final["id"] = job.request_id
+            final["model"] = endpoint.full_slug
+            final["usage"].update(
+                prompt_tokens=served.prompt_tokens,
+                completion_tokens=served.completion_tokens,
+                total_tokens=served.prompt_tokens + served.completion_tokens,
+                cost=cost / NANOS_PER_USD,
+                cost_nanos=cost,
+            )
+            final["switchyard"] = {
+                "request_id": job.request_id,
+                "vendor": endpoint.vendor_slug,
+                "endpoint": endpoint.full_slug,
+            }
+            tail = b"data: " + orjson.dumps(final) + b"\n\n"
+        await send_sse(send, tail + b"data: [DONE]\n\n", more=False)
+
+
+def _retry_after(value: str | None) -> float:
+    if not value:
+        return 0.0
+    try:
+        return max(0.0, min(float(value), 300.0))
+    except ValueError:
+        return 0.0
+
+
+def _vendor_error_message(text: str) -> str:
+    try:
+        parsed = orjson.loads(text)
+        message = parsed.get("error", {}).get("message")
+        if isinstance(message, str):
+            return message[:500]
+    except (orjson.JSONDecodeError, AttributeError):
+        pass
+    return text[:200] or "no details"
+
+
+def route_headers(job: Job, served: Served, attempts: list[Attempt]) -> dict[str, str]:
+    candidate = served.candidate
+    headers = {
+        "x-switchyard-vendor": candidate.endpoint.vendor_slug,
+        "x-switchyard-endpoint": candidate.endpoint.full_slug,
+        "x-switchyard-price": (
+            f"input={candidate.price_input};output={candidate.price_output};unit=nano-usd-per-1m"
+        ),
+        "x-switchyard-attempts": str(
+            len([a for a in attempts if not a.outcome.startswith("skipped")])
+        ),
+    }
+    if job.key.rate_limit_rpm:
+        headers["x-ratelimit-limit-requests"] = str(job.key.rate_limit_rpm)
+        headers["x-ratelimit-remaining-requests"] = str(
+            max(served.reservation.ratelimit_remaining, 0)
+        )
+    return headers

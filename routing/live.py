@@ -1,0 +1,504 @@
+"""Live state shared by every gateway replica, in Redis, in as few round trips as possible.
+
+One request makes two round trips in steady state:
+
+* ``reserve`` (one Lua script) checks, in this order, the key's rate limit, the endpoint's
+  circuit breaker, a capacity slot, the organisation's spendable credit and the key's
+  credit limit; only if every check passes does it write anything: the credit hold, the
+  key's spend, a capacity lease and the endpoint's utilisation.
+* ``settle`` (one Lua script) returns the unused hold, frees the lease, updates the
+  circuit breaker, latency and request counters, appends the usage event to the stream and
+  stores the route trace — all or nothing.
+
+A failed attempt (fallback) costs one more round trip: ``release``.
+
+Capacity leases are members of a sorted set scored by their expiry, so the slots of a
+gateway replica that died (``kill -9``) free themselves after ``lease_ttl`` seconds.
+Routing reads no Redis at all: ``LiveCache`` refreshes a local copy of the per-endpoint
+numbers a few times a second in the background.
+
+Amounts are compared with Lua numbers (doubles): exact up to 2**53 nanos (about 9 million
+USD), far above any balance or hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from billing.credit import USAGE_STREAM, credit_key
+
+logger = logging.getLogger("switchyard.live")
+
+INFLIGHT = "sy:live:inflight"  # hash endpoint -> leases held now
+UTILISATION = "sy:live:util"  # hash endpoint -> smoothed utilisation (EWMA)
+CIRCUIT = "sy:live:cb"  # hash endpoint -> opened-at epoch seconds (absent = closed)
+FAILURES = "sy:live:cbfail"  # hash endpoint -> consecutive failures
+COOLDOWN = "sy:live:cooldown"  # hash endpoint -> epoch until which a 429 asked us to wait
+LATENCY = "sy:live:lat"  # hash endpoint -> EWMA latency in ms
+REQUESTS = "sy:live:req"  # hash endpoint -> requests served (exploration counts)
+OUTCOMES = "sy:live:ok"  # hash endpoint -> EWMA of success (1) / vendor failure (0)
+
+UTILISATION_ALPHA = 0.3
+LATENCY_ALPHA = 0.2
+
+
+def slots_key(endpoint_id: int) -> str:
+    return f"sy:slots:{endpoint_id}"
+
+
+def trial_key(endpoint_id: int) -> str:
+    return f"sy:cbtrial:{endpoint_id}"
+
+
+def ratelimit_key(key_id: int, window: int) -> str:
+    return f"sy:rl:{key_id}:{window}"
+
+
+def keyspend_key(key_id: int, period: str) -> str:
+    return f"sy:keyspend:{key_id}:{period}"
+
+
+def trace_key(request_id: str) -> str:
+    return f"sy:trace:{request_id}"
+
+
+class Verdict(IntEnum):
+    OK = 1
+    NO_CREDIT = 0
+    CREDIT_UNKNOWN = -1
+    FULL = -2
+    RATE_LIMITED = -3
+    CIRCUIT_OPEN = -4
+    KEY_LIMIT = -5
+    COOLING_DOWN = -6
+    KEY_SPEND_UNKNOWN = -7
+
+
+_RESERVE = """
+local credit, slots, rl, keyspend, trial = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local hold, capacity, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local now, lease_ttl, ep = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local rpm, rl_ttl, key_limit = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local alpha, cooldown, trial_ttl = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
+local spend_ttl = tonumber(ARGV[13])
+
+local used = 0
+if rpm > 0 then
+  used = tonumber(redis.call('GET', rl) or '0')
+  if used >= rpm then return {-3, 0, redis.call('TTL', rl)} end
+end
+local wait = redis.call('HGET', 'sy:live:cooldown', ep)
+if wait and tonumber(wait) > now then return {-6, 0, 0} end
+local half_open = false
+local opened = redis.call('HGET', 'sy:live:cb', ep)
+if opened then
+  if now - tonumber(opened) < cooldown then return {-4, 0, 0} end
+  if not redis.call('SET', trial, lease, 'NX', 'EX', trial_ttl) then return {-4, 0, 0} end
+  half_open = true
+end
+redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+local n = redis.call('ZCARD', slots)
+if n >= capacity then
+  if half_open then redis.call('DEL', trial) end
+  return {-2, 0, 0}
+end
+local balance = redis.call('GET', credit)
+if not balance then
+  if half_open then redis.call('DEL', trial) end
+  return {-1, 0, 0}
+end
+if tonumber(balance) < hold then
+  if half_open then redis.call('DEL', trial) end
+  return {0, 0, 0}
+end
+if key_limit >= 0 then
+  local spent = redis.call('GET', keyspend)
+  if not spent then
+    if half_open then redis.call('DEL', trial) end
+    return {-7, 0, 0}
+  end
+  if tonumber(spent) + hold > key_limit then
+    if half_open then redis.call('DEL', trial) end
+    return {-5, 0, 0}
+  end
+end
+
+redis.call('DECRBY', credit, hold)
+if key_limit >= 0 then
+  redis.call('INCRBY', keyspend, hold)
+  redis.call('EXPIRE', keyspend, spend_ttl)
+end
+if rpm > 0 then
+  used = redis.call('INCR', rl)
+  if used == 1 then redis.call('EXPIRE', rl, rl_ttl) end
+end
+redis.call('ZADD', slots, now + lease_ttl, lease)
+redis.call('HSET', 'sy:live:inflight', ep, n + 1)
+local u = tonumber(redis.call('HGET', 'sy:live:util', ep) or '0')
+redis.call('HSET', 'sy:live:util', ep, u + alpha * ((n + 1) / capacity - u))
+return {1, rpm - used, half_open and 1 or 0}
+"""
+
+# Shared tail of release and settle: free the lease, update utilisation and the circuit.
+_FINISH = """
+local function finish(slots, trial, lease, ep, capacity, now, alpha, failed, threshold)
+  redis.call('ZREM', slots, lease)
+  redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+  local n = redis.call('ZCARD', slots)
+  redis.call('HSET', 'sy:live:inflight', ep, n)
+  local u = tonumber(redis.call('HGET', 'sy:live:util', ep) or '0')
+  redis.call('HSET', 'sy:live:util', ep, u + alpha * (n / capacity - u))
+  local was_trial = redis.call('GET', trial) == lease
+  if was_trial then redis.call('DEL', trial) end
+  if failed == 1 then
+    local fails = redis.call('HINCRBY', 'sy:live:cbfail', ep, 1)
+    if was_trial or fails >= threshold then redis.call('HSET', 'sy:live:cb', ep, now) end
+    local ok = tonumber(redis.call('HGET', 'sy:live:ok', ep) or '1')
+    redis.call('HSET', 'sy:live:ok', ep, ok + 0.1 * (0 - ok))
+  elseif failed == 0 then
+    redis.call('HDEL', 'sy:live:cbfail', ep)
+    redis.call('HDEL', 'sy:live:cb', ep)
+    local ok = tonumber(redis.call('HGET', 'sy:live:ok', ep) or '1')
+    redis.call('HSET', 'sy:live:ok', ep, ok + 0.1 * (1 - ok))
+  end
+end
+"""
+
+_RELEASE = (
+    _FINISH
+    + """
+local credit, slots, keyspend, trial = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local hold, lease, now, ep = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local capacity, alpha, failed = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local threshold, retry_until = tonumber(ARGV[8]), tonumber(ARGV[9])
+redis.call('INCRBY', credit, hold)
+if keyspend ~= '' then redis.call('DECRBY', keyspend, hold) end
+finish(slots, trial, lease, ep, capacity, now, alpha, failed, threshold)
+if retry_until > now then redis.call('HSET', 'sy:live:cooldown', ep, retry_until) end
+return 1
+"""
+)
+
+_SETTLE = (
+    _FINISH
+    + """
+local credit, slots, keyspend, trial = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local stream, trace = KEYS[5], KEYS[6]
+local refund, lease, now, ep = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local capacity, alpha, failed = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local threshold, latency, lat_alpha = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local event, trace_json, trace_ttl = ARGV[11], ARGV[12], tonumber(ARGV[13])
+if tonumber(refund) ~= 0 then
+  redis.call('INCRBY', credit, refund)
+  if keyspend ~= '' then redis.call('DECRBY', keyspend, refund) end
+end
+finish(slots, trial, lease, ep, capacity, now, alpha, failed, threshold)
+if latency >= 0 then
+  local l = tonumber(redis.call('HGET', 'sy:live:lat', ep) or latency)
+  redis.call('HSET', 'sy:live:lat', ep, l + lat_alpha * (latency - l))
+end
+redis.call('HINCRBY', 'sy:live:req', ep, 1)
+if event ~= '' then redis.call('XADD', stream, '*', 'e', event) end
+if trace_json ~= '' then redis.call('SET', trace, trace_json, 'EX', trace_ttl) end
+return 1
+"""
+)
+
+_INIT_CREDIT = """
+local ver = redis.call('GET', KEYS[2]) or '0'
+if ver ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class LiveConfig:
+    lease_ttl: int = 300
+    circuit_threshold: int = 5
+    circuit_cooldown: float = 30.0
+    trial_ttl: int = 60
+    trace_ttl: int = 7 * 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What one successful ``reserve`` holds; given back to ``release`` or ``settle``."""
+
+    organization_id: int
+    endpoint_id: int
+    capacity: int
+    hold: int
+    lease: str
+    keyspend: str  # '' when the key has no credit limit
+    half_open_trial: bool
+    ratelimit_remaining: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    verdict: Verdict
+    reservation: Reservation | None = None
+    retry_after: int = 0
+
+
+class LiveState:
+    """The gateway's Redis scripts (one client per event loop)."""
+
+    def __init__(self, client: aioredis.Redis, config: LiveConfig | None = None) -> None:
+        self.client = client
+        self.config = config or LiveConfig()
+        self._reserve = client.register_script(_RESERVE)
+        self._release = client.register_script(_RELEASE)
+        self._settle = client.register_script(_SETTLE)
+        self._init_credit = client.register_script(_INIT_CREDIT)
+
+    async def init_credit(self, organization_id: int, balance: int, version: bytes | None) -> None:
+        from billing.credit import credit_version_key
+
+        await self._init_credit(
+            keys=[credit_key(organization_id), credit_version_key(organization_id)],
+            args=[balance, (version or b"0").decode()],
+        )
+
+    async def init_keyspend(self, key_id: int, period: str, spent: int, ttl: int) -> None:
+        await self.client.set(keyspend_key(key_id, period), spent, nx=True, ex=ttl)
+
+    async def credit_version(self, organization_id: int) -> bytes | None:
+        from billing.credit import credit_version_key
+
+        value: bytes | None = await self.client.get(credit_version_key(organization_id))
+        return value
+
+    async def reserve(
+        self,
+        *,
+        organization_id: int,
+        key_id: int,
+        endpoint_id: int,
+        capacity: int,
+        hold: int,
+        lease: str,
+        rate_limit_rpm: int | None,
+        key_credit_limit: int | None,
+        key_period: str,
+        key_period_ttl: int,
+    ) -> ReserveResult:
+        now = time.time()
+        window = int(now // 60)
+        keyspend = keyspend_key(key_id, key_period) if key_credit_limit is not None else ""
+        result = await self._reserve(
+            keys=[
+                credit_key(organization_id),
+                slots_key(endpoint_id),
+                ratelimit_key(key_id, window),
+                keyspend or "sy:none",
+                trial_key(endpoint_id),
+            ],
+            args=[
+                hold,
+                capacity,
+                lease,
+                repr(now),
+                self.config.lease_ttl,
+                endpoint_id,
+                rate_limit_rpm or 0,
+                61,
+                -1 if key_credit_limit is None else key_credit_limit,
+                UTILISATION_ALPHA,
+                self.config.circuit_cooldown,
+                self.config.trial_ttl,
+                key_period_ttl,
+            ],
+        )
+        verdict = Verdict(int(result[0]))
+        if verdict is not Verdict.OK:
+            retry = int(result[2]) if verdict is Verdict.RATE_LIMITED else 0
+            return ReserveResult(verdict, retry_after=max(retry, 1) if retry else 0)
+        return ReserveResult(
+            verdict,
+            Reservation(
+                organization_id=organization_id,
+                endpoint_id=endpoint_id,
+                capacity=capacity,
+                hold=hold,
+                lease=lease,
+                keyspend=keyspend,
+                half_open_trial=bool(int(result[2])),
+                ratelimit_remaining=int(result[1]),
+            ),
+        )
+
+    async def release(
+        self, reservation: Reservation, *, vendor_failed: bool | None, retry_until: float = 0.0
+    ) -> None:
+        """Give a whole hold back; ``vendor_failed`` feeds the circuit breaker (None: neutral)."""
+        await self._release(
+            keys=[
+                credit_key(reservation.organization_id),
+                slots_key(reservation.endpoint_id),
+                reservation.keyspend,
+                trial_key(reservation.endpoint_id),
+            ],
+            args=[
+                reservation.hold,
+                reservation.lease,
+                repr(time.time()),
+                reservation.endpoint_id,
+                reservation.capacity,
+                UTILISATION_ALPHA,
+                _failed_flag(vendor_failed),
+                self.config.circuit_threshold,
+                repr(retry_until),
+            ],
+        )
+
+    async def settle(
+        self,
+        reservation: Reservation,
+        *,
+        cost: int,
+        vendor_failed: bool,
+        latency_ms: float | None,
+        event: dict[str, Any] | None,
+        request_id: str,
+        trace: dict[str, Any] | None,
+    ) -> None:
+        """Charge ``cost`` (never more than the hold), free the slot, emit event and trace."""
+        await self._settle(
+            keys=[
+                credit_key(reservation.organization_id),
+                slots_key(reservation.endpoint_id),
+                reservation.keyspend,
+                trial_key(reservation.endpoint_id),
+                USAGE_STREAM,
+                trace_key(request_id),
+            ],
+            args=[
+                reservation.hold - cost,
+                reservation.lease,
+                repr(time.time()),
+                reservation.endpoint_id,
+                reservation.capacity,
+                UTILISATION_ALPHA,
+                _failed_flag(vendor_failed),
+                self.config.circuit_threshold,
+                -1 if latency_ms is None else latency_ms,
+                LATENCY_ALPHA,
+                orjson.dumps(event).decode() if event else "",
+                orjson.dumps(trace).decode() if trace else "",
+                self.config.trace_ttl,
+            ],
+        )
+
+    async def emit(
+        self, *, event: dict[str, Any], request_id: str, trace: dict[str, Any] | None
+    ) -> None:
+        """Record a request that holds nothing (every vendor failed): event and trace only."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xadd(USAGE_STREAM, {"e": orjson.dumps(event)})
+        if trace:
+            pipe.set(trace_key(request_id), orjson.dumps(trace), ex=self.config.trace_ttl)
+        await pipe.execute()
+
+    async def trace(self, request_id: str) -> dict[str, Any] | None:
+        raw = await self.client.get(trace_key(request_id))
+        if raw is None:
+            return None
+        loaded: dict[str, Any] = orjson.loads(raw)
+        return loaded
+
+
+def _failed_flag(vendor_failed: bool | None) -> int:
+    if vendor_failed is None:
+        return -1
+    return 1 if vendor_failed else 0
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointNumbers:
+    """What the router may know about an endpoint without asking Redis."""
+
+    inflight: int = 0
+    utilisation: float = 0.0
+    circuit_opened_at: float | None = None
+    cooldown_until: float = 0.0
+    latency_ms: float | None = None
+    requests: int = 0
+    success_ratio: float | None = None
+
+
+class LiveCache:
+    """A local copy of every endpoint's live numbers, refreshed in the background.
+
+    Staleness is bounded by ``interval``; the reserve script re-checks capacity and the
+    circuit atomically, so a stale copy can only cost a fallback hop, never an overload.
+    """
+
+    def __init__(self, client: aioredis.Redis, interval: float = 0.25) -> None:
+        self._client = client
+        self.interval = interval
+        self.numbers: dict[int, EndpointNumbers] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+
+    async def refresh(self) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for key in (INFLIGHT, UTILISATION, CIRCUIT, COOLDOWN, LATENCY, REQUESTS, OUTCOMES):
+            pipe.hgetall(key)
+        inflight, util, circuit, cooldown, latency, requests, outcomes = await pipe.execute()
+        ids = {
+            int(k)
+            for table in (inflight, util, circuit, cooldown, latency, requests)
+            for k in table
+        }
+
+        def num(table: dict[bytes, bytes], ep: int) -> float | None:
+            raw = table.get(str(ep).encode())
+            if raw is None:
+                return None
+            value = float(raw)
+            return value if math.isfinite(value) else None
+
+        self.numbers = {
+            ep: EndpointNumbers(
+                inflight=int(num(inflight, ep) or 0),
+                utilisation=num(util, ep) or 0.0,
+                circuit_opened_at=num(circuit, ep),
+                cooldown_until=num(cooldown, ep) or 0.0,
+                latency_ms=num(latency, ep),
+                requests=int(num(requests, ep) or 0),
+                success_ratio=num(outcomes, ep),
+            )
+            for ep in ids
+        }
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("live cache refresh failed", exc_info=True)
+            await asyncio.sleep(self.interval)

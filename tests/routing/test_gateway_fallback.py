@@ -1,0 +1,231 @@
+"""Fallback, circuit breaking, capacity, rate limits, traces and embeddings through the
+running gateway, against real fault-injecting upstreams."""
+
+from __future__ import annotations
+
+import pytest
+
+from billing.models import UsageRecord
+from marketplace.models import ApiKey
+from tests import factories
+from tests.conftest import ingest_all
+from tests.support.upstream import FaultUpstream
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+MESSAGES = [{"role": "user", "content": "route me somewhere"}]
+
+
+@pytest.fixture
+def second_upstream():  # type: ignore[no-untyped-def]
+    with FaultUpstream() as server:
+        yield server
+
+
+@pytest.fixture
+def two_vendors(upstream, second_upstream):  # type: ignore[no-untyped-def]
+    """A cheap endpoint (tried first) and a dearer one, both serving tag:sql."""
+    cheap = factories.endpoint(base_url=upstream.base_url, tags=("sql",), price_output_usd="1")
+    dear = factories.endpoint(
+        base_url=second_upstream.base_url, tags=("sql",), price_output_usd="3"
+    )
+    return cheap, dear
+
+
+@pytest.mark.parametrize(
+    "fault", ["status:500", "status:503", "reset", "malformed-json", "status:401"]
+)
+def test_it_falls_back_to_the_next_vendor(
+    gateway_server, upstream, second_upstream, two_vendors, fault
+):
+    _cheap, dear = two_vendors
+    customer = factories.customer()
+    upstream.script([fault])
+    with gateway_server.client(customer.key) as client:
+        response = client.post(
+            "/v1/chat/completions", json={"model": "tag:sql", "messages": MESSAGES}
+        )
+    assert response.status_code == 200, response.text
+    assert response.headers["x-switchyard-endpoint"] == dear.full_slug
+    assert response.headers["x-switchyard-attempts"] == "2"
+    assert upstream.stats()["total"] == 1 and second_upstream.stats()["total"] == 1
+
+    ingest_all()
+    record = UsageRecord.objects.get(request_id=response.json()["id"])
+    # Charged once, at the quote of the vendor that answered.
+    assert record.endpoint_id == dear.pk and record.attempts == 2
+
+
+def test_it_respects_retry_after_on_429(gateway_server, upstream, second_upstream, two_vendors):
+    _cheap, dear = two_vendors
+    customer = factories.customer()
+    upstream.script(["status:429;retry_after=60"])
+    with gateway_server.client(customer.key) as client:
+        first = client.post("/v1/chat/completions", json={"model": "tag:sql", "messages": MESSAGES})
+        second = client.post(
+            "/v1/chat/completions", json={"model": "tag:sql", "messages": MESSAGES}
+        )
+    assert first.headers["x-switchyard-endpoint"] == dear.full_slug
+    # The cheap vendor asked for 60 s of quiet: the next request does not even try it.
+    assert second.headers["x-switchyard-endpoint"] == dear.full_slug
+    assert upstream.stats()["total"] == 1
+
+
+def test_it_opens_the_circuit_of_a_failing_vendor(
+    gateway_server, upstream, second_upstream, two_vendors
+):
+    from django.conf import settings
+
+    threshold = settings.GATEWAY_CIRCUIT_FAILURES
+    customer = factories.customer()
+    upstream.script(["status:500"] * (threshold + 5))
+    with gateway_server.client(customer.key) as client:
+        for _ in range(threshold + 3):
+            response = client.post(
+                "/v1/chat/completions", json={"model": "tag:sql", "messages": MESSAGES}
+            )
+            assert response.status_code == 200
+    # `threshold` consecutive failures opened the circuit; later requests skip that vendor.
+    assert upstream.stats()["total"] == threshold
+    assert second_upstream.stats()["total"] == threshold + 3
+
+
+def test_it_answers_503_when_every_vendor_is_at_capacity(gateway_server, upstream):
+    import threading
+
+    endpoint = factories.endpoint(base_url=upstream.base_url, capacity=1)
+    customer = factories.customer()
+    upstream.script(["delay:1500"])
+    results = {}
+
+    def slow() -> None:
+        with gateway_server.client(customer.key) as client:
+            results["slow"] = client.post(
+                "/v1/chat/completions", json={"model": endpoint.full_slug, "messages": MESSAGES}
+            )
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    # Wait until the slow request holds the only slot (the upstream sees it in flight).
+    for _ in range(300):
+        if upstream.stats()["in_flight"] == 1:
+            break
+        threading.Event().wait(0.01)
+    with gateway_server.client(customer.key) as client:
+        busy = client.post(
+            "/v1/chat/completions", json={"model": endpoint.full_slug, "messages": MESSAGES}
+        )
+    thread.join()
+    assert results["slow"].status_code == 200
+    assert busy.status_code == 503 and busy.json()["error"]["code"] == "no_available_endpoint"
+    assert upstream.stats()["max_in_flight"] == 1
+
+
+def test_it_rate_limits_a_key_with_headers(gateway_server, upstream):
+    endpoint = factories.endpoint(base_url=upstream.base_url)
+    customer = factories.customer()
+    ApiKey.objects.filter(organization=customer.organization).update(rate_limit_rpm=2)
+    with gateway_server.client(customer.key) as client:
+        answers = [
+            client.post(
+                "/v1/chat/completions", json={"model": endpoint.full_slug, "messages": MESSAGES}
+            )
+            for _ in range(3)
+        ]
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    assert answers[0].headers["x-ratelimit-limit-requests"] == "2"
+    assert answers[0].headers["x-ratelimit-remaining-requests"] == "1"
+    assert answers[2].json()["error"]["type"] == "rate_limit_error"
+    assert int(answers[2].headers["retry-after"]) >= 1
+    assert upstream.stats()["total"] == 2
+
+
+def test_it_stops_a_key_at_its_credit_limit_with_402(gateway_server, upstream):
+    endpoint = factories.endpoint(
+        base_url=upstream.base_url, price_input_usd="1000", price_output_usd="1000"
+    )
+    customer = factories.customer(credit_usd="100")
+    # 0.05 USD per key: one request with max_tokens 8 holds ~0.04 USD.
+    ApiKey.objects.filter(organization=customer.organization).update(credit_limit=50_000_000)
+    body = {"model": endpoint.full_slug, "messages": MESSAGES, "max_tokens": 8}
+    with gateway_server.client(customer.key) as client:
+        first = client.post("/v1/chat/completions", json=body)
+        second = client.post("/v1/chat/completions", json=body)
+    assert first.status_code == 200
+    assert second.status_code == 402 and second.json()["error"]["code"] == "key_credit_limit"
+
+
+def test_the_trace_explains_what_happened_and_only_to_its_owner(
+    gateway_server, upstream, second_upstream, two_vendors
+):
+    cheap, dear = two_vendors
+    owner = factories.customer()
+    stranger = factories.customer()
+    upstream.script(["status:503"])
+    with gateway_server.client(owner.key) as client:
+        request_id = client.post(
+            "/v1/chat/completions", json={"model": "tag:sql", "messages": MESSAGES}
+        ).json()["id"]
+        trace = client.get("/v1/generation", params={"id": request_id}).json()["data"]
+    with gateway_server.client(stranger.key) as client:
+        hidden = client.get("/v1/generation", params={"id": request_id})
+
+    assert [c["endpoint"] for c in trace["routing"]["candidates"]] == [
+        cheap.full_slug,
+        dear.full_slug,
+    ]
+    assert [(a["endpoint"], a["outcome"], a["status"]) for a in trace["attempts"]] == [
+        (cheap.full_slug, "http_error", 503),
+        (dear.full_slug, "success", 200),
+    ]
+    assert trace["served_by"] == dear.full_slug and trace["cost_nanos"] > 0
+    assert "route me somewhere" not in str(trace)  # prompts are not stored
+    assert hidden.status_code == 404
+
+
+def test_it_routes_embeddings_and_charges_input_tokens(gateway_server, upstream):
+    endpoint = factories.endpoint(
+        base_url=upstream.base_url,
+        kind="embeddings",
+        tags=("embed",),
+        price_input_usd="0.5",
+        price_output_usd="0",
+    )
+    chat_only = factories.endpoint(base_url=upstream.base_url, tags=("embed",))
+    customer = factories.customer()
+    with gateway_server.client(customer.key) as client:
+        response = client.post(
+            "/v1/embeddings", json={"model": "tag:embed", "input": ["a b c", "d e"]}
+        )
+        wrong_kind = client.post(
+            "/v1/embeddings", json={"model": chat_only.full_slug, "input": "x"}
+        )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body["data"]) == 2 and body["usage"]["cost_nanos"] > 0
+    assert response.headers["x-switchyard-endpoint"] == endpoint.full_slug
+    assert wrong_kind.status_code == 404
+    ingest_all()
+    assert UsageRecord.objects.get(organization=customer.organization).completion_tokens == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"input": "x"},
+        {"model": "m"},
+        {"model": "m", "input": []},
+        {"model": "m", "input": [1.5]},
+        {"model": "m", "input": "x", "encoding_format": "hex"},
+    ],
+)
+def test_it_refuses_bad_embeddings_bodies(gateway_server, upstream, body):
+    customer = factories.customer()
+    with gateway_server.client(customer.key) as client:
+        response = client.post("/v1/embeddings", json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] in (
+        "model",
+        "input",
+        "encoding_format",
+    )
+    assert upstream.stats()["total"] == 0

@@ -1,0 +1,261 @@
+"""Live state in Redis: holds, capacity leases, circuit breaker, rate and credit limits.
+
+These run the gateway's real Lua scripts against the real Redis, concurrently."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis.asyncio as aioredis
+from django.conf import settings
+
+from billing.credit import credit_key, credit_version_key
+from marketplace.redis_client import sync_client
+from routing import live as live_mod
+from routing.live import LiveCache, LiveConfig, LiveState, Verdict
+
+
+def _run(fn, config: LiveConfig | None = None):  # type: ignore[no-untyped-def]
+    async def main():  # type: ignore[no-untyped-def]
+        client = aioredis.Redis.from_url(settings.REDIS_URL)
+        try:
+            return await fn(LiveState(client, config))
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def _reserve(
+    state: LiveState,
+    *,
+    org=1,
+    ep=10,
+    capacity=100,
+    hold=10,
+    lease="l",
+    rpm=None,
+    key_limit=None,
+    key_id=5,
+):  # type: ignore[no-untyped-def]
+    return state.reserve(
+        organization_id=org,
+        key_id=key_id,
+        endpoint_id=ep,
+        capacity=capacity,
+        hold=hold,
+        lease=lease,
+        rate_limit_rpm=rpm,
+        key_credit_limit=key_limit,
+        key_period="all",
+        key_period_ttl=3600,
+    )
+
+
+def test_it_never_holds_more_than_the_balance_under_concurrency():
+    sync_client().set(credit_key(1), 1_000)
+
+    async def burst(state: LiveState) -> list[Verdict]:
+        results = await asyncio.gather(
+            *(_reserve(state, hold=70, lease=f"l{i}") for i in range(100))
+        )
+        return [r.verdict for r in results]
+
+    verdicts = _run(burst)
+    assert verdicts.count(Verdict.OK) == 1_000 // 70
+    assert set(verdicts) == {Verdict.OK, Verdict.NO_CREDIT}
+    assert int(sync_client().get(credit_key(1))) == 1_000 % 70
+
+
+def test_it_never_gives_out_more_slots_than_the_capacity():
+    sync_client().set(credit_key(1), 10**12)
+
+    async def burst(state: LiveState) -> list[Verdict]:
+        results = await asyncio.gather(
+            *(_reserve(state, capacity=3, lease=f"l{i}") for i in range(20))
+        )
+        return [r.verdict for r in results]
+
+    verdicts = _run(burst)
+    assert verdicts.count(Verdict.OK) == 3 and verdicts.count(Verdict.FULL) == 17
+    assert sync_client().hget(live_mod.INFLIGHT, "10") == b"3"
+
+
+def test_a_slot_comes_back_when_its_lease_expires():
+    sync_client().set(credit_key(1), 10**12)
+
+    async def scenario(state: LiveState) -> tuple[Verdict, Verdict]:
+        first = await _reserve(state, capacity=1, lease="dead-replica")
+        # The replica holding the lease dies: pretend its lease expired a second ago.
+        await state.client.zadd(live_mod.slots_key(10), {"dead-replica": time.time() - 1})
+        second = await _reserve(state, capacity=1, lease="alive")
+        return first.verdict, second.verdict
+
+    assert _run(scenario) == (Verdict.OK, Verdict.OK)
+
+
+def test_settling_charges_the_cost_and_emits_event_and_trace_together():
+    sync_client().set(credit_key(1), 1000)
+
+    async def scenario(state: LiveState) -> None:
+        reserved = await _reserve(state, hold=400)
+        await state.settle(
+            reserved.reservation,
+            cost=100,
+            vendor_failed=False,
+            latency_ms=12,
+            event={"rid": "gen-1", "cost": 100},
+            request_id="gen-1",
+            trace={"id": "gen-1", "organization_id": 1},
+        )
+
+    _run(scenario)
+    assert int(sync_client().get(credit_key(1))) == 900
+    entries = sync_client().xrange("sy:usage")
+    assert len(entries) == 1 and b"gen-1" in entries[0][1][b"e"]
+    assert b'"organization_id":1' in sync_client().get("sy:trace:gen-1")
+    assert sync_client().hget(live_mod.INFLIGHT, "10") == b"0"
+
+
+def test_releasing_gives_the_whole_hold_back():
+    sync_client().set(credit_key(1), 1000)
+
+    async def scenario(state: LiveState) -> None:
+        reserved = await _reserve(state, hold=400)
+        await state.release(reserved.reservation, vendor_failed=True)
+
+    _run(scenario)
+    assert int(sync_client().get(credit_key(1))) == 1000
+
+
+def test_the_circuit_opens_after_consecutive_failures_then_half_opens_for_one_trial():
+    sync_client().set(credit_key(1), 10**12)
+    config = LiveConfig(circuit_threshold=3, circuit_cooldown=30)
+
+    async def scenario(state: LiveState) -> list[Verdict]:
+        seen = []
+        for i in range(3):
+            r = await _reserve(state, lease=f"f{i}")
+            await state.release(r.reservation, vendor_failed=True)
+        seen.append((await _reserve(state, lease="blocked")).verdict)
+        # The cooldown passes: open since 31 s ago.
+        await state.client.hset(live_mod.CIRCUIT, "10", time.time() - 31)
+        trial = await _reserve(state, lease="trial")
+        seen.append(trial.verdict)
+        seen.append((await _reserve(state, lease="second-trial")).verdict)  # one trial at a time
+        await state.settle(
+            trial.reservation,
+            cost=0,
+            vendor_failed=False,
+            latency_ms=5,
+            event=None,
+            request_id="gen-t",
+            trace=None,
+        )
+        seen.append((await _reserve(state, lease="closed-again")).verdict)
+        return seen
+
+    assert _run(scenario, config) == [
+        Verdict.CIRCUIT_OPEN,
+        Verdict.OK,
+        Verdict.CIRCUIT_OPEN,
+        Verdict.OK,
+    ]
+    assert sync_client().hget(live_mod.CIRCUIT, "10") is None
+
+
+def test_a_failed_trial_opens_the_circuit_again():
+    sync_client().set(credit_key(1), 10**12)
+    sync_client().hset(live_mod.CIRCUIT, "10", time.time() - 100)
+
+    async def scenario(state: LiveState) -> Verdict:
+        trial = await _reserve(state, lease="trial")
+        assert trial.reservation.half_open_trial
+        await state.release(trial.reservation, vendor_failed=True)
+        return (await _reserve(state, lease="after")).verdict
+
+    assert _run(scenario, LiveConfig(circuit_cooldown=30)) is Verdict.CIRCUIT_OPEN
+
+
+def test_a_customer_error_does_not_feed_the_circuit():
+    sync_client().set(credit_key(1), 10**12)
+
+    async def scenario(state: LiveState) -> Verdict:
+        for i in range(5):
+            r = await _reserve(state, lease=f"c{i}")
+            await state.release(r.reservation, vendor_failed=None)
+        return (await _reserve(state, lease="next")).verdict
+
+    assert _run(scenario, LiveConfig(circuit_threshold=2)) is Verdict.OK
+
+
+def test_it_limits_requests_per_minute_per_key():
+    sync_client().set(credit_key(1), 10**12)
+
+    async def scenario(state: LiveState) -> list:  # type: ignore[type-arg]
+        return [await _reserve(state, rpm=3, lease=f"r{i}") for i in range(5)]
+
+    results = _run(scenario)
+    assert [r.verdict for r in results] == [Verdict.OK] * 3 + [Verdict.RATE_LIMITED] * 2
+    assert [r.reservation.ratelimit_remaining for r in results[:3]] == [2, 1, 0]
+    assert results[3].retry_after >= 1
+
+
+def test_it_stops_a_key_at_its_credit_limit():
+    sync_client().set(credit_key(1), 10**12)
+    sync_client().set(live_mod.keyspend_key(5, "all"), 0)
+
+    async def scenario(state: LiveState) -> list[Verdict]:
+        return [
+            (await _reserve(state, hold=40, key_limit=100, lease=f"k{i}")).verdict for i in range(3)
+        ]
+
+    assert _run(scenario) == [Verdict.OK, Verdict.OK, Verdict.KEY_LIMIT]
+
+
+def test_it_asks_for_the_balance_when_redis_does_not_know_it():
+    async def scenario(state: LiveState) -> list[Verdict]:
+        first = (await _reserve(state)).verdict
+        version = await state.credit_version(1)
+        await state.init_credit(1, 500, version)
+        return [first, (await _reserve(state, hold=400)).verdict]
+
+    assert _run(scenario) == [Verdict.CREDIT_UNKNOWN, Verdict.OK]
+
+
+def test_a_concurrent_grant_makes_the_balance_load_retry():
+    async def scenario(state: LiveState) -> bytes | None:
+        version = await state.credit_version(1)
+        sync_client().incr(credit_version_key(1))  # a grant committed meanwhile
+        await state.init_credit(1, 100, version)
+        return await state.client.get(credit_key(1))
+
+    assert _run(scenario) is None
+
+
+def test_the_live_cache_reads_every_endpoints_numbers_in_one_pipeline():
+    sync_client().set(credit_key(1), 10**12)
+
+    async def scenario(state: LiveState) -> dict:  # type: ignore[type-arg]
+        r = await _reserve(state, ep=42, capacity=4, lease="x")
+        cache = LiveCache(state.client)
+        await cache.refresh()
+        numbers = cache.numbers[42]
+        await state.settle(
+            r.reservation,
+            cost=0,
+            vendor_failed=False,
+            latency_ms=80,
+            event=None,
+            request_id="g",
+            trace=None,
+        )
+        await cache.refresh()
+        return {"during": numbers, "after": cache.numbers[42]}
+
+    seen = _run(scenario)
+    assert seen["during"].inflight == 1 and seen["during"].utilisation > 0
+    assert seen["after"].inflight == 0 and seen["after"].latency_ms == pytest.approx(80)
+    assert seen["after"].requests == 1
