@@ -82,12 +82,12 @@ def usage_ingest_batch(
     client = sync_client()
     ensure_group(client)
     consumer = consumer or consumer_name()
-    claimed = client.xautoclaim(
+    claimed: Any = client.xautoclaim(
         USAGE_STREAM, USAGE_GROUP, consumer, CLAIM_IDLE_MS, "0-0", count=count
     )
     entries = list(claimed[1]) if claimed else []
     if len(entries) < count:
-        fresh = client.xreadgroup(
+        fresh: Any = client.xreadgroup(
             USAGE_GROUP, consumer, {USAGE_STREAM: ">"}, count=count - len(entries), block=block_ms
         )
         for _stream, items in fresh or []:

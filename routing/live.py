@@ -277,8 +277,8 @@ class LiveState:
     async def credit_version(self, organization_id: int) -> bytes | None:
         from billing.credit import credit_version_key
 
-        value: bytes | None = await self.client.get(credit_version_key(organization_id))
-        return value
+        value = await self.client.get(credit_version_key(organization_id))
+        return value.encode() if isinstance(value, str) else value
 
     async def reserve(
         self,
