@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.contrib.postgres.fields import ArrayField
 from django.db import models
 from django.utils import timezone
 
@@ -132,3 +133,148 @@ class Endpoint(models.Model):
     @property
     def price_output_usd(self) -> str:
         return format_usd(self.price_output, places=4)
+
+
+# --- quality, health and conformance (vendors.quality / vendors.probes / vendors.conformance)
+
+
+class ProbeResult(models.Model):
+    """One golden-set item sent to an endpoint by the platform, and whether it passed.
+
+    ``error`` is set when no usable answer came back (refused URL, connection error,
+    timeout, HTTP error, malformed body); such rows say nothing about quality and are
+    left out of the probe score (availability is measured by health checks).
+    """
+
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="probe_results")
+    tag = models.SlugField(max_length=64)
+    item_id = models.CharField(max_length=64)
+    passed = models.BooleanField(default=False)
+    latency_ms = models.PositiveIntegerField(null=True, blank=True)
+    error = models.CharField(max_length=300, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["endpoint", "created_at"], name="probe_endpoint_created"),
+        ]
+
+    def __str__(self) -> str:
+        outcome = "error" if self.error else ("pass" if self.passed else "fail")
+        return f"{self.endpoint_id} {self.tag}/{self.item_id}: {outcome}"
+
+
+class Feedback(models.Model):
+    """A customer's rating (0..1) of one answer; one row per organisation and request."""
+
+    organization = models.ForeignKey(
+        "marketplace.Organization", on_delete=models.CASCADE, related_name="feedback"
+    )
+    request_id = models.CharField(max_length=100)
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="feedback")
+    tags = ArrayField(
+        models.SlugField(max_length=64),
+        default=list,
+        blank=True,
+        help_text="Capability tags the request was routed by; empty: overall only.",
+    )
+    score = models.FloatField()
+    comment = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "request_id"], name="uniq_feedback_org_request"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(score__gte=0.0) & models.Q(score__lte=1.0),
+                name="feedback_score_0_1",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["endpoint", "created_at"], name="feedback_endpoint_created"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.request_id}: {self.score:.2f}"
+
+
+class EndpointQuality(models.Model):
+    """The evidence about an endpoint's quality for one tag ("*" = overall) and its score.
+
+    ``score`` is computed by ``vendors.quality.blended_score`` from the counters.
+    """
+
+    OVERALL = "*"
+
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="quality")
+    tag = models.CharField(max_length=64)
+    probe_pass = models.FloatField(default=0.0, help_text="Sum of per-item pass rates")
+    probe_n = models.PositiveIntegerField(default=0, help_text="Golden items with an answer")
+    feedback_sum = models.FloatField(default=0.0)
+    feedback_n = models.PositiveIntegerField(default=0)
+    success_n = models.BigIntegerField(default=0)
+    total_n = models.BigIntegerField(default=0)
+    score = models.FloatField(default=0.5)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["endpoint", "tag"], name="uniq_endpoint_quality_tag"),
+            models.CheckConstraint(
+                condition=models.Q(success_n__gte=0) & models.Q(success_n__lte=models.F("total_n")),
+                name="quality_successes_within_total",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.endpoint_id} {self.tag}: {self.score:.3f}"
+
+
+class HealthCheck(models.Model):
+    """One active health probe of an endpoint (``status`` is empty when nothing answered)."""
+
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="health_checks")
+    ok = models.BooleanField()
+    status = models.PositiveSmallIntegerField(null=True, blank=True)
+    latency_ms = models.PositiveIntegerField(null=True, blank=True)
+    error = models.CharField(max_length=300, blank=True)
+    checked_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["endpoint", "checked_at"], name="health_endpoint_checked"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.endpoint_id} {'ok' if self.ok else 'failing'} at {self.checked_at}"
+
+
+class ConformanceReport(models.Model):
+    """The result of calling an endpoint the way the gateway will, before it goes live.
+
+    ``checks`` is a list of ``{name, passed, required, detail, latency_ms}``; the report
+    passes when every required check passed (logprobs support is informative only).
+    """
+
+    endpoint = models.ForeignKey(
+        Endpoint, on_delete=models.CASCADE, related_name="conformance_reports"
+    )
+    passed = models.BooleanField()
+    checks = models.JSONField(default=list)
+    supports_logprobs = models.BooleanField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["endpoint", "created_at"], name="conformance_endpoint_created"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.endpoint_id} {'passed' if self.passed else 'failed'} at {self.created_at}"
+
+    @property
+    def failed_checks(self) -> list[dict[str, object]]:
+        return [c for c in self.checks if c.get("required", True) and not c.get("passed")]

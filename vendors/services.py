@@ -2,17 +2,46 @@
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
+from datetime import timedelta
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import transaction
+from django.db import IntegrityError, transaction
+from django.db.models import Avg, Case, CharField, Count, F, FloatField, Func, Sum, Value, When
+from django.utils import timezone
 from django.utils.text import slugify
 
 from marketplace import invalidation
 from marketplace.models import Organization
+from marketplace.redis_client import sync_client
+from vendors.conformance import conformance_check
 from vendors.crypto import encrypt_secret
-from vendors.models import CapabilityTag, Endpoint, Vendor, VendorMembership
+from vendors.models import (
+    CapabilityTag,
+    ConformanceReport,
+    Endpoint,
+    EndpointQuality,
+    Feedback,
+    HealthCheck,
+    ProbeResult,
+    Vendor,
+    VendorMembership,
+)
 from vendors.pricing import SurgeCurveError, validate_surge_curve
+from vendors.probes import HEALTH_KEY_TTL_SECONDS, health_key, probe_health, probe_quality
+from vendors.quality import (
+    FEEDBACK_WINDOW,
+    MATERIAL_CHANGE,
+    OVERALL,
+    PRIOR,
+    PROBE_WINDOW,
+    Evidence,
+    blended_score,
+    decayed_counters,
+    probe_tags,
+)
 from vendors.ssrf import UnsafeURLError, check_url
 
 
@@ -190,3 +219,261 @@ def endpoint_set_url(*, endpoint: Endpoint, base_url: str) -> Endpoint:
     locked.save(update_fields=["base_url", "updated_at"])
     _snapshot_changed()
     return locked
+
+
+# --- quality, health and conformance -----------------------------------------------------
+
+
+class FeedbackError(VendorError):
+    """Feedback that cannot be recorded (bad score, tags or request id)."""
+
+
+FEEDBACK_MAX_TAGS = 16
+FEEDBACK_MAX_COMMENT = 2000
+
+
+def endpoint_probe_health(*, endpoint: Endpoint) -> HealthCheck:
+    """Probe ``endpoint`` once, record a ``HealthCheck`` and publish it for the gateway.
+
+    The latest outcome is also written to Redis (``vendors.probes.health_key``) as JSON
+    ``{ok, status, latency_ms, checked_at}`` (``checked_at`` in Unix seconds) with a
+    ten-minute TTL, so gateway replicas can half-open a circuit without the database.
+    """
+    outcome = probe_health(endpoint)
+    check = HealthCheck.objects.create(
+        endpoint=endpoint,
+        ok=outcome.ok,
+        status=outcome.status,
+        latency_ms=outcome.latency_ms,
+        error=outcome.error[:300],
+    )
+    payload = {
+        "ok": check.ok,
+        "status": check.status,
+        "latency_ms": check.latency_ms,
+        "checked_at": check.checked_at.timestamp(),
+    }
+    sync_client().set(health_key(endpoint.pk), json.dumps(payload), ex=HEALTH_KEY_TTL_SECONDS)
+    return check
+
+
+def endpoint_probe_quality(
+    *, endpoint: Endpoint, tags: Sequence[str] | None = None
+) -> list[ProbeResult]:
+    """Send the golden sets (``general`` and the endpoint's tags, or ``tags``) to a chat
+    endpoint, record one ``ProbeResult`` per item and recompute its quality scores."""
+    if endpoint.kind != Endpoint.Kind.CHAT:
+        return []
+    wanted = list(tags) if tags is not None else probe_tags({t.slug for t in endpoint.tags.all()})
+    outcomes = probe_quality(endpoint, wanted)
+    results = ProbeResult.objects.bulk_create(
+        ProbeResult(
+            endpoint=endpoint,
+            tag=o.tag,
+            item_id=o.item_id,
+            passed=o.passed,
+            latency_ms=o.latency_ms,
+            error=o.error[:300],
+        )
+        for o in outcomes
+    )
+    quality_recompute(endpoint)
+    return results
+
+
+def _feedback_tags(tags: Sequence[str] | None) -> list[str]:
+    if tags is None:
+        return []
+    if isinstance(tags, str):
+        tags = [tags]
+    clean = []
+    for raw in tags:
+        tag = raw.strip().lower() if isinstance(raw, str) else ""
+        if not tag or tag == OVERALL or slugify(tag) != tag or len(tag) > 64:
+            raise FeedbackError(f"{raw!r} is not a capability tag")
+        if tag not in clean:
+            clean.append(tag)
+    if len(clean) > FEEDBACK_MAX_TAGS:
+        raise FeedbackError(f"at most {FEEDBACK_MAX_TAGS} tags per feedback")
+    return clean
+
+
+@transaction.atomic
+def feedback_record(
+    *,
+    organization: Organization,
+    request_id: str,
+    endpoint: Endpoint,
+    tags: Sequence[str] | None,
+    score: float,
+    comment: str = "",
+) -> Feedback:
+    """Record (or, for a request already rated, replace) a customer's 0..1 rating.
+
+    The caller has checked that the request belongs to ``organization`` and was served by
+    ``endpoint``. Repeating the call with the same request id updates the one row.
+    """
+    if not isinstance(request_id, str) or not request_id.strip() or len(request_id) > 100:
+        raise FeedbackError("the request id must be a string of 1-100 characters")
+    if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
+        raise FeedbackError("the score must be a number between 0 and 1")
+    if not 0.0 <= score <= 1.0:
+        raise FeedbackError("the score must be between 0 and 1")
+    if not isinstance(comment, str) or len(comment) > FEEDBACK_MAX_COMMENT:
+        raise FeedbackError(f"the comment must be text of at most {FEEDBACK_MAX_COMMENT} chars")
+    clean_tags = _feedback_tags(tags)
+    values = {"endpoint": endpoint, "tags": clean_tags, "score": float(score), "comment": comment}
+    key = {"organization": organization, "request_id": request_id.strip()}
+    feedback = Feedback.objects.select_for_update().filter(**key).first()
+    if feedback is None:
+        try:
+            with transaction.atomic():
+                feedback = Feedback.objects.create(**key, **values)
+        except IntegrityError:  # the same request rated concurrently: update that row
+            feedback = Feedback.objects.select_for_update().get(**key)
+        else:
+            quality_recompute(endpoint)
+            return feedback
+    previous_endpoint = feedback.endpoint
+    for name, value in values.items():
+        setattr(feedback, name, value)
+    feedback.save(update_fields=[*values, "updated_at"])
+    quality_recompute(endpoint)
+    if previous_endpoint.pk != endpoint.pk:
+        quality_recompute(previous_endpoint)
+    return feedback
+
+
+def _quality_rows(endpoint_id: int, tags: set[str]) -> list[EndpointQuality]:
+    """The endpoint's quality rows for ``tags`` (created if missing), locked in tag order."""
+    EndpointQuality.objects.bulk_create(
+        [EndpointQuality(endpoint_id=endpoint_id, tag=tag, score=PRIOR) for tag in sorted(tags)],
+        ignore_conflicts=True,
+    )
+    return list(
+        EndpointQuality.objects.select_for_update()
+        .filter(endpoint_id=endpoint_id, tag__in=tags)
+        .order_by("tag")
+    )
+
+
+def _rescore(row: EndpointQuality) -> bool:
+    """Set ``row.score`` from its counters; True if it moved materially."""
+    before = row.score
+    row.score = blended_score(
+        Evidence(
+            probe_pass=row.probe_pass,
+            probe_n=row.probe_n,
+            feedback_sum=row.feedback_sum,
+            feedback_n=row.feedback_n,
+            success_n=row.success_n,
+            total_n=row.total_n,
+        )
+    )
+    return abs(row.score - before) > MATERIAL_CHANGE
+
+
+@transaction.atomic
+def quality_observe(endpoint_id: int, tag: str | None, successes: int, total: int) -> None:
+    """Add served requests to the success counters of ``tag`` and of the overall ``"*"``.
+
+    Usage ingest calls it with counts aggregated per batch, once per (endpoint, tag)
+    group; ``tag`` None (or ``"*"``) counts towards the overall score only, so give each
+    request one tag (the first it was routed by) lest the overall count it twice.
+    """
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in (successes, total)):
+        raise VendorError("successes and total must be integers")
+    if not 0 <= successes <= total:
+        raise VendorError("successes must lie between 0 and total")
+    if total == 0 or not Endpoint.objects.filter(pk=endpoint_id).exists():
+        return
+    tags = {OVERALL} if not tag or tag == OVERALL else {OVERALL, tag}
+    moved = False
+    for row in _quality_rows(endpoint_id, tags):
+        row.success_n, row.total_n = decayed_counters(
+            row.success_n + successes, row.total_n + total
+        )
+        moved |= _rescore(row)
+        row.save(update_fields=["success_n", "total_n", "score", "updated_at"])
+    if moved:
+        _snapshot_changed()
+
+
+def _probe_evidence(endpoint: Endpoint) -> dict[str, tuple[float, int]]:
+    """Per tag (and ``"*"``): the sum of per-item pass rates and the number of items."""
+    since = timezone.now() - PROBE_WINDOW
+    rates = (
+        ProbeResult.objects.filter(endpoint=endpoint, created_at__gte=since, error="")
+        .values("tag", "item_id")
+        .annotate(
+            rate=Avg(
+                Case(When(passed=True, then=Value(1.0)), default=Value(0.0)),
+                output_field=FloatField(),
+            )
+        )
+    )
+    evidence: dict[str, tuple[float, int]] = {}
+    for row in rates:
+        for tag in (row["tag"], OVERALL):
+            total, n = evidence.get(tag, (0.0, 0))
+            evidence[tag] = (total + row["rate"], n + 1)
+    return evidence
+
+
+def _feedback_evidence(endpoint: Endpoint) -> dict[str, tuple[float, int]]:
+    """Per tag (and ``"*"``): the sum and count of ratings."""
+    recent = Feedback.objects.filter(
+        endpoint=endpoint, created_at__gte=timezone.now() - FEEDBACK_WINDOW
+    )
+    overall = recent.aggregate(total=Sum("score"), n=Count("id"))
+    evidence = {OVERALL: (overall["total"] or 0.0, overall["n"])} if overall["n"] else {}
+    per_tag = (
+        recent.annotate(tag=Func(F("tags"), function="unnest", output_field=CharField()))
+        .values("tag")
+        .annotate(total=Sum("score"), n=Count("id"))
+        .order_by()
+    )
+    for row in per_tag:
+        evidence[row["tag"]] = (row["total"], row["n"])
+    return evidence
+
+
+@transaction.atomic
+def quality_recompute(endpoint: Endpoint) -> dict[str, float]:
+    """Re-read the probe and feedback evidence of ``endpoint`` and rescore every tag.
+
+    Returns ``{tag: score}``. A score that moves by more than ``MATERIAL_CHANGE``
+    (including a first score away from the prior) republishes the routing snapshot.
+    """
+    probes = _probe_evidence(endpoint)
+    feedback = _feedback_evidence(endpoint)
+    existing = set(EndpointQuality.objects.filter(endpoint=endpoint).values_list("tag", flat=True))
+    tags = existing | set(probes) | set(feedback) | {OVERALL}
+    moved = False
+    scores = {}
+    for row in _quality_rows(endpoint.pk, tags):
+        row.probe_pass, row.probe_n = probes.get(row.tag, (0.0, 0))
+        row.feedback_sum, row.feedback_n = feedback.get(row.tag, (0.0, 0))
+        moved |= _rescore(row)
+        row.save()
+        scores[row.tag] = row.score
+    if moved:
+        _snapshot_changed()
+    return scores
+
+
+def endpoint_check_conformance(*, endpoint: Endpoint) -> ConformanceReport:
+    """Call ``endpoint`` as the gateway will (see ``vendors.conformance``) and store the
+    report; an admin approves the endpoint only after a passing one."""
+    report = conformance_check(endpoint)
+    report.save()
+    return report
+
+
+def vendor_history_prune(*, older_than: timedelta = timedelta(days=30)) -> int:
+    """Delete probe results and health checks older than ``older_than`` (at least the
+    probe window, which the scores are computed over); returns how many rows went."""
+    cutoff = timezone.now() - max(older_than, PROBE_WINDOW)
+    probes, _ = ProbeResult.objects.filter(created_at__lt=cutoff).delete()
+    checks, _ = HealthCheck.objects.filter(checked_at__lt=cutoff).delete()
+    return probes + checks

@@ -99,7 +99,10 @@ def parse_url(url: str) -> tuple[str, str, int]:
         raise UnsafeURLError("the URL must be a string of at most 500 characters")
     if any(ch.isspace() or ord(ch) < 32 for ch in url):
         raise UnsafeURLError("the URL contains whitespace or control characters")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise UnsafeURLError(f"the URL cannot be parsed: {exc}") from None
     if parts.scheme not in ("http", "https"):
         raise UnsafeURLError("only http and https URLs are accepted")
     if parts.username or parts.password:

@@ -27,7 +27,7 @@ class GuardedResolver(AbstractResolver):
     """A caching resolver that drops every address the SSRF guard refuses."""
 
     def __init__(self, ttl: float = 30.0) -> None:
-        self._inner = aiohttp.ThreadedResolver()
+        self._inner: AbstractResolver | None = None  # made on first use, inside the loop
         self._ttl = ttl
         self._cache: dict[tuple[str, int, int], tuple[float, list[ResolveResult]]] = {}
 
@@ -39,6 +39,8 @@ class GuardedResolver(AbstractResolver):
         cached = self._cache.get(key)
         if cached is not None and cached[0] > now:
             return cached[1]
+        if self._inner is None:
+            self._inner = aiohttp.ThreadedResolver()
         results = await self._inner.resolve(host, port, family)
         for result in results:
             if not address_is_allowed(ipaddress.ip_address(result["host"])):
@@ -47,7 +49,8 @@ class GuardedResolver(AbstractResolver):
         return results
 
     async def close(self) -> None:
-        await self._inner.close()
+        if self._inner is not None:
+            await self._inner.close()
 
 
 @lru_cache(maxsize=4096)
