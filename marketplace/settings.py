@@ -14,6 +14,7 @@ from django.core.exceptions import ImproperlyConfigured
 from psycopg.conninfo import conninfo_to_dict
 
 from marketplace.env import env_bool, env_float, env_int, env_list, env_str
+from vendors.schedule import VENDORS_BEAT_SCHEDULE
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("SWITCHYARD_VAR_DIR", str(BASE_DIR / "var")))
@@ -161,6 +162,7 @@ CELERY_BEAT_SCHEDULE = {
         "task": "billing.tasks.usage_ingest",
         "schedule": env_float("USAGE_INGEST_INTERVAL_SECONDS", 1.0),
     },
+    **VENDORS_BEAT_SCHEDULE,
 }
 
 AUTH_PASSWORD_VALIDATORS = [

@@ -1,6 +1,16 @@
 from django.contrib import admin
 
-from vendors.models import CapabilityTag, Endpoint, Vendor, VendorMembership
+from vendors.models import (
+    CapabilityTag,
+    ConformanceReport,
+    Endpoint,
+    EndpointQuality,
+    Feedback,
+    HealthCheck,
+    ProbeResult,
+    Vendor,
+    VendorMembership,
+)
 
 
 class VendorMembershipInline(admin.TabularInline):
@@ -38,3 +48,34 @@ class EndpointAdmin(admin.ModelAdmin):
 class CapabilityTagAdmin(admin.ModelAdmin):
     list_display = ("slug", "name", "kind")
     list_filter = ("kind",)
+
+
+@admin.register(EndpointQuality)
+class EndpointQualityAdmin(admin.ModelAdmin):
+    list_display = ("endpoint", "tag", "score", "probe_n", "feedback_n", "total_n", "updated_at")
+    list_filter = ("tag",)
+    readonly_fields = [f.name for f in EndpointQuality._meta.fields]
+
+
+@admin.register(HealthCheck)
+class HealthCheckAdmin(admin.ModelAdmin):
+    list_display = ("endpoint", "ok", "status", "latency_ms", "checked_at")
+    list_filter = ("ok",)
+
+
+@admin.register(ConformanceReport)
+class ConformanceReportAdmin(admin.ModelAdmin):
+    list_display = ("endpoint", "passed", "supports_logprobs", "created_at")
+    list_filter = ("passed",)
+    readonly_fields = ("endpoint", "passed", "checks", "supports_logprobs", "created_at")
+
+
+@admin.register(Feedback)
+class FeedbackAdmin(admin.ModelAdmin):
+    list_display = ("request_id", "organization", "endpoint", "score", "created_at")
+
+
+@admin.register(ProbeResult)
+class ProbeResultAdmin(admin.ModelAdmin):
+    list_display = ("endpoint", "tag", "item_id", "passed", "latency_ms", "created_at")
+    list_filter = ("passed", "tag")

@@ -231,6 +231,44 @@ class GatewayApp:
             raise NotFound("no generation with that id", code="generation_not_found")
         await send_json(send, 200, {"data": trace}, request_id)
 
+    async def _feedback(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
+    ) -> None:
+        """``POST /v1/feedback`` ``{"id": <request id>, "score": 0..1, "comment": ...}``.
+
+        Rates one of the caller's own answered requests; it feeds the serving endpoint's
+        quality score. Rating again replaces the earlier rating.
+        """
+        key = await self.keys.authenticate(headers.get("authorization"))
+        _check_content_type(headers)
+        body = parse_json(await read_body(receive, headers, 65_536))
+        rated = body.get("id", body.get("request_id"))
+        if not isinstance(rated, str) or not rated:
+            raise BadRequest("`id` (the request id) is required", param="id", code="missing_id")
+        score = body.get("score")
+        if isinstance(score, bool) or not isinstance(score, int | float) or not 0 <= score <= 1:
+            raise BadRequest(
+                "`score` must be a number from 0 to 1", param="score", code="invalid_value"
+            )
+        comment = body.get("comment", "")
+        if not isinstance(comment, str):
+            raise BadRequest("`comment` must be a string", param="comment", code="invalid_type")
+        assert self.live is not None
+        trace = await self.live.trace(rated)
+        if (
+            trace is None
+            or trace.get("organization_id") != key.organization_id
+            or not trace.get("served_by")
+        ):
+            raise NotFound("no answered request of yours has that id", code="generation_not_found")
+        try:
+            await sync_to_async(_record_feedback, thread_sensitive=False)(
+                key.organization_id, rated, trace, float(score), comment
+            )
+        except ValueError as exc:
+            raise BadRequest(str(exc), code="invalid_feedback") from None
+        await send_json(send, 200, {"id": rated, "score": score, "recorded": True}, request_id)
+
     async def _chat(
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
     ) -> None:
@@ -305,6 +343,7 @@ ROUTES: dict[str, tuple[str, Handler]] = {
     "/v1/embeddings": ("POST", GatewayApp._embeddings),
     "/v1/models": ("GET", GatewayApp._models),
     "/v1/generation": ("GET", GatewayApp._generation),
+    "/v1/feedback": ("POST", GatewayApp._feedback),
 }
 
 
@@ -332,6 +371,33 @@ def _key_spend(key_id: int, period: str) -> int:
         if start is not None:
             records = records.filter(occurred_at__gte=start)
         return int(records.aggregate(total=Sum("cost"))["total"] or 0)
+    finally:
+        connection.close()
+
+
+def _record_feedback(
+    organization_id: int, request_id: str, trace: dict[str, Any], score: float, comment: str
+) -> None:
+    from marketplace.models import Organization
+    from vendors.models import Endpoint
+    from vendors.services import FeedbackError, feedback_record
+
+    try:
+        vendor_slug, _, endpoint_slug = str(trace["served_by"]).partition("/")
+        endpoint = Endpoint.objects.filter(vendor__slug=vendor_slug, slug=endpoint_slug).first()
+        if endpoint is None:
+            raise ValueError("the endpoint that served this request no longer exists")
+        try:
+            feedback_record(
+                organization=Organization.objects.get(pk=organization_id),
+                request_id=request_id,
+                endpoint=endpoint,
+                tags=trace.get("tags") or None,
+                score=score,
+                comment=comment,
+            )
+        except FeedbackError as exc:
+            raise ValueError(str(exc)) from None
     finally:
         connection.close()
 

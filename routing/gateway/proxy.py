@@ -305,6 +305,7 @@ class Proxy:
             "key_prefix": job.key.prefix,
             "kind": job.kind,
             "model": job.model,
+            "tags": _requested_tags(job.model),
             "stream": job.stream,
             "created": datetime.now(UTC).isoformat(),
             "routing": job.decision_trace,
@@ -620,6 +621,12 @@ class Proxy:
             }
             tail = b"data: " + orjson.dumps(final) + b"\n\n"
         await send_sse(send, tail + b"data: [DONE]\n\n", more=False)
+
+
+def _requested_tags(model: str) -> list[str]:
+    if model.startswith("tag:"):
+        return [t for t in model[4:].split(":")[0].split("+") if t]
+    return []
 
 
 def _retry_after(value: str | None) -> float:

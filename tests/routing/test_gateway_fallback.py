@@ -229,3 +229,29 @@ def test_it_refuses_bad_embeddings_bodies(gateway_server, upstream, body):
         "encoding_format",
     )
     assert upstream.stats()["total"] == 0
+
+
+def test_feedback_on_an_answer_moves_the_endpoints_quality(gateway_server, upstream):
+    from vendors.models import EndpointQuality, Feedback
+
+    endpoint = factories.endpoint(base_url=upstream.base_url, tags=("sql",))
+    owner = factories.customer()
+    stranger = factories.customer()
+    with gateway_server.client(owner.key) as client:
+        request_id = client.post(
+            "/v1/chat/completions", json={"model": "tag:sql", "messages": MESSAGES}
+        ).json()["id"]
+        rated = client.post("/v1/feedback", json={"id": request_id, "score": 0.0})
+        bad = client.post("/v1/feedback", json={"id": request_id, "score": 7})
+    with gateway_server.client(stranger.key) as client:
+        foreign = client.post("/v1/feedback", json={"id": request_id, "score": 1.0})
+
+    assert rated.status_code == 200, rated.text
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "score"
+    assert foreign.status_code == 404
+    feedback = Feedback.objects.get(request_id=request_id)
+    assert (
+        feedback.endpoint_id == endpoint.pk and feedback.tags == ["sql"] and feedback.score == 0.0
+    )
+    quality = EndpointQuality.objects.get(endpoint=endpoint, tag="sql")
+    assert quality.feedback_n == 1 and quality.score < 0.5

@@ -121,7 +121,7 @@ def test_a_name_with_one_private_answer_is_refused(monkeypatch):
         ]
 
     monkeypatch.setattr(socket, "getaddrinfo", answers)
-    with pytest.raises(UnsafeURLError, match="10.1.2.3"):
+    with pytest.raises(UnsafeURLError, match=r"10\.1\.2\.3"):
         check_url("http://mixed.example.com/v1")
 
 
