@@ -194,4 +194,23 @@ def record_events(events: list[dict[str, Any]]) -> tuple[int, int]:
             )
         LedgerEntry.objects.bulk_create(entries)
         UsageRecord.objects.bulk_create(records)
+        _observe_quality(fresh)
     return len(fresh), duplicates
+
+
+def _observe_quality(events: list[dict[str, Any]]) -> None:
+    """Feed each endpoint's observed success rate (one call per endpoint and tag)."""
+    from vendors.services import quality_observe
+
+    counts: dict[tuple[int, str | None], list[int]] = {}
+    for event in events:
+        tag = event.get("tag")
+        if event.get("ep") and event.get("out") in ("success", "partial"):
+            counter = counts.setdefault((int(event["ep"]), tag), [0, 0])
+            counter[0] += 1 if event["out"] == "success" else 0
+            counter[1] += 1
+        for failed in event.get("fail_eps") or ():
+            counts.setdefault((int(failed), tag), [0, 0])[1] += 1
+    # Endpoint-id order: the same lock order in every worker.
+    for (endpoint_id, tag), (successes, total) in sorted(counts.items(), key=lambda kv: kv[0][0]):
+        quality_observe(endpoint_id, tag, successes, total)

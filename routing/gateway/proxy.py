@@ -73,6 +73,8 @@ class Attempt:
     detail: str = ""
     price_input: int = 0
     price_output: int = 0
+    endpoint_id: int | None = None
+    vendor_fault: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -253,6 +255,8 @@ class Proxy:
             try:
                 await self._attempt(job, served, send, attempts)
             except Retryable as exc:
+                exc.attempt.endpoint_id = candidate.endpoint.id
+                exc.attempt.vendor_fault = exc.vendor_fault
                 attempts.append(exc.attempt)
                 retry_until = time.time() + exc.retry_after if exc.retry_after else 0.0
                 await self.live.release(
@@ -346,6 +350,8 @@ class Proxy:
                 "att": len([a for a in attempts if not a.outcome.startswith("skipped")]),
                 "out": served.outcome,
                 "stream": job.stream,
+                "tag": _first_tag(job.model),
+                "fail_eps": _failed_endpoints(attempts),
                 "ts": time.time(),
             }
         last = attempts[-1] if attempts else None
@@ -382,6 +388,8 @@ class Proxy:
             "att": len([a for a in attempts if not a.outcome.startswith("skipped")]),
             "out": "failed",
             "stream": job.stream,
+            "tag": _first_tag(job.model),
+            "fail_eps": _failed_endpoints(attempts),
             "ts": time.time(),
         }
         with contextlib.suppress(aioredis.RedisError):
@@ -621,6 +629,16 @@ class Proxy:
             }
             tail = b"data: " + orjson.dumps(final) + b"\n\n"
         await send_sse(send, tail + b"data: [DONE]\n\n", more=False)
+
+
+def _first_tag(model: str) -> str | None:
+    tags = _requested_tags(model)
+    return tags[0] if tags else None
+
+
+def _failed_endpoints(attempts: list[Attempt]) -> list[int]:
+    """Endpoints whose attempt failed through the vendor's fault (observed quality)."""
+    return [a.endpoint_id for a in attempts if a.vendor_fault and a.endpoint_id is not None]
 
 
 def _requested_tags(model: str) -> list[str]:

@@ -255,3 +255,28 @@ def test_feedback_on_an_answer_moves_the_endpoints_quality(gateway_server, upstr
     )
     quality = EndpointQuality.objects.get(endpoint=endpoint, tag="sql")
     assert quality.feedback_n == 1 and quality.score < 0.5
+
+
+def test_ingest_feeds_each_endpoints_observed_success(
+    gateway_server, upstream, second_upstream, two_vendors
+):
+    from vendors.models import EndpointQuality
+
+    cheap, dear = two_vendors
+    customer = factories.customer()
+    upstream.script(["status:500"])
+    with gateway_server.client(customer.key) as client:
+        for _ in range(2):
+            assert (
+                client.post(
+                    "/v1/chat/completions", json={"model": "tag:sql", "messages": MESSAGES}
+                ).status_code
+                == 200
+            )
+    ingest_all()
+    failing = EndpointQuality.objects.get(endpoint=cheap, tag="sql")
+    healthy = EndpointQuality.objects.get(endpoint=dear, tag="sql")
+    # The cheap endpoint failed once and then served once; the dear one served once.
+    assert (failing.success_n, failing.total_n) == (1, 2)
+    assert (healthy.success_n, healthy.total_n) == (1, 1)
+    assert healthy.score > failing.score
