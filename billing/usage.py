@@ -32,7 +32,7 @@ from vendors.models import Vendor
 
 logger = logging.getLogger("switchyard.ingest")
 
-CLAIM_IDLE_MS = 30_000
+CLAIM_IDLE_MS = 30_000  # default; settings.USAGE_CLAIM_IDLE_MS overrides
 INGEST_LOCK = 727_001  # pg advisory lock id: one batch writer at a time
 
 
@@ -82,9 +82,8 @@ def usage_ingest_batch(
     client = sync_client()
     ensure_group(client)
     consumer = consumer or consumer_name()
-    claimed: Any = client.xautoclaim(
-        USAGE_STREAM, USAGE_GROUP, consumer, CLAIM_IDLE_MS, "0-0", count=count
-    )
+    idle = getattr(settings, "USAGE_CLAIM_IDLE_MS", CLAIM_IDLE_MS)
+    claimed: Any = client.xautoclaim(USAGE_STREAM, USAGE_GROUP, consumer, idle, "0-0", count=count)
     entries = list(claimed[1]) if claimed else []
     if len(entries) < count:
         fresh: Any = client.xreadgroup(
