@@ -21,6 +21,8 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 
 from routing.gateway.app import GatewayApp  # noqa: E402
 
+GATEWAY_PATHS = frozenset({"/readyz", "/metrics"})
+
 
 def build_application(gateway: GatewayApp | None = None):  # type: ignore[no-untyped-def]
     """The process's ASGI app; tests build one per test with a fresh gateway."""
@@ -33,7 +35,7 @@ def build_application(gateway: GatewayApp | None = None):  # type: ignore[no-unt
 
     async def application(scope, receive, send):  # type: ignore[no-untyped-def]
         kind = scope["type"]
-        if kind == "http" and scope["path"].startswith("/v1/"):
+        if kind == "http" and (scope["path"].startswith("/v1/") or scope["path"] in GATEWAY_PATHS):
             await gateway_app(scope, receive, send)
         elif kind == "http":
             await django_app(scope, receive, send)

@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from datetime import timedelta
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.db.models import Avg, Case, CharField, Count, F, FloatField, Func, Sum, Value, When
 from django.utils import timezone
@@ -55,7 +55,7 @@ def _snapshot_changed() -> None:
 
 @transaction.atomic
 def vendor_create(
-    *, name: str, slug: str | None = None, owner: AbstractBaseUser | None = None
+    *, name: str, slug: str | None = None, owner: User | None = None
 ) -> Vendor:
     """Register a vendor; it stays pending until an admin approves it."""
     name = name.strip()
@@ -477,3 +477,212 @@ def vendor_history_prune(*, older_than: timedelta = timedelta(days=30)) -> int:
     probes, _ = ProbeResult.objects.filter(created_at__lt=cutoff).delete()
     checks, _ = HealthCheck.objects.filter(checked_at__lt=cutoff).delete()
     return probes + checks
+
+
+# --- pricing, and the audited changes of the vendor portal and the operations pages -------
+
+MAX_SURGE_CAP = 100.0
+
+
+@transaction.atomic
+def endpoint_update_pricing(
+    *,
+    endpoint: Endpoint,
+    price_input: int,
+    price_output: int,
+    surge_curve: list[list[float]],
+    surge_cap: float,
+) -> Endpoint:
+    """Set an endpoint's base prices (nano-USD per million tokens), surge curve and cap.
+
+    The curve is checked by ``vendors.pricing.validate_surge_curve``; the gateways reload
+    their routing snapshot once the change commits, so quotes use the new prices from then.
+    """
+    for price in (price_input, price_output):
+        if isinstance(price, bool) or not isinstance(price, int):
+            raise VendorError("prices are whole numbers of nano-USD per million tokens")
+        if price < 0:
+            raise VendorError("prices cannot be negative")
+    if (
+        isinstance(surge_cap, bool)
+        or not isinstance(surge_cap, int | float)
+        or not math.isfinite(surge_cap)
+        or not 1.0 <= surge_cap <= MAX_SURGE_CAP
+    ):
+        raise VendorError(f"the surge cap must be a number from 1 to {MAX_SURGE_CAP:g}")
+    try:
+        validate_surge_curve(surge_curve)
+    except SurgeCurveError as exc:
+        raise VendorError(str(exc)) from exc
+    curve = [[float(u), float(m)] for u, m in surge_curve]
+    locked = Endpoint.objects.select_for_update().get(pk=endpoint.pk)
+    before = (locked.price_input, locked.price_output, locked.surge_curve, locked.surge_cap)
+    after = (price_input, price_output, curve, float(surge_cap))
+    if before != after:
+        locked.price_input, locked.price_output, locked.surge_curve, locked.surge_cap = after
+        locked.save(
+            update_fields=["price_input", "price_output", "surge_curve", "surge_cap", "updated_at"]
+        )
+        _snapshot_changed()
+    return locked
+
+
+class PortalPermissionError(VendorError):
+    """The actor may not make this change (not a member with the right role, not staff)."""
+
+
+def _audit(**entry: object) -> None:
+    # The audit log lives with the consoles in marketplace (which imports nothing from
+    # here at module level, so the import stays one-way at start-up).
+    from marketplace.services import audit_record
+
+    audit_record(**entry)  # type: ignore[arg-type]
+
+
+def _require_vendor_role(actor: User, vendor: Vendor, permission: str) -> None:
+    from vendors.selectors import vendor_role_allows
+
+    membership = VendorMembership.objects.filter(vendor=vendor, user=actor).first()
+    if membership is None or not vendor_role_allows(membership.role, permission):
+        raise PortalPermissionError("your role at this vendor does not allow that")
+
+
+def _require_staff(actor: User) -> None:
+    if not (getattr(actor, "is_active", False) and getattr(actor, "is_staff", False)):
+        raise PortalPermissionError("only platform staff may do that")
+
+
+def _pricing_state(endpoint: Endpoint) -> dict[str, object]:
+    return {
+        "price_input": endpoint.price_input,
+        "price_output": endpoint.price_output,
+        "surge_curve": endpoint.surge_curve,
+        "surge_cap": endpoint.surge_cap,
+    }
+
+
+@transaction.atomic
+def portal_vendor_register(*, actor: User, name: str) -> Vendor:
+    """Register a vendor owned by ``actor``; it stays pending until staff approve it."""
+    vendor = vendor_create(name=name, owner=actor)
+    _audit(
+        actor=actor,
+        action="vendor.register",
+        target=vendor,
+        details={"name": vendor.name, "slug": vendor.slug},
+    )
+    return vendor
+
+
+@transaction.atomic
+def portal_endpoint_register(*, actor: User, vendor: Vendor, **fields: object) -> Endpoint:
+    """Register an endpoint of ``vendor`` (see ``endpoint_create`` for the fields)."""
+    _require_vendor_role(actor, vendor, "endpoints.manage")
+    endpoint = endpoint_create(vendor=vendor, **fields)  # type: ignore[arg-type]
+    _audit(
+        actor=actor,
+        action="endpoint.register",
+        target=endpoint,
+        details={
+            "endpoint": endpoint.full_slug,
+            "base_url": endpoint.base_url,
+            "upstream_model": endpoint.upstream_model,
+            "kind": endpoint.kind,
+            "secret_set": bool(endpoint.secret_encrypted and fields.get("secret")),
+        },
+    )
+    return endpoint
+
+
+@transaction.atomic
+def portal_endpoint_update_pricing(
+    *,
+    actor: User,
+    endpoint: Endpoint,
+    price_input: int,
+    price_output: int,
+    surge_curve: list[list[float]],
+    surge_cap: float,
+) -> Endpoint:
+    _require_vendor_role(actor, endpoint.vendor, "pricing.manage")
+    before = _pricing_state(endpoint)
+    updated = endpoint_update_pricing(
+        endpoint=endpoint,
+        price_input=price_input,
+        price_output=price_output,
+        surge_curve=surge_curve,
+        surge_cap=surge_cap,
+    )
+    after = _pricing_state(updated)
+    if before != after:
+        _audit(
+            actor=actor,
+            action="endpoint.pricing",
+            target=updated,
+            details={"endpoint": updated.full_slug, "before": before, "after": after},
+        )
+    return updated
+
+
+def portal_endpoint_check_conformance(*, actor: User, endpoint: Endpoint) -> ConformanceReport:
+    """Run the conformance check now (it calls the endpoint; deadlines bound it) and keep
+    the report. Runs outside a database transaction: no lock is held while waiting."""
+    if not getattr(actor, "is_staff", False):
+        _require_vendor_role(actor, endpoint.vendor, "endpoints.check")
+    report = endpoint_check_conformance(endpoint=endpoint)
+    _audit(
+        actor=actor,
+        action="endpoint.conformance",
+        target=endpoint,
+        details={"endpoint": endpoint.full_slug, "passed": report.passed, "report": report.pk},
+    )
+    return report
+
+
+OPS_VENDOR_ACTIONS = {"approve": vendor_approve, "suspend": vendor_suspend, "resume": vendor_resume}
+OPS_ENDPOINT_ACTIONS = {
+    "approve": endpoint_approve,
+    "suspend": endpoint_suspend,
+    "resume": endpoint_resume,
+}
+
+
+@transaction.atomic
+def ops_vendor_set_status(*, actor: User, vendor: Vendor, action: str) -> Vendor:
+    """Approve, suspend or resume a vendor (staff only), logged when the status changes."""
+    _require_staff(actor)
+    if action not in OPS_VENDOR_ACTIONS:
+        raise VendorError(f"unknown action {action!r}")
+    before = Vendor.objects.select_for_update().get(pk=vendor.pk).status
+    updated = OPS_VENDOR_ACTIONS[action](vendor=vendor)
+    if updated.status != before:
+        _audit(
+            actor=actor,
+            action=f"vendor.{action}",
+            target=updated,
+            details={"vendor": updated.slug, "from": before, "to": updated.status},
+        )
+    return updated
+
+
+@transaction.atomic
+def ops_endpoint_set_status(*, actor: User, endpoint: Endpoint, action: str) -> Endpoint:
+    """Approve, suspend or resume an endpoint (staff only). Approval needs the endpoint's
+    latest conformance report to have passed."""
+    _require_staff(actor)
+    if action not in OPS_ENDPOINT_ACTIONS:
+        raise VendorError(f"unknown action {action!r}")
+    before = Endpoint.objects.select_for_update().get(pk=endpoint.pk).status
+    if action == "approve" and before != Endpoint.Status.APPROVED:
+        latest = endpoint.conformance_reports.order_by("-created_at", "-pk").first()
+        if latest is None or not latest.passed:
+            raise VendorError("approve an endpoint only after a passing conformance check")
+    updated = OPS_ENDPOINT_ACTIONS[action](endpoint=endpoint)
+    if updated.status != before:
+        _audit(
+            actor=actor,
+            action=f"endpoint.{action}",
+            target=updated,
+            details={"endpoint": updated.full_slug, "from": before, "to": updated.status},
+        )
+    return updated

@@ -22,8 +22,11 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection
 
+from billing.credit import USAGE_STREAM
 from billing.selectors import organization_balance_by_id
 from marketplace import invalidation
+from marketplace.logs import accept_request_id, request_id_var
+from routing import metrics
 from routing.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, Unavailable
 from routing.gateway.auth import KeyCache
 from routing.gateway.http import (
@@ -163,8 +166,16 @@ class GatewayApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._ensure_loop_state()
         request_id = f"gen-{uuid.uuid4().hex}"
+        request_id_var.set(request_id)
         try:
             headers = request_headers(scope)
+            # A trusted upstream id correlates our log lines with the caller's; the id we
+            # bill and trace by stays ours, so a repeated header can never merge two requests.
+            trusted = accept_request_id(
+                headers.get("x-request-id"), trusted=settings.TRUST_REQUEST_ID_HEADER
+            )
+            if trusted:
+                request_id_var.set(f"{trusted}/{request_id}")
             route_to = ROUTES.get(scope["path"])
             if route_to is None:
                 raise NotFound(f"no such route: {scope['path']}", code="unknown_url")
@@ -173,6 +184,7 @@ class GatewayApp:
                 raise MethodNotAllowed(f"use {method} for {scope['path']}")
             await handler(self, scope, receive, send, headers, request_id)
         except GatewayError as exc:
+            metrics.REFUSED.labels(reason=exc.code).inc()
             await send_json(send, exc.status, exc.body(), request_id, exc.headers)
         except ClientGone:
             return
@@ -212,6 +224,73 @@ class GatewayApp:
             for t in sorted(tags)
         )
         await send_json(send, 200, {"object": "list", "data": data}, request_id)
+
+    async def _readyz(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
+    ) -> None:
+        """Ready when PostgreSQL and Redis answer and the routing table is loaded."""
+        checks: dict[str, str] = {}
+        assert self._redis is not None
+        try:
+            await self._redis.ping()
+            checks["redis"] = "ok"
+        except Exception as exc:
+            checks["redis"] = f"error: {type(exc).__name__}"
+        try:
+            await sync_to_async(_database_ping, thread_sensitive=False)()
+            checks["database"] = "ok"
+        except Exception as exc:
+            checks["database"] = f"error: {type(exc).__name__}"
+        try:
+            await self.snapshot()
+            checks["routing_table"] = "ok"
+        except GatewayError:
+            checks["routing_table"] = "not loaded"
+        ready = all(value == "ok" for value in checks.values())
+        await send_json(send, 200 if ready else 503, {"ready": ready, "checks": checks}, request_id)
+
+    async def _metrics(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
+    ) -> None:
+        assert self._redis is not None and self.live_cache is not None
+        extra = []
+        snapshot = self._snapshot
+        if snapshot is not None:
+            from vendors.pricing import surge_multiplier
+
+            numbers = self.live_cache.numbers
+            names = {e.id: (e.full_slug, e.vendor_slug) for e in snapshot.endpoints}
+            multipliers = {
+                e.id: surge_multiplier(
+                    e.surge_curve,
+                    numbers[e.id].utilisation if e.id in numbers else 0.0,
+                    e.surge_cap,
+                )
+                for e in snapshot.endpoints
+            }
+            extra += metrics.endpoint_gauges(numbers, names, multipliers)
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.xlen(USAGE_STREAM)
+            pipe.xpending(USAGE_STREAM, "ingest")
+            pipe.llen("celery")
+            length, pending, depth = await pipe.execute(raise_on_error=False)
+            extra += metrics.queue_gauges(
+                int(length) if isinstance(length, int) else 0,
+                int(pending["pending"]) if isinstance(pending, dict) else 0,
+                int(depth) if isinstance(depth, int) else 0,
+            )
+        except Exception:
+            logger.warning("metrics: Redis gauges unavailable", exc_info=True)
+        body = metrics.render(extra)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", metrics.content_type().encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
 
     async def _generation(
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
@@ -344,6 +423,8 @@ ROUTES: dict[str, tuple[str, Handler]] = {
     "/v1/models": ("GET", GatewayApp._models),
     "/v1/generation": ("GET", GatewayApp._generation),
     "/v1/feedback": ("POST", GatewayApp._feedback),
+    "/readyz": ("GET", GatewayApp._readyz),
+    "/metrics": ("GET", GatewayApp._metrics),
 }
 
 
@@ -398,6 +479,14 @@ def _record_feedback(
             )
         except FeedbackError as exc:
             raise ValueError(str(exc)) from None
+    finally:
+        connection.close()
+
+
+def _database_ping() -> None:
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
     finally:
         connection.close()
 

@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 from django.conf import settings
 
 from billing.money import NANOS_PER_USD, request_cost
+from routing import metrics
 from routing.errors import (
     BadRequest,
     GatewayError,
@@ -255,6 +256,7 @@ class Proxy:
             try:
                 await self._attempt(job, served, send, attempts)
             except Retryable as exc:
+                metrics.FALLBACKS.labels(reason=exc.attempt.outcome).inc()
                 exc.attempt.endpoint_id = candidate.endpoint.id
                 exc.attempt.vendor_fault = exc.vendor_fault
                 attempts.append(exc.attempt)
@@ -278,6 +280,13 @@ class Proxy:
                 await asyncio.shield(self._finish(job, served, attempts, vendor_failed=False))
                 raise
             await self._finish(job, served, attempts, vendor_failed=served.outcome != "success")
+            endpoint = candidate.endpoint
+            metrics.REQUESTS.labels(
+                job.kind, endpoint.full_slug, endpoint.vendor_slug, served.outcome
+            ).inc()
+            metrics.LATENCY.labels(job.kind).observe(time.monotonic() - job.started)
+            if served.ttfb_ms is not None:
+                metrics.TTFT.labels(job.kind).observe(served.ttfb_ms / 1000)
             return
         await self._record_failure(job, attempts, outcome="failed")
         if last_error is None:
