@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from django.db import IntegrityError, transaction
 from django.db.models import Sum
@@ -44,6 +45,24 @@ def account_for_vendor(vendor: Vendor) -> LedgerAccount:
     account, _ = LedgerAccount.objects.get_or_create(
         code=f"vendor:{vendor.pk}:payable",
         defaults={"kind": LedgerAccount.Kind.VENDOR_PAYABLE, "vendor": vendor},
+    )
+    return account
+
+
+def account_for_vendor_payouts(vendor: Vendor) -> LedgerAccount:
+    """Where a vendor's payable goes when a Stripe transfer pays it (money that left us)."""
+    account, _ = LedgerAccount.objects.get_or_create(
+        code=f"vendor:{vendor.pk}:payouts",
+        defaults={"kind": LedgerAccount.Kind.VENDOR_PAYOUTS, "vendor": vendor},
+    )
+    return account
+
+
+def account_for_organization_receivable(organization: Organization) -> LedgerAccount:
+    """What an invoiced organisation owes us on issued, unpaid invoices (negative: owed)."""
+    account, _ = LedgerAccount.objects.get_or_create(
+        code=f"org:{organization.pk}:receivable",
+        defaults={"kind": LedgerAccount.Kind.CUSTOMER_RECEIVABLE, "organization": organization},
     )
     return account
 
@@ -95,6 +114,14 @@ def transaction_post(
 def account_balance(account: LedgerAccount) -> int:
     """The balance of an account, derived from its entries (nano-USD)."""
     total = LedgerEntry.objects.filter(account=account).aggregate(total=Sum("amount"))["total"]
+    return int(total or 0)
+
+
+def account_balance_before(account: LedgerAccount, moment: datetime) -> int:
+    """The balance from the transactions posted before ``moment`` (nano-USD)."""
+    total = LedgerEntry.objects.filter(
+        account=account, transaction__created_at__lt=moment
+    ).aggregate(total=Sum("amount"))["total"]
     return int(total or 0)
 
 

@@ -43,6 +43,16 @@ def nanos_to_cents(nanos: Nanos) -> int:
     return int((Decimal(nanos) / NANOS_PER_CENT).quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
+def nanos_to_cents_floor(nanos: Nanos) -> int:
+    """Nanos to whole cents, rounding down (money we pay out: never more than we owe).
+
+    The sub-cent remainder stays where it was (a vendor's payable) for the next payout.
+    """
+    if nanos < 0:
+        raise MoneyError("a payout amount is never negative")
+    return nanos // NANOS_PER_CENT
+
+
 def nanos_to_usd(nanos: Nanos) -> Decimal:
     return Decimal(nanos) / NANOS_PER_USD
 
@@ -52,6 +62,12 @@ def format_usd(nanos: Nanos, places: int = 6) -> str:
     quantum = Decimal(1).scaleb(-places)
     value = (Decimal(nanos) / NANOS_PER_USD).quantize(quantum, rounding=ROUND_HALF_UP)
     return f"-${-value}" if value < 0 else f"${value}"
+
+
+def format_usd_plain(nanos: Nanos) -> str:
+    """A fixed nine-place decimal string (``-1.250000000``) for exports such as CSV statements."""
+    value = (Decimal(nanos) / NANOS_PER_USD).quantize(Decimal(1).scaleb(-9))
+    return f"{value:f}"
 
 
 def token_cost(tokens: int, price_per_million: Nanos) -> Nanos:

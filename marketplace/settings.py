@@ -14,6 +14,7 @@ from django.core.exceptions import ImproperlyConfigured
 from psycopg.conninfo import conninfo_to_dict
 
 from marketplace.env import env_bool, env_float, env_int, env_list, env_str
+from billing.schedule import BILLING_BEAT_SCHEDULE
 from vendors.schedule import VENDORS_BEAT_SCHEDULE
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -166,6 +167,7 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env_float("USAGE_INGEST_INTERVAL_SECONDS", 1.0),
     },
     **VENDORS_BEAT_SCHEDULE,
+    **BILLING_BEAT_SCHEDULE,
 }
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -224,6 +226,14 @@ OUTBOUND_ALLOWED_NETWORKS = env_list("OUTBOUND_ALLOWED_NETWORKS", [])
 PLATFORM_FEE_BPS = env_int("PLATFORM_FEE_BPS", 2000, minimum=0)  # 20.00 %
 STRIPE_SECRET_KEY = env_str("STRIPE_SECRET_KEY", "")
 STRIPE_WEBHOOK_SECRET = env_str("STRIPE_WEBHOOK_SECRET", "")
+STRIPE_CONNECT_WEBHOOK_SECRET = env_str("STRIPE_CONNECT_WEBHOOK_SECRET", "")
+STRIPE_API_BASE = env_str("STRIPE_API_BASE", "https://api.stripe.com")
+STRIPE_WEBHOOK_TOLERANCE_SECONDS = env_int("STRIPE_WEBHOOK_TOLERANCE_SECONDS", 300, minimum=1)
+STRIPE_MAX_NETWORK_RETRIES = env_int("STRIPE_MAX_NETWORK_RETRIES", 2, minimum=0)
+STRIPE_TIMEOUT_SECONDS = env_int("STRIPE_TIMEOUT_SECONDS", 30, minimum=1)
+TOPUP_MIN_CENTS = env_int("TOPUP_MIN_CENTS", 500, minimum=50)
+TOPUP_MAX_CENTS = env_int("TOPUP_MAX_CENTS", 1_000_000, minimum=100)
+INVOICE_DAYS_UNTIL_DUE = env_int("INVOICE_DAYS_UNTIL_DUE", 30, minimum=1)
 
 # Accept a client's X-Request-ID (only behind a proxy that sets or sanitises it).
 TRUST_REQUEST_ID_HEADER = env_bool("TRUST_REQUEST_ID_HEADER", False)

@@ -1,0 +1,158 @@
+"""The fake Stripe speaks Stripe's wire format, checked through the real ``stripe`` SDK."""
+
+from __future__ import annotations
+
+import pytest
+import stripe
+
+from billing import stripe_gateway
+from tests.support import fake_stripe
+from tests.support.fake_stripe import FakeStripe, parse_form
+
+stripe_fake = fake_stripe.stripe_fake  # the fixture
+
+
+def test_it_parses_stripes_form_encoding():
+    body = (
+        "mode=payment&metadata[org]=7&line_items[0][quantity]=1"
+        "&line_items[0][price_data][unit_amount]=500&line_items[1][quantity]=2&empty="
+    )
+    assert parse_form(body) == {
+        "mode": "payment",
+        "metadata": {"org": "7"},
+        "line_items": [
+            {"quantity": "1", "price_data": {"unit_amount": "500"}},
+            {"quantity": "2"},
+        ],
+        "empty": "",
+    }
+
+
+def test_it_answers_the_sdk_with_stripe_shaped_objects(stripe_fake: FakeStripe):
+    session = stripe_gateway.checkout_session_create(
+        amount_cents=1500,
+        product_name="credit",
+        success_url="https://example.test/ok",
+        cancel_url="https://example.test/cancel",
+        client_reference_id="9",
+        metadata={"topup_id": 9},
+        idempotency_key="topup:9:checkout",
+    )
+    assert session["object"] == "checkout.session"
+    assert session["id"].startswith("cs_test_")
+    assert (session["amount_total"], session["currency"]) == (1500, "usd")
+    assert (session["payment_status"], session["status"]) == ("unpaid", "open")
+    assert session["metadata"] == {"topup_id": "9"}
+    call = stripe_fake.calls("POST", "/v1/checkout/sessions")[0]
+    assert call.idempotency_key == "topup:9:checkout"
+    assert call.params["line_items"][0]["price_data"]["unit_amount"] == "1500"
+    assert stripe_gateway.checkout_session_retrieve(session["id"])["id"] == session["id"]
+
+
+def test_it_replays_an_idempotent_request_and_refuses_other_parameters(stripe_fake: FakeStripe):
+    account = stripe_gateway.account_create(
+        email=None, business_name="V", metadata={}, idempotency_key="connect-account:1"
+    )
+    stripe_fake.update_account(account["id"])
+    first = stripe_gateway.transfer_create(
+        amount_cents=100,
+        destination=account["id"],
+        transfer_group="g",
+        description="d",
+        metadata={},
+        idempotency_key="settle:x:1",
+    )
+    again = stripe_gateway.transfer_create(
+        amount_cents=100,
+        destination=account["id"],
+        transfer_group="g",
+        description="d",
+        metadata={},
+        idempotency_key="settle:x:1",
+    )
+    assert again["id"] == first["id"]
+    assert len(stripe_fake.objects("transfer")) == 1
+    assert stripe_fake.calls("POST", "/v1/transfers")[1].replayed
+    with pytest.raises(stripe.IdempotencyError):
+        stripe_gateway.transfer_create(
+            amount_cents=101,
+            destination=account["id"],
+            transfer_group="g",
+            description="d",
+            metadata={},
+            idempotency_key="settle:x:1",
+        )
+
+
+def test_it_refuses_transfers_beyond_the_available_balance(stripe_fake: FakeStripe):
+    account = stripe_gateway.account_create(
+        email=None, business_name="V", metadata={}, idempotency_key="connect-account:2"
+    )
+    with pytest.raises(stripe.InvalidRequestError) as not_onboarded:
+        stripe_gateway.transfer_create(
+            amount_cents=100,
+            destination=account["id"],
+            transfer_group="g",
+            description="d",
+            metadata={},
+            idempotency_key="k0",
+        )
+    assert not_onboarded.value.code == "insufficient_capabilities_for_transfer"
+    stripe_fake.update_account(account["id"])
+    stripe_fake.set_available_balance(99)
+    with pytest.raises(stripe.InvalidRequestError) as short:
+        stripe_gateway.transfer_create(
+            amount_cents=100,
+            destination=account["id"],
+            transfer_group="g",
+            description="d",
+            metadata={},
+            idempotency_key="k1",
+        )
+    assert short.value.code == "balance_insufficient"
+    assert stripe_gateway.is_definite_failure(short.value)
+    assert stripe_fake.objects("transfer") == []
+
+
+def test_its_signatures_verify_with_the_stripe_library(stripe_fake: FakeStripe):
+    event = stripe_fake.event(
+        "checkout.session.completed", {"id": "cs_test_x", "object": "checkout.session"}
+    )
+    body, header = stripe_fake.signed(event)
+    assert (
+        stripe_gateway.webhook_event(body, header, stripe_fake.webhook_secret)["id"] == event["id"]
+    )
+    stripe.WebhookSignature.verify_header(body.decode(), header, stripe_fake.webhook_secret)
+    with pytest.raises(stripe_gateway.WebhookSignatureError):
+        stripe_gateway.webhook_event(body + b" ", header, stripe_fake.webhook_secret)
+    stale = stripe_fake.sign(body, stripe_fake.webhook_secret, timestamp=1)
+    with pytest.raises(stripe_gateway.WebhookSignatureError):
+        stripe_gateway.webhook_event(body, stale, stripe_fake.webhook_secret)
+
+
+def test_it_builds_invoices_like_stripe(stripe_fake: FakeStripe):
+    customer = stripe_gateway.customer_create(
+        name="Acme", email=None, metadata={}, idempotency_key="customer:1"
+    )
+    invoice = stripe_gateway.invoice_create(
+        customer_id=customer["id"],
+        days_until_due=14,
+        description="d",
+        metadata={},
+        idempotency_key="invoice:1:2026-10",
+    )
+    assert (invoice["object"], invoice["status"]) == ("invoice", "draft")
+    stripe_gateway.invoice_item_create(
+        customer_id=customer["id"],
+        invoice_id=invoice["id"],
+        amount_cents=250,
+        description="line",
+        metadata={},
+        idempotency_key="invoice:1:2026-10:line:a",
+    )
+    final = stripe_gateway.invoice_finalize(invoice["id"], idempotency_key="f")
+    assert (final["status"], final["amount_due"], final["total"]) == ("open", 250, 250)
+    assert final["due_date"] and final["hosted_invoice_url"]
+    sent = stripe_gateway.invoice_send(invoice["id"], idempotency_key="s")
+    assert sent["status"] == "open"
+    assert stripe_fake.pay_invoice(invoice["id"])["amount_paid"] == 250
