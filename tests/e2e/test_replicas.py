@@ -22,6 +22,18 @@ from tests import factories
 from tests.conftest import ingest_all
 from tests.support.cluster import start_gateway, start_ingest_consumer, wait_until
 
+
+def assert_reconciled() -> None:
+    """manage.py reconcile finds no mismatch (raises CommandError, exit 1, on any)."""
+    import io
+
+    from django.core.management import call_command
+
+    out = io.StringIO()
+    call_command("reconcile", "--skip-stripe", stdout=out)
+    assert "no mismatch" in out.getvalue()
+
+
 pytestmark = pytest.mark.django_db(transaction=True)
 
 MESSAGES = [{"role": "user", "content": "share the load"}]
@@ -57,6 +69,8 @@ def test_two_replicas_never_exceed_the_endpoints_capacity_together(replicas, ups
     assert statuses.count(200) >= 2
     assert set(statuses) <= {200, 503}
     assert 503 in statuses
+    ingest_all()
+    assert_reconciled()
 
 
 def test_a_small_balance_never_goes_below_zero_under_a_burst_on_two_replicas(replicas, upstream):
@@ -83,6 +97,7 @@ def test_a_small_balance_never_goes_below_zero_under_a_burst_on_two_replicas(rep
     )
     assert organization_balance(customer.organization) == start - charged >= 0
     assert int(sync_client().get(credit_key(customer.organization.pk))) >= 0
+    assert_reconciled()
 
 
 def test_a_key_revoked_through_one_replica_is_refused_by_the_other(replicas, upstream):
@@ -177,3 +192,4 @@ def test_a_consumer_killed_mid_batch_loses_nothing_and_charges_nothing_twice(ups
     assert organization_balance(org) == before - 20 * len(ids)
     assert LedgerEntry.objects.aggregate(total=Sum("amount"))["total"] == 0
     assert usd_to_nanos("100") - 20 * len(ids) == organization_balance(org)
+    assert_reconciled()
