@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -28,7 +29,7 @@ from marketplace import invalidation
 from marketplace.logs import accept_request_id, request_id_var
 from routing import metrics
 from routing.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, Unavailable
-from routing.gateway.auth import KeyCache
+from routing.gateway.auth import KeyCache, KeyInfo
 from routing.gateway.http import (
     ClientGone,
     Receive,
@@ -38,6 +39,7 @@ from routing.gateway.http import (
     request_headers,
     send_json,
 )
+from routing.gateway.idempotency import Idempotency, Recorder, check_key, replay
 from routing.gateway.proxy import Job, Proxy, period_start
 from routing.gateway.upstream import UpstreamPool
 from routing.gateway.validate import chat_request, embeddings_request, parse_json
@@ -63,6 +65,7 @@ class GatewayApp:
         self.live: LiveState | None = None
         self.live_cache: LiveCache | None = None
         self.proxy: Proxy | None = None
+        self.idempotency: Idempotency | None = None
         self._listener: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -91,6 +94,7 @@ class GatewayApp:
             load_balance=sync_to_async(_organization_balance, thread_sensitive=False),
             load_key_spend=sync_to_async(_key_spend, thread_sensitive=False),
         )
+        self.idempotency = Idempotency(self._redis)
         self._snapshot_lock = asyncio.Lock()
         self._listener = loop.create_task(self._listen_for_invalidations())
 
@@ -348,12 +352,58 @@ class GatewayApp:
             raise BadRequest(str(exc), code="invalid_feedback") from None
         await send_json(send, 200, {"id": rated, "score": score, "recorded": True}, request_id)
 
+    async def _idempotent(
+        self,
+        key: KeyInfo,
+        headers: dict[str, str],
+        raw: bytes,
+        send: Send,
+        request_id: str,
+        handle: Callable[[Send], Awaitable[None]],
+    ) -> None:
+        """Run ``handle`` once per Idempotency-Key (when the client sends one)."""
+        header = headers.get("idempotency-key")
+        if header is None:
+            await handle(send)
+            return
+        assert self.idempotency is not None
+        idem_key = check_key(header)
+        stored = await self.idempotency.begin(key.organization_id, idem_key, raw)
+        if stored is not None:
+            await replay(send, stored)
+            return
+        recorder = Recorder(send)
+        try:
+            try:
+                await handle(recorder)
+            except GatewayError as exc:
+                metrics.REFUSED.labels(reason=exc.code).inc()
+                await send_json(recorder, exc.status, exc.body(), request_id, exc.headers)
+        except BaseException:
+            # Interrupted: keep a complete answer (it may have been charged), else forget.
+            if recorder.complete:
+                await asyncio.shield(
+                    self.idempotency.finish(key.organization_id, idem_key, recorder)
+                )
+            else:
+                await asyncio.shield(self.idempotency.abandon(key.organization_id, idem_key))
+            raise
+        await self.idempotency.finish(key.organization_id, idem_key, recorder)
+
     async def _chat(
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
     ) -> None:
         key = await self.keys.authenticate(headers.get("authorization"))
         _check_content_type(headers)
-        body = parse_json(await read_body(receive, headers, settings.GATEWAY_MAX_BODY_BYTES))
+        raw = await read_body(receive, headers, settings.GATEWAY_MAX_BODY_BYTES)
+
+        async def handle(out: Send) -> None:
+            await self._chat_body(key, raw, out, request_id)
+
+        await self._idempotent(key, headers, raw, send, request_id, handle)
+
+    async def _chat_body(self, key: KeyInfo, raw: bytes, send: Send, request_id: str) -> None:
+        body = parse_json(raw)
         request = chat_request(body, max_messages=settings.GATEWAY_MAX_MESSAGES)
         prompt_bound = (
             request.prompt_bytes
@@ -379,7 +429,15 @@ class GatewayApp:
     ) -> None:
         key = await self.keys.authenticate(headers.get("authorization"))
         _check_content_type(headers)
-        body = parse_json(await read_body(receive, headers, settings.GATEWAY_MAX_BODY_BYTES))
+        raw = await read_body(receive, headers, settings.GATEWAY_MAX_BODY_BYTES)
+
+        async def handle(out: Send) -> None:
+            await self._embeddings_body(key, raw, out, request_id)
+
+        await self._idempotent(key, headers, raw, send, request_id, handle)
+
+    async def _embeddings_body(self, key: KeyInfo, raw: bytes, send: Send, request_id: str) -> None:
+        body = parse_json(raw)
         request = embeddings_request(body)
         job = Job(
             kind="embeddings",
