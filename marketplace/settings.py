@@ -13,8 +13,8 @@ from pathlib import Path
 from django.core.exceptions import ImproperlyConfigured
 from psycopg.conninfo import conninfo_to_dict
 
-from marketplace.env import env_bool, env_float, env_int, env_list, env_str
 from billing.schedule import BILLING_BEAT_SCHEDULE
+from marketplace.env import env_bool, env_float, env_int, env_list, env_str
 from vendors.schedule import VENDORS_BEAT_SCHEDULE
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -215,6 +215,8 @@ GATEWAY_TOTAL_TIMEOUT = env_float("GATEWAY_TOTAL_TIMEOUT", 120.0)
 GATEWAY_MAX_UPSTREAM_BODY_BYTES = env_int("GATEWAY_MAX_UPSTREAM_BODY_BYTES", 8_388_608)
 GATEWAY_KEY_CACHE_SECONDS = env_float("GATEWAY_KEY_CACHE_SECONDS", 60.0)
 GATEWAY_SNAPSHOT_REFRESH_SECONDS = env_float("GATEWAY_SNAPSHOT_REFRESH_SECONDS", 30.0)
+# Settlements Redis could not take (it was down after a vendor answered) wait here.
+SWITCHYARD_SPOOL_DIR = env_str("SWITCHYARD_SPOOL_DIR", str(VAR_DIR / "spool"))
 GATEWAY_LIVE_REFRESH_SECONDS = env_float("GATEWAY_LIVE_REFRESH_SECONDS", 0.25)
 GATEWAY_CIRCUIT_FAILURES = env_int("GATEWAY_CIRCUIT_FAILURES", 5, minimum=1)
 GATEWAY_CIRCUIT_COOLDOWN_SECONDS = env_float("GATEWAY_CIRCUIT_COOLDOWN_SECONDS", 30.0)

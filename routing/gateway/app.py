@@ -16,6 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -46,6 +47,7 @@ from routing.gateway.validate import chat_request, embeddings_request, parse_jso
 from routing.live import LiveCache, LiveConfig, LiveState
 from routing.router import route
 from routing.snapshot import Snapshot, load_snapshot
+from routing.spool import Spool, SpoolReplayer
 
 logger = logging.getLogger("switchyard.gateway")
 
@@ -66,6 +68,8 @@ class GatewayApp:
         self.live_cache: LiveCache | None = None
         self.proxy: Proxy | None = None
         self.idempotency: Idempotency | None = None
+        self.spool = Spool(Path(settings.SWITCHYARD_SPOOL_DIR))
+        self.spool_replayer: SpoolReplayer | None = None
         self._listener: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -93,7 +97,10 @@ class GatewayApp:
             self.upstreams,
             load_balance=sync_to_async(_organization_balance, thread_sensitive=False),
             load_key_spend=sync_to_async(_key_spend, thread_sensitive=False),
+            spool=self.spool,
         )
+        self.spool_replayer = SpoolReplayer(self.spool, self._redis)
+        self.spool_replayer.start()
         self.idempotency = Idempotency(self._redis)
         self._snapshot_lock = asyncio.Lock()
         self._listener = loop.create_task(self._listen_for_invalidations())
@@ -120,6 +127,8 @@ class GatewayApp:
                 await self._listener
         if self.live_cache is not None:
             await self.live_cache.stop()
+        if self.spool_replayer is not None:
+            await self.spool_replayer.stop()
         await self.upstreams.close()
         if self._redis is not None:
             await self._redis.aclose()

@@ -40,6 +40,7 @@ from routing.gateway.http import Send, send_json, send_sse, start_sse
 from routing.gateway.upstream import UpstreamPool, check_literal, upstream_headers
 from routing.live import LiveState, Reservation, Verdict
 from routing.router import Candidate
+from routing.spool import Spool
 from vendors.ssrf import UnsafeURLError
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -165,7 +166,9 @@ class Proxy:
         *,
         load_balance: Any,
         load_key_spend: Any,
+        spool: Spool | None = None,
     ) -> None:
+        self.spool = spool
         self.live = live
         self.upstreams = upstreams
         self._load_balance = load_balance
@@ -364,19 +367,36 @@ class Proxy:
                 "ts": time.time(),
             }
         last = attempts[-1] if attempts else None
-        await self.live.settle(
-            served.reservation,
-            cost=cost,
-            vendor_failed=vendor_failed,
-            latency_ms=(
-                served.ttfb_ms
-                if served.ttfb_ms is not None
-                else (last.latency_ms if last else None)
-            ),
-            event=event,
-            request_id=job.request_id,
-            trace=self._trace(job, attempts, served, served.outcome),
-        )
+        try:
+            await self.live.settle(
+                served.reservation,
+                cost=cost,
+                vendor_failed=vendor_failed,
+                latency_ms=(
+                    served.ttfb_ms
+                    if served.ttfb_ms is not None
+                    else (last.latency_ms if last else None)
+                ),
+                event=event,
+                request_id=job.request_id,
+                trace=self._trace(job, attempts, served, served.outcome),
+            )
+        except aioredis.RedisError:
+            # The customer was served; Redis is away. Keep the settlement on local disk
+            # (the replayer applies it when Redis is back), never lose the usage.
+            if self.spool is None:
+                raise
+            reservation = served.reservation
+            self.spool.append(
+                {
+                    "request_id": job.request_id,
+                    "organization_id": reservation.organization_id,
+                    "endpoint_id": reservation.endpoint_id,
+                    "lease": reservation.lease,
+                    "refund": reservation.hold - cost,
+                    "event": event,
+                }
+            )
 
     async def _record_failure(self, job: Job, attempts: list[Attempt], *, outcome: str) -> None:
         """A request no vendor answered: no charge, but the customer sees it on dashboards."""

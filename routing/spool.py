@@ -1,0 +1,134 @@
+"""A local append-only spool for settlements that Redis could not take.
+
+If Redis goes away after a vendor answered, the customer has been served: the usage must
+not be lost. ``Proxy`` then appends the settlement (the usage event, the hold to return,
+the lease to free) as one JSON line to ``<SWITCHYARD_SPOOL_DIR>/gateway-<pid>.jsonl`` and
+``SpoolReplayer`` replays the lines when Redis answers again. A replay is guarded by a
+marker key per request id (``SET NX``), so a crash mid-replay never applies a line twice.
+Files left by a dead process are claimed by renaming them, so two replayers never share one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from billing.credit import USAGE_STREAM, credit_key
+
+logger = logging.getLogger("switchyard.spool")
+
+MARKER_TTL = 7 * 24 * 3600
+
+# Like settle, but applied at most once per request id, and the credit is adjusted only if
+# Redis still knows the organisation (after a data loss it is rebuilt from the ledger).
+_REPLAY = """
+if not redis.call('SET', KEYS[4], '1', 'NX', 'EX', ARGV[5]) then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 and tonumber(ARGV[1]) ~= 0 then
+  redis.call('INCRBY', KEYS[1], ARGV[1])
+end
+redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('HSET', 'sy:live:inflight', ARGV[3], redis.call('ZCARD', KEYS[2]))
+if ARGV[4] ~= '' then redis.call('XADD', KEYS[3], '*', 'e', ARGV[4]) end
+return 1
+"""
+
+
+class Spool:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / f"gateway-{os.getpid()}.jsonl"
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Write one settlement durably (fsync): it is the only copy of a served request."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        line = orjson.dumps(record) + b"\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        logger.error("Redis unavailable: spooled the settlement of %s", record.get("request_id"))
+
+    def pending(self) -> bool:
+        return self.directory.exists() and any(self.directory.glob("gateway-*.jsonl"))
+
+
+class SpoolReplayer:
+    def __init__(self, spool: Spool, client: aioredis.Redis, interval: float = 1.0) -> None:
+        self.spool = spool
+        self._client = client
+        self._replay = client.register_script(_REPLAY)
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+
+    async def replay_once(self) -> int:
+        """Replay every spool file this process can claim; returns lines applied."""
+        applied = 0
+        if not self.spool.pending():
+            return 0
+        for path in sorted(self.spool.directory.glob("gateway-*.jsonl")):
+            claimed = path.with_name(f"{path.stem}.replaying-{os.getpid()}")
+            try:
+                os.rename(path, claimed)
+            except FileNotFoundError:
+                continue  # another replayer claimed it
+            try:
+                for raw in claimed.read_bytes().splitlines():
+                    if raw.strip():
+                        applied += await self._apply(orjson.loads(raw))
+            except (aioredis.RedisError, OSError):
+                # Redis went away again: put the file back for the next round.
+                os.rename(claimed, path)
+                raise
+            claimed.unlink()
+        return applied
+
+    async def _apply(self, record: dict[str, Any]) -> int:
+        result = await self._replay(
+            keys=[
+                credit_key(record["organization_id"]),
+                f"sy:slots:{record['endpoint_id']}",
+                USAGE_STREAM,
+                f"sy:spooled:{record['request_id']}",
+            ],
+            args=[
+                record["refund"],
+                record["lease"],
+                record["endpoint_id"],
+                orjson.dumps(record["event"]).decode() if record.get("event") else "",
+                MARKER_TTL,
+            ],
+        )
+        return int(result)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                if self.spool.pending():
+                    applied = await self.replay_once()
+                    if applied:
+                        logger.warning("replayed %d spooled settlement(s)", applied)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("spool replay failed; retrying", exc_info=True)
+            await asyncio.sleep(self.interval)

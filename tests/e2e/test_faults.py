@@ -1,0 +1,78 @@
+"""Faults with real processes: Redis stopped and restarted under a running gateway."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from billing.ledger import organization_balance
+from billing.models import UsageRecord
+from marketplace.devenv import EmbeddedRedis
+from tests import factories
+from tests.support.cluster import start_gateway, start_ingest_consumer, wait_until
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+MESSAGES = [{"role": "user", "content": "survive this"}]
+
+
+def test_redis_down_fails_closed_and_loses_no_answered_usage(tmp_path, upstream):
+    redis = EmbeddedRedis(tmp_path / "redis", persistent=True).start()
+    spool_dir = tmp_path / "spool"
+    gateway = start_gateway(REDIS_URL=redis.url, SWITCHYARD_SPOOL_DIR=str(spool_dir))
+    try:
+        endpoint = factories.endpoint(base_url=upstream.base_url)
+        customer = factories.customer(credit_usd="5")
+        before = organization_balance(customer.organization)
+        body = {"model": endpoint.full_slug, "messages": MESSAGES}
+        with gateway.client(customer.key) as client:
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+        upstream.script(["delay:1500"])
+        answered = {}
+
+        def slow_request() -> None:
+            with gateway.client(customer.key) as client:
+                answered["response"] = client.post("/v1/chat/completions", json=body)
+
+        thread = threading.Thread(target=slow_request)
+        thread.start()
+        assert wait_until(lambda: upstream.stats()["in_flight"] == 1)
+        redis.stop()  # Redis goes away while the vendor is answering
+
+        with gateway.client(customer.key) as client:
+            refused = client.post("/v1/chat/completions", json=body)
+        thread.join()
+
+        # New requests fail closed: never unmetered, never over budget.
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "state_unavailable"
+        # The request the vendor answered reaches the client, its usage waits on disk.
+        served = answered["response"]
+        assert served.status_code == 200
+        assert list(spool_dir.glob("gateway-*.jsonl"))
+
+        redis.start()  # same port, same append-only file
+        assert wait_until(lambda: not list(spool_dir.glob("gateway-*")), timeout=30), (
+            gateway.output()
+        )
+        consumer = start_ingest_consumer("after-outage", REDIS_URL=redis.url)
+        try:
+            assert wait_until(
+                lambda: UsageRecord.objects.filter(organization=customer.organization).count() == 2,
+                timeout=60,
+            ), consumer.output()
+        finally:
+            consumer.stop()
+
+        records = UsageRecord.objects.filter(organization=customer.organization)
+        assert records.filter(request_id=served.json()["id"]).count() == 1
+        assert organization_balance(customer.organization) == before - sum(r.cost for r in records)
+
+        # Service comes back by itself.
+        with gateway.client(customer.key) as client:
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+    finally:
+        gateway.stop()
+        redis.stop()
