@@ -28,6 +28,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -445,10 +446,16 @@ class LiveCache:
     circuit atomically, so a stale copy can only cost a fallback hop, never an overload.
     """
 
-    def __init__(self, client: aioredis.Redis, interval: float = 0.25) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        interval: float = 0.25,
+        on_refresh: Callable[[dict[int, EndpointNumbers]], None] | None = None,
+    ) -> None:
         self._client = client
         self.interval = interval
         self.numbers: dict[int, EndpointNumbers] = {}
+        self.on_refresh = on_refresh
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -492,6 +499,8 @@ class LiveCache:
             )
             for ep in ids
         }
+        if self.on_refresh is not None:
+            self.on_refresh(self.numbers)
 
     async def _run(self) -> None:
         while True:

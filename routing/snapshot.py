@@ -7,11 +7,29 @@ announces a change (``marketplace.invalidation``); requests read it without any 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from vendors.crypto import decrypt_secret
 from vendors.models import Endpoint
 from vendors.selectors import routable_endpoints
+
+# What an OpenAI-compatible chat server (vLLM, llama.cpp, Ollama, TGI) accepts out of the box;
+# an endpoint that supports more (tools, response_format) declares it.
+DEFAULT_SUPPORTED_PARAMETERS = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "stop",
+        "seed",
+        "logprobs",
+        "top_logprobs",
+        "stream",
+        "presence_penalty",
+        "frequency_penalty",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +52,10 @@ class EndpointView:
     region: str
     data_retention_days: int
     private_to: int | None
+    version: int = 1
+    # Measured quality per capability tag, 0..1 ("*" = overall); empty until probed.
+    quality: Mapping[str, float] = field(default_factory=dict, hash=False)
+    supported_parameters: frozenset[str] = DEFAULT_SUPPORTED_PARAMETERS
 
     @property
     def full_slug(self) -> str:
@@ -62,7 +84,7 @@ class Snapshot:
         )
 
 
-def endpoint_view(endpoint: Endpoint) -> EndpointView:
+def endpoint_view(endpoint: Endpoint, quality: Mapping[str, float] | None = None) -> EndpointView:
     return EndpointView(
         id=endpoint.pk,
         vendor_id=endpoint.vendor_id,
@@ -82,9 +104,15 @@ def endpoint_view(endpoint: Endpoint) -> EndpointView:
         region=endpoint.region,
         data_retention_days=endpoint.data_retention_days,
         private_to=endpoint.private_to_id,
+        version=endpoint.version,
+        quality=dict(quality or {}),
     )
 
 
 def load_snapshot() -> Snapshot:
-    """Read every routable endpoint (three queries) into a new snapshot."""
-    return Snapshot.build([endpoint_view(e) for e in routable_endpoints()])
+    """Read every routable endpoint and its quality scores (four queries) into a snapshot."""
+    from vendors.selectors import quality_map
+
+    endpoints = list(routable_endpoints())
+    scores = quality_map(e.pk for e in endpoints)
+    return Snapshot.build([endpoint_view(e, scores.get(e.pk)) for e in endpoints])

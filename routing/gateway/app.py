@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -44,8 +45,10 @@ from routing.gateway.idempotency import Idempotency, Recorder, check_key, replay
 from routing.gateway.proxy import Job, Proxy, period_start
 from routing.gateway.upstream import UpstreamPool
 from routing.gateway.validate import chat_request, embeddings_request, parse_json
-from routing.live import LiveCache, LiveConfig, LiveState
-from routing.router import route
+from routing.live import EndpointNumbers, LiveCache, LiveConfig, LiveState
+from routing.policy import request_parameters, route_policy
+from routing.router import plan_route, prepare_snapshot
+from routing.scoring import EndpointLive, LiveView
 from routing.snapshot import Snapshot, load_snapshot
 from routing.spool import Spool, SpoolReplayer
 
@@ -68,6 +71,7 @@ class GatewayApp:
         self.live_cache: LiveCache | None = None
         self.proxy: Proxy | None = None
         self.idempotency: Idempotency | None = None
+        self.live_view = LiveView()
         self.spool = Spool(Path(settings.SWITCHYARD_SPOOL_DIR))
         self.spool_replayer: SpoolReplayer | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -90,7 +94,11 @@ class GatewayApp:
                 circuit_cooldown=settings.GATEWAY_CIRCUIT_COOLDOWN_SECONDS,
             ),
         )
-        self.live_cache = LiveCache(self._redis, interval=settings.GATEWAY_LIVE_REFRESH_SECONDS)
+        self.live_cache = LiveCache(
+            self._redis,
+            interval=settings.GATEWAY_LIVE_REFRESH_SECONDS,
+            on_refresh=self._rebuild_live_view,
+        )
         self.live_cache.start()
         self.proxy = Proxy(
             self.live,
@@ -157,6 +165,35 @@ class GatewayApp:
                 logger.warning("invalidation listener lost Redis; retrying", exc_info=True)
                 await asyncio.sleep(0.5)
 
+    def _rebuild_live_view(self, numbers: dict[int, EndpointNumbers]) -> None:
+        """Turn the live numbers into the router's view (once per refresh, not per request)."""
+        now = time.time()
+        cooldown = settings.GATEWAY_CIRCUIT_COOLDOWN_SECONDS
+        table = {}
+        for endpoint_id, n in numbers.items():
+            circuit, trial = "closed", False
+            if n.cooldown_until > now:
+                circuit = "open"  # the vendor asked for quiet with Retry-After
+            elif n.circuit_opened_at is not None:
+                if now - n.circuit_opened_at < cooldown:
+                    circuit = "open"
+                else:
+                    # The reserve script hands the single trial slot out atomically.
+                    circuit, trial = "half_open", True
+            table[endpoint_id] = EndpointLive(
+                inflight=n.inflight,
+                utilisation=n.utilisation,
+                circuit=circuit,
+                half_open_trial=trial,
+                latency_ms=n.latency_ms,
+                requests=n.requests,
+                success_ratio=n.success_ratio,
+            )
+        view = LiveView(table)
+        if self._snapshot is not None:
+            view.prepare(self._snapshot)
+        self.live_view = view
+
     async def snapshot(self) -> Snapshot:
         refresh = settings.GATEWAY_SNAPSHOT_REFRESH_SECONDS
         if self._snapshot is not None and time.monotonic() - self._snapshot_at < refresh:
@@ -166,6 +203,8 @@ class GatewayApp:
             if self._snapshot is None or time.monotonic() - self._snapshot_at >= refresh:
                 try:
                     self._snapshot = await sync_to_async(_load_snapshot, thread_sensitive=False)()
+                    if self.live_cache is not None:
+                        self._rebuild_live_view(self.live_cache.numbers)
                 except Exception:
                     if self._snapshot is None:
                         raise Unavailable("the routing table cannot be loaded") from None
@@ -461,26 +500,28 @@ class GatewayApp:
 
     async def _run(self, job: Job, send: Send) -> None:
         snapshot = await self.snapshot()
-        assert self.live_cache is not None and self.proxy is not None
-        numbers = self.live_cache.numbers
-        candidates = route(
+        assert self.proxy is not None
+        policy = route_policy(job.body)
+        if policy.auto:
+            raise BadRequest(
+                "`model: auto` is not available on this gateway yet",
+                param="model",
+                code="auto_unavailable",
+            )
+        decision = plan_route(
             snapshot,
-            model=job.model,
+            policy,
             organization_id=job.key.organization_id,
             kind=job.kind,
-            utilisation={ep: n.utilisation for ep, n in numbers.items()},
+            live=self.live_view,
+            explore_draw=random.random(),
+            request_params=request_parameters(job.body),
         )
-        job.decision_trace = {
-            "candidates": [
-                {
-                    "endpoint": c.endpoint.full_slug,
-                    "quote": {"input": c.price_input, "output": c.price_output},
-                    "multiplier": c.multiplier,
-                }
-                for c in candidates
-            ]
-        }
-        await self.proxy.run(job, candidates, send)
+        if not decision.candidates:
+            raise decision.no_candidates_error()
+        job.allow_fallbacks = policy.allow_fallbacks
+        job.decision_trace = decision.to_trace()
+        await self.proxy.run(job, list(decision.candidates), send)
 
 
 Handler = Any
@@ -560,6 +601,8 @@ def _database_ping() -> None:
 
 def _load_snapshot() -> Snapshot:
     try:
-        return load_snapshot()
+        snapshot = load_snapshot()
+        prepare_snapshot(snapshot)  # the router's arrays, built here rather than per request
+        return snapshot
     finally:
         connection.close()

@@ -113,7 +113,12 @@ def _content_bytes(content: Any, index: int) -> int:
 
 
 def model_field(body: dict[str, Any]) -> str:
+    """The model name for traces and events (``models[0]`` when only ``models`` is given;
+    the routing policy parser checks ``models`` itself)."""
     model = body.get("model")
+    listed = body.get("models")
+    if model is None and isinstance(listed, list) and listed and isinstance(listed[0], str):
+        model = listed[0]
     if not isinstance(model, str) or not model.strip():
         raise BadRequest(
             "`model` is required and must be a string",

@@ -280,3 +280,125 @@ def test_ingest_feeds_each_endpoints_observed_success(
     assert (failing.success_n, failing.total_n) == (1, 2)
     assert (healthy.success_n, healthy.total_n) == (1, 1)
     assert healthy.score > failing.score
+
+
+def test_it_does_not_fall_back_when_the_customer_forbids_it(
+    gateway_server, upstream, second_upstream, two_vendors
+):
+    customer = factories.customer()
+    upstream.script(["status:500"])
+    body = {"model": "tag:sql", "messages": MESSAGES, "provider": {"allow_fallbacks": False}}
+    with gateway_server.client(customer.key) as client:
+        response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 502
+    assert second_upstream.stats()["total"] == 0
+
+
+def test_it_honours_the_provider_policy(gateway_server, upstream, second_upstream, two_vendors):
+    cheap, dear = two_vendors
+    customer = factories.customer()
+    with gateway_server.client(customer.key) as client:
+        ignored = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "tag:sql",
+                "messages": MESSAGES,
+                "provider": {"ignore": [cheap.vendor.slug]},
+            },
+        )
+        ordered = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "tag:sql",
+                "messages": MESSAGES,
+                "provider": {"order": [dear.full_slug]},
+            },
+        )
+        capped = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "tag:sql",
+                "messages": MESSAGES,
+                "provider": {"max_price": {"prompt": 1, "completion": 2}},
+            },
+        )
+        bad = client.post(
+            "/v1/chat/completions",
+            json={"model": "tag:sql", "messages": MESSAGES, "provider": {"shuffle": True}},
+        )
+    assert ignored.headers["x-switchyard-endpoint"] == dear.full_slug
+    assert ordered.headers["x-switchyard-endpoint"] == dear.full_slug
+    assert capped.headers["x-switchyard-endpoint"] == cheap.full_slug
+    assert bad.status_code == 400 and bad.json()["error"]["param"].startswith("provider")
+
+
+def test_load_raises_the_quote_and_moves_price_sorted_traffic_away(
+    gateway_server, upstream, second_upstream
+):
+    import threading
+    import time
+
+    surging = factories.endpoint(
+        base_url=upstream.base_url,
+        tags=("legal",),
+        capacity=4,
+        price_input_usd="1",
+        price_output_usd="1",
+        surge_curve=[[0.0, 1.0], [0.25, 2.0], [1.0, 3.0]],
+    )
+    steady = factories.endpoint(
+        base_url=second_upstream.base_url,
+        tags=("legal",),
+        capacity=100,
+        price_input_usd="1.5",
+        price_output_usd="1.5",
+    )
+    customer = factories.customer()
+    by_price = {"model": "tag:legal", "messages": MESSAGES, "provider": {"sort": "price"}}
+    with gateway_server.client(customer.key) as client:
+        assert (
+            client.post("/v1/chat/completions", json=by_price).headers["x-switchyard-endpoint"]
+            == surging.full_slug
+        )
+
+    upstream.set_delay(3000)
+    threads = []
+    for _ in range(3):
+
+        def slow() -> None:
+            with gateway_server.client(customer.key) as c:
+                c.post(
+                    "/v1/chat/completions", json={"model": surging.full_slug, "messages": MESSAGES}
+                )
+
+        threads.append(threading.Thread(target=slow))
+        threads[-1].start()
+    served_by = None
+    try:
+        assert any(upstream.stats()["in_flight"] == 3 or time.sleep(0.02) for _ in range(200))
+        with gateway_server.client(customer.key) as client:
+            for _ in range(100):  # the gateway's live view refreshes a few times a second
+                response = client.post("/v1/chat/completions", json=by_price)
+                served_by = response.headers["x-switchyard-endpoint"]
+                if served_by == steady.full_slug:
+                    break
+                time.sleep(0.05)
+            trace = client.get("/v1/generation", params={"id": response.json()["id"]}).json()[
+                "data"
+            ]
+            capped = client.post(
+                "/v1/chat/completions",
+                json={
+                    **by_price,
+                    "provider": {"sort": "price", "max_price": {"prompt": 1.4, "completion": 1.4}},
+                },
+            )
+    finally:
+        for thread in threads:
+            thread.join()
+    # Busy, the cheap vendor's quote surged above the steady one: price-sorted traffic moved.
+    assert served_by == steady.full_slug
+    quotes = {c["endpoint"]: c["quote"] for c in trace["routing"]["candidates"]}
+    assert quotes[surging.full_slug]["input"] > 1_500_000_000
+    # At the surged quote the cheap vendor is over this max_price; the steady one always was.
+    assert capped.status_code == 503 and "over_max_price" in capped.json()["error"]["message"]
