@@ -59,6 +59,11 @@ class CapabilityTag(models.Model):
     name = models.CharField(max_length=100)
     kind = models.CharField(max_length=8, choices=Kind.choices, default=Kind.TASK)
     description = models.TextField(blank=True)
+    examples = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Example prompts for this tag (a list of strings): auto-routing's classifier.",
+    )
 
     def __str__(self) -> str:
         return self.slug
@@ -87,6 +92,12 @@ class Endpoint(models.Model):
     secret_encrypted = models.TextField(blank=True)
     tags = models.ManyToManyField(CapabilityTag, related_name="endpoints", blank=True)
     domains = models.JSONField(default=list, blank=True)
+    tag_examples = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="{tag: [example prompts]} the vendor declares for auto-routing "
+        "(counted only for tags the endpoint carries).",
+    )
     languages = models.JSONField(default=list, blank=True)
     context_length = models.PositiveIntegerField(default=2048)
     capacity = models.PositiveIntegerField(default=4, help_text="Max concurrent requests")
