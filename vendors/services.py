@@ -54,9 +54,7 @@ def _snapshot_changed() -> None:
 
 
 @transaction.atomic
-def vendor_create(
-    *, name: str, slug: str | None = None, owner: User | None = None
-) -> Vendor:
+def vendor_create(*, name: str, slug: str | None = None, owner: User | None = None) -> Vendor:
     """Register a vendor; it stays pending until an admin approves it."""
     name = name.strip()
     if not name:
