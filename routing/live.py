@@ -412,6 +412,9 @@ class LiveState:
             pipe.set(trace_key(request_id), orjson.dumps(trace), ex=self.config.trace_ttl)
         await pipe.execute()
 
+    async def store_trace(self, request_id: str, trace: dict[str, Any]) -> None:
+        await self.client.set(trace_key(request_id), orjson.dumps(trace), ex=self.config.trace_ttl)
+
     async def trace(self, request_id: str) -> dict[str, Any] | None:
         raw = await self.client.get(trace_key(request_id))
         if raw is None:

@@ -30,6 +30,8 @@ from billing.selectors import organization_balance_by_id
 from marketplace import invalidation
 from marketplace.logs import accept_request_id, request_id_var
 from routing import metrics
+from routing.auto import Classification, TagClassifier, classifier_from_db, prompt_text
+from routing.cascade import CascadeTrace, parse_cascade, plan_tiers, without_cascade
 from routing.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, Unavailable
 from routing.gateway.auth import KeyCache, KeyInfo
 from routing.gateway.http import (
@@ -72,6 +74,8 @@ class GatewayApp:
         self.proxy: Proxy | None = None
         self.idempotency: Idempotency | None = None
         self.live_view = LiveView()
+        self._classifier: TagClassifier | None = None
+        self._classifier_lock = asyncio.Lock()
         self.spool = Spool(Path(settings.SWITCHYARD_SPOOL_DIR))
         self.spool_replayer: SpoolReplayer | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -159,6 +163,10 @@ class GatewayApp:
                         self.keys.forget(text[4:])
                     elif text == invalidation.SNAPSHOT:
                         self._snapshot_at = 0.0
+                        if self._classifier is not None:  # tag examples may have changed
+                            self._classifier = await asyncio.to_thread(
+                                _build_classifier, self._classifier
+                            )
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -501,13 +509,13 @@ class GatewayApp:
     async def _run(self, job: Job, send: Send) -> None:
         snapshot = await self.snapshot()
         assert self.proxy is not None
-        policy = route_policy(job.body)
+        cascade = parse_cascade(job.body) if job.kind == "chat" else None
+        policy = route_policy(without_cascade(job.body) if cascade else job.body)
+        auto_trace = None
         if policy.auto:
-            raise BadRequest(
-                "`model: auto` is not available on this gateway yet",
-                param="model",
-                code="auto_unavailable",
-            )
+            classification = await self._classify(job.body.get("messages"))
+            policy = policy.with_auto_tags(classification.tag)
+            auto_trace = classification.to_trace()
         decision = plan_route(
             snapshot,
             policy,
@@ -521,7 +529,23 @@ class GatewayApp:
             raise decision.no_candidates_error()
         job.allow_fallbacks = policy.allow_fallbacks
         job.decision_trace = decision.to_trace()
+        if auto_trace is not None:
+            job.decision_trace["auto"] = auto_trace
+        if cascade is not None:
+            tiers = plan_tiers(decision.candidates, cascade.max_tiers)
+            if len(tiers) > 1:
+                await self.proxy.run_cascade(job, tiers, CascadeTrace(cascade, tiers), send)
+                return
         await self.proxy.run(job, list(decision.candidates), send)
+
+    async def _classify(self, messages: Any) -> Classification:
+        """``model: auto``: the capability tag of the prompt (MiniLM, loaded on first use)."""
+        if self._classifier is None:
+            assert self._snapshot_lock is not None
+            async with self._classifier_lock:
+                if self._classifier is None:
+                    self._classifier = await asyncio.to_thread(_build_classifier, None)
+        return await self._classifier.classify_async(prompt_text(messages))
 
 
 Handler = Any
@@ -587,6 +611,13 @@ def _record_feedback(
             )
         except FeedbackError as exc:
             raise ValueError(str(exc)) from None
+    finally:
+        connection.close()
+
+
+def _build_classifier(previous: TagClassifier | None) -> TagClassifier:
+    try:
+        return classifier_from_db(previous=previous)
     finally:
         connection.close()
 

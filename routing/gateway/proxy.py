@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,6 +26,13 @@ from django.conf import settings
 
 from billing.money import NANOS_PER_USD, request_cost
 from routing import metrics
+from routing.cascade import (
+    CascadeTier,
+    CascadeTrace,
+    confidence_from_response,
+    strip_logprobs,
+)
+from routing.cascade import upstream_body as cascade_upstream_body
 from routing.errors import (
     BadRequest,
     GatewayError,
@@ -300,6 +307,74 @@ class Proxy:
             )
         raise last_error
 
+    async def run_cascade(
+        self,
+        job: Job,
+        tiers: tuple[CascadeTier, ...],
+        cascade: CascadeTrace,
+        send: Send,
+    ) -> None:
+        """Try tiers cheapest first; a tier's answer with low confidence escalates.
+
+        Every tier that was called is a real, billed request (id ``<request id>-t<n>``);
+        the answer the client gets carries the id of the leg that served it, whose trace
+        shows the whole cascade. Non-final tiers run without streaming (their answer must be
+        judged before anything reaches the client); an accepted answer is sent as one chunk
+        when the client asked for a stream.
+        """
+        base = dict(job.decision_trace)
+        for tier in tiers:
+            leg = replace(job, request_id=f"{job.request_id}-t{tier.index}")
+            leg.decision_trace = {**base, "cascade": cascade.to_trace()}
+            if tier.final:
+                cascade.judge(tier, tier.primary.endpoint, None)  # records "final"
+                leg.decision_trace = {**base, "cascade": cascade.to_trace()}
+                await self.run(leg, list(tier.candidates), send)
+                return
+            leg.body = cascade_upstream_body(job.body)
+            leg.body["stream"] = False  # judged whole before anything reaches the client
+            leg.body.pop("stream_options", None)
+            leg.stream, leg.include_usage = False, False
+            capture = Capture()
+            try:
+                await self.run(leg, list(tier.candidates), capture)
+            except (InsufficientCredit, RateLimited, Unavailable):
+                raise
+            except GatewayError:
+                cascade.failed(tier)
+                continue
+            answer = orjson.loads(capture.body)
+            endpoint = next(
+                (
+                    c.endpoint
+                    for c in tier.candidates
+                    if c.endpoint.full_slug == answer.get("switchyard", {}).get("endpoint")
+                ),
+                tier.primary.endpoint,
+            )
+            if cascade.judge(tier, endpoint, confidence_from_response(answer)):
+                continue  # escalate: this leg stays billed, the next tier answers
+            leg_trace = await self.live.trace(leg.request_id)
+            if leg_trace is not None:
+                leg_trace["routing"] = {**base, "cascade": cascade.to_trace()}
+                await self.live.store_trace(leg.request_id, leg_trace)
+            if not job.body.get("logprobs"):
+                strip_logprobs(answer)
+            answer["switchyard"]["cascade"] = cascade.to_trace()
+            if job.stream:
+                await start_sse(send, leg.request_id, capture.route_headers())
+                await send_sse(send, b"data: " + orjson.dumps(_as_chunk(answer)) + b"\n\n")
+                tail = (
+                    b"data: " + orjson.dumps(_usage_chunk(answer)) + b"\n\n"
+                    if job.include_usage
+                    else b""
+                )
+                await send_sse(send, tail + b"data: [DONE]\n\n", more=False)
+            else:
+                await send_json(send, 200, answer, leg.request_id, capture.route_headers())
+            return
+        raise UpstreamFailed("every tier of the cascade failed")
+
     def _hold(self, job: Job, candidate: Candidate) -> int:
         if job.kind == "embeddings":
             return request_cost(job.prompt_bound, 0, candidate.price_input, candidate.price_output)
@@ -435,9 +510,8 @@ class Proxy:
         endpoint = served.candidate.endpoint
         body = dict(job.body)
         body["model"] = endpoint.upstream_model
-        body.pop("provider", None)
-        body.pop("models", None)
-        body.pop("route", None)
+        for routing_only in ("provider", "models", "route", "cascade", "session_id"):
+            body.pop(routing_only, None)
         if job.kind == "chat":
             body.pop("max_completion_tokens", None)
             body["max_tokens"] = job.max_tokens or min(
@@ -658,6 +732,60 @@ class Proxy:
             }
             tail = b"data: " + orjson.dumps(final) + b"\n\n"
         await send_sse(send, tail + b"data: [DONE]\n\n", more=False)
+
+
+@dataclass
+class Capture:
+    """A ``send`` that keeps a JSON answer instead of sending it (cascade legs)."""
+
+    status: int = 0
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytes = b""
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            self.headers = list(message.get("headers", []))
+        elif message["type"] == "http.response.body":
+            self.body += message.get("body", b"")
+
+    def route_headers(self) -> dict[str, str]:
+        return {
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in self.headers
+            if k.startswith(b"x-switchyard-") or k.startswith(b"x-ratelimit-")
+        }
+
+
+def _as_chunk(answer: dict[str, Any]) -> dict[str, Any]:
+    choice = answer["choices"][0] if answer.get("choices") else {}
+    return {
+        "id": answer.get("id"),
+        "object": "chat.completion.chunk",
+        "created": answer.get("created", int(time.time())),
+        "model": answer.get("model"),
+        "choices": [
+            {
+                "index": 0,
+                "delta": {
+                    "role": "assistant",
+                    "content": (choice.get("message") or {}).get("content"),
+                },
+                "finish_reason": choice.get("finish_reason"),
+            }
+        ],
+    }
+
+
+def _usage_chunk(answer: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": answer.get("id"),
+        "object": "chat.completion.chunk",
+        "model": answer.get("model"),
+        "choices": [],
+        "usage": answer.get("usage"),
+        "switchyard": answer.get("switchyard"),
+    }
 
 
 def _first_tag(model: str) -> str | None:

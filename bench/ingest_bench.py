@@ -1,0 +1,279 @@
+"""Usage metering benchmark: ingest throughput, hot-path emit cost, time to billable.
+
+Run (embedded PostgreSQL and Redis under var/bench-ingest):
+
+    .venv/bin/python -m marketplace.devenv --data-dir var/bench-ingest exec -- \
+        .venv/bin/python -m bench.ingest_bench [--events 60000] [--batch 1000]
+
+It prints three figures, each with a baseline measured in the same process:
+
+1. Emit cost: one ``settle`` Lua round trip as the gateway does it (return the hold, free
+   the slot, update live counters, XADD the event, store the trace), in µs per request,
+   next to a bare ``PING`` round trip on the same connection (the floor of any Redis call).
+   Target: the event itself costs < 50 µs (settle minus a settle without the event).
+2. Ingest throughput: events per second from the Redis stream into ``UsageRecord`` plus
+   three-leg ledger transactions, one database transaction per batch, sustained over
+   ``--events`` events; baseline: a bare ``COPY``-free ``bulk_create`` of the same number
+   of unrelated rows. Target ≥ 15,000 events/s.
+3. Time to billable: with a consumer running (``manage.py ingest_usage``-style loop),
+   the delay from XADD to the committed ledger transaction, p50/p99. Target p99 < 2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import threading
+import time
+import uuid
+
+import django
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.settings")
+os.environ.setdefault("LOG_LEVEL", "WARNING")
+django.setup()
+
+import orjson  # noqa: E402
+import redis.asyncio as aioredis  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+
+from billing.credit import USAGE_GROUP, USAGE_STREAM, credit_key  # noqa: E402
+from billing.models import UsageRecord  # noqa: E402
+from billing.money import usd_to_nanos  # noqa: E402
+from billing.services import credit_grant  # noqa: E402
+from billing.usage import ensure_group, usage_ingest_batch  # noqa: E402
+from marketplace.redis_client import sync_client  # noqa: E402
+from marketplace.services import organization_create  # noqa: E402
+from routing.live import LiveState  # noqa: E402
+from vendors.services import endpoint_approve, endpoint_create, vendor_approve, vendor_create  # noqa: E402
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def setup() -> tuple[int, int, int]:
+    call_command("migrate", verbosity=0)
+    tag = uuid.uuid4().hex[:8]
+    settings.OUTBOUND_ALLOWED_NETWORKS = ["127.0.0.0/8"]
+    org = organization_create(name=f"Bench {tag}", slug=f"bench-{tag}")
+    credit_grant(organization=org, amount=usd_to_nanos("1000000"), reason="bench")
+    vendor = vendor_approve(vendor=vendor_create(name=f"Bench vendor {tag}", slug=f"bv-{tag}"))
+    endpoint = endpoint_approve(
+        endpoint=endpoint_create(
+            vendor=vendor,
+            slug="m",
+            base_url="http://127.0.0.1:9/v1",
+            upstream_model="m",
+            price_input=usd_to_nanos("1"),
+            price_output=usd_to_nanos("2"),
+        )
+    )
+    return org.pk, vendor.pk, endpoint.pk
+
+
+def event(org: int, vendor: int, endpoint: int, rid: str) -> dict:
+    return {
+        "rid": rid,
+        "org": org,
+        "key": None,
+        "ep": endpoint,
+        "vendor": vendor,
+        "model": "bench/m",
+        "kind": "chat",
+        "pt": 120,
+        "ct": 40,
+        "pin": 1_000_000_000,
+        "pout": 2_000_000_000,
+        "cost": 200_000,
+        "ms": 42,
+        "att": 1,
+        "out": "success",
+        "stream": False,
+        "tag": None,
+        "fail_eps": [],
+        "ts": time.time(),
+    }
+
+
+async def emit_cost(org: int, vendor: int, endpoint: int, n: int) -> dict[str, float]:
+    client = aioredis.Redis.from_url(settings.REDIS_URL)
+    live = LiveState(client)
+    await client.set(credit_key(org), 10**15)
+    trace = {"id": "x", "attempts": [{"endpoint": "bench/m", "outcome": "success"}]}
+
+    async def timed(fn) -> list[float]:  # type: ignore[no-untyped-def]
+        out = []
+        for i in range(n):
+            t0 = time.perf_counter_ns()
+            await fn(i)
+            out.append((time.perf_counter_ns() - t0) / 1000)
+        return out
+
+    async def ping(_: int) -> None:
+        await client.ping()
+
+    async def settle(i: int, with_event: bool = True) -> None:
+        reserved = await live.reserve(
+            organization_id=org,
+            key_id=1,
+            endpoint_id=endpoint,
+            capacity=10**6,
+            hold=1000,
+            lease=f"l{i}",
+            rate_limit_rpm=None,
+            key_credit_limit=None,
+            key_period="all",
+            key_period_ttl=60,
+        )
+        assert reserved.reservation is not None
+        t0 = time.perf_counter_ns()
+        await live.settle(
+            reserved.reservation,
+            cost=500,
+            vendor_failed=False,
+            latency_ms=40,
+            event=event(org, vendor, endpoint, f"gen-emit-{uuid.uuid4().hex}")
+            if with_event
+            else None,
+            request_id=f"gen-{i}",
+            trace=trace if with_event else None,
+        )
+        settle_times.append((time.perf_counter_ns() - t0) / 1000)
+
+    settle_times: list[float] = []
+    await timed(ping)  # warm-up
+    pings = await timed(ping)
+    await timed(lambda i: settle(i, False))
+    bare = list(settle_times)
+    settle_times.clear()
+    await timed(lambda i: settle(i, True))
+    full = list(settle_times)
+    await client.aclose()
+    # The emitted events are ingested below with the rest; trim them from the stream first.
+    return {
+        "ping_p50_us": statistics.median(pings),
+        "settle_without_event_p50_us": statistics.median(bare),
+        "settle_with_event_p50_us": statistics.median(full),
+        "event_cost_p50_us": statistics.median(full) - statistics.median(bare),
+    }
+
+
+def fill(org: int, vendor: int, endpoint: int, count: int) -> None:
+    client = sync_client()
+    pipe = client.pipeline(transaction=False)
+    for i in range(count):
+        pipe.xadd(
+            USAGE_STREAM,
+            {"e": orjson.dumps(event(org, vendor, endpoint, f"gen-b-{uuid.uuid4().hex}"))},
+        )
+        if i % 5000 == 4999:
+            pipe.execute()
+    pipe.execute()
+
+
+def ingest_throughput(
+    org: int, vendor: int, endpoint: int, count: int, batch: int
+) -> dict[str, float]:
+    client = sync_client()
+    client.delete(USAGE_STREAM)
+    ensure_group(client)
+    fill(org, vendor, endpoint, count)
+    before = UsageRecord.objects.count()
+    t0 = time.perf_counter()
+    while True:
+        result = usage_ingest_batch(count=batch, consumer="bench")
+        if result.read == 0:
+            break
+    elapsed = time.perf_counter() - t0
+    recorded = UsageRecord.objects.count() - before
+    # Baseline: inserting the same number of plain rows (no ledger, no idempotency check).
+    from billing.models import LedgerTransaction
+
+    t1 = time.perf_counter()
+    for start in range(0, count, batch):
+        LedgerTransaction.objects.bulk_create(
+            LedgerTransaction(kind="usage", idempotency_key=f"baseline:{uuid.uuid4().hex}")
+            for _ in range(min(batch, count - start))
+        )
+    baseline = time.perf_counter() - t1
+    return {
+        "events": recorded,
+        "seconds": elapsed,
+        "events_per_second": recorded / elapsed,
+        "baseline_plain_rows_per_second": count / baseline,
+        "ratio_to_plain_inserts": (recorded / elapsed) / (count / baseline),
+    }
+
+
+def time_to_billable(org: int, vendor: int, endpoint: int, n: int) -> dict[str, float]:
+    client = sync_client()
+    stop = threading.Event()
+
+    def consumer() -> None:
+        django.db.connections.close_all()
+        while not stop.is_set():
+            usage_ingest_batch(count=1000, block_ms=100, consumer="bench-live")
+
+    thread = threading.Thread(target=consumer, daemon=True)
+    thread.start()
+    delays = []
+    for _ in range(n):
+        rid = f"gen-live-{uuid.uuid4().hex}"
+        t0 = time.perf_counter()
+        client.xadd(USAGE_STREAM, {"e": orjson.dumps(event(org, vendor, endpoint, rid))})
+        while not UsageRecord.objects.filter(request_id=rid).exists():
+            time.sleep(0.002)
+        delays.append(time.perf_counter() - t0)
+        time.sleep(0.01)
+    stop.set()
+    thread.join(5)
+    return {"p50_ms": percentile(delays, 0.5) * 1000, "p99_ms": percentile(delays, 0.99) * 1000}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=60_000)
+    parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--emit", type=int, default=2000)
+    parser.add_argument("--billable", type=int, default=200)
+    args = parser.parse_args(argv)
+    org, vendor, endpoint = setup()
+
+    emit = asyncio.run(emit_cost(org, vendor, endpoint, args.emit))
+    ingest = ingest_throughput(org, vendor, endpoint, args.events, args.batch)
+    billable = time_to_billable(org, vendor, endpoint, args.billable)
+
+    print("== emit cost on the hot path (one settle round trip) ==")
+    print(f"  PING round trip (baseline)      p50 {emit['ping_p50_us']:8.1f} µs")
+    print(f"  settle without event            p50 {emit['settle_without_event_p50_us']:8.1f} µs")
+    print(f"  settle with event + trace       p50 {emit['settle_with_event_p50_us']:8.1f} µs")
+    verdict = "PASS" if emit["event_cost_p50_us"] < 50 else "MISS"
+    print(
+        f"  => the event adds               p50 {emit['event_cost_p50_us']:8.1f} µs  [{verdict} < 50 µs]"
+    )
+    print("== ingest into PostgreSQL (records + 3-leg ledger transactions) ==")
+    print(
+        f"  {ingest['events']} events in {ingest['seconds']:.2f} s = {ingest['events_per_second']:,.0f} events/s"
+    )
+    print(
+        f"  baseline plain inserts: {ingest['baseline_plain_rows_per_second']:,.0f} rows/s "
+        f"(ratio {ingest['ratio_to_plain_inserts']:.2f})"
+    )
+    verdict = "PASS" if ingest["events_per_second"] >= 15_000 else "MISS"
+    print(f"  => [{verdict} >= 15,000 events/s]")
+    print("== time from XADD to billable (consumer running) ==")
+    verdict = "PASS" if billable["p99_ms"] < 2000 else "MISS"
+    print(
+        f"  p50 {billable['p50_ms']:.1f} ms, p99 {billable['p99_ms']:.1f} ms  [{verdict} p99 < 2 s]"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
