@@ -41,7 +41,7 @@ import redis.asyncio as aioredis  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 
-from billing.credit import USAGE_GROUP, USAGE_STREAM, credit_key  # noqa: E402
+from billing.credit import USAGE_STREAM, credit_key  # noqa: E402
 from billing.models import UsageRecord  # noqa: E402
 from billing.money import usd_to_nanos  # noqa: E402
 from billing.services import credit_grant  # noqa: E402
@@ -255,11 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  settle with event + trace       p50 {emit['settle_with_event_p50_us']:8.1f} µs")
     verdict = "PASS" if emit["event_cost_p50_us"] < 50 else "MISS"
     print(
-        f"  => the event adds               p50 {emit['event_cost_p50_us']:8.1f} µs  [{verdict} < 50 µs]"
+        f"  => the event adds               p50 {emit['event_cost_p50_us']:8.1f} µs"
+        f"  [{verdict} < 50 µs]"
     )
     print("== ingest into PostgreSQL (records + 3-leg ledger transactions) ==")
     print(
-        f"  {ingest['events']} events in {ingest['seconds']:.2f} s = {ingest['events_per_second']:,.0f} events/s"
+        f"  {ingest['events']} events in {ingest['seconds']:.2f} s"
+        f" = {ingest['events_per_second']:,.0f} events/s"
     )
     print(
         f"  baseline plain inserts: {ingest['baseline_plain_rows_per_second']:,.0f} rows/s "

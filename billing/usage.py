@@ -161,8 +161,9 @@ def record_events(events: list[dict[str, Any]]) -> tuple[int, int]:
         with connection.cursor() as cursor:
             if charged:
                 cursor.execute(
-                    "INSERT INTO billing_ledgertransaction (kind, idempotency_key, memo, created_at)"
-                    " SELECT %s, k, m, now() FROM unnest(%s::text[], %s::text[]) AS t(k, m)"
+                    "INSERT INTO billing_ledgertransaction"
+                    " (kind, idempotency_key, memo, created_at) SELECT %s, k, m, now()"
+                    " FROM unnest(%s::text[], %s::text[]) AS t(k, m)"
                     " RETURNING id, idempotency_key",
                     [
                         LedgerTransaction.Kind.USAGE,
