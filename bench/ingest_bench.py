@@ -178,18 +178,27 @@ def fill(org: int, vendor: int, endpoint: int, count: int) -> None:
 
 
 def ingest_throughput(
-    org: int, vendor: int, endpoint: int, count: int, batch: int
+    org: int, vendor: int, endpoint: int, count: int, batch: int, consumers: int = 1
 ) -> dict[str, float]:
     client = sync_client()
     client.delete(USAGE_STREAM)
     ensure_group(client)
     fill(org, vendor, endpoint, count)
     before = UsageRecord.objects.count()
+
+    def drain(name: str) -> None:
+        try:
+            while usage_ingest_batch(count=batch, consumer=name).read:
+                pass
+        finally:
+            django.db.connections.close_all()
+
+    threads = [threading.Thread(target=drain, args=(f"bench-{i}",)) for i in range(consumers)]
     t0 = time.perf_counter()
-    while True:
-        result = usage_ingest_batch(count=batch, consumer="bench")
-        if result.read == 0:
-            break
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     elapsed = time.perf_counter() - t0
     recorded = UsageRecord.objects.count() - before
     # Baseline: inserting the same number of plain rows (no ledger, no idempotency check).
@@ -240,13 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=60_000)
     parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--consumers", type=int, default=2, help="parallel ingest consumers")
     parser.add_argument("--emit", type=int, default=2000)
     parser.add_argument("--billable", type=int, default=200)
     args = parser.parse_args(argv)
     org, vendor, endpoint = setup()
 
     emit = asyncio.run(emit_cost(org, vendor, endpoint, args.emit))
-    ingest = ingest_throughput(org, vendor, endpoint, args.events, args.batch)
+    ingest = ingest_throughput(org, vendor, endpoint, args.events, args.batch, args.consumers)
     billable = time_to_billable(org, vendor, endpoint, args.billable)
 
     print("== emit cost on the hot path (one settle round trip) ==")
@@ -258,7 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         f"  => the event adds               p50 {emit['event_cost_p50_us']:8.1f} µs"
         f"  [{verdict} < 50 µs]"
     )
-    print("== ingest into PostgreSQL (records + 3-leg ledger transactions) ==")
+    print(
+        f"== ingest into PostgreSQL (records + 3-leg ledger transactions),"
+        f" {args.consumers} consumer(s) =="
+    )
     print(
         f"  {ingest['events']} events in {ingest['seconds']:.2f} s"
         f" = {ingest['events_per_second']:,.0f} events/s"

@@ -74,7 +74,10 @@ class LedgerEntry(models.Model):
     transaction = models.ForeignKey(
         LedgerTransaction, on_delete=models.PROTECT, related_name="entries"
     )
-    account = models.ForeignKey(LedgerAccount, on_delete=models.PROTECT, related_name="entries")
+    # Indexed by the (account, transaction) index below; a separate one would only slow ingest.
+    account = models.ForeignKey(
+        LedgerAccount, on_delete=models.PROTECT, related_name="entries", db_index=False
+    )
     amount = models.BigIntegerField(help_text="nano-USD; positive: received, negative: sent")
 
     class Meta:
@@ -96,8 +99,12 @@ class UsageRecord(models.Model):
         FAILED = "failed", "Failed"
 
     request_id = models.CharField(max_length=64, unique=True)
+    # organization and vendor are indexed by the (…, occurred_at) indexes below.
     organization = models.ForeignKey(
-        "marketplace.Organization", on_delete=models.PROTECT, related_name="usage_records"
+        "marketplace.Organization",
+        on_delete=models.PROTECT,
+        related_name="usage_records",
+        db_index=False,
     )
     api_key = models.ForeignKey(
         "marketplace.ApiKey", null=True, on_delete=models.SET_NULL, related_name="usage_records"
@@ -106,7 +113,11 @@ class UsageRecord(models.Model):
         "vendors.Endpoint", null=True, on_delete=models.SET_NULL, related_name="usage_records"
     )
     vendor = models.ForeignKey(
-        "vendors.Vendor", null=True, on_delete=models.SET_NULL, related_name="usage_records"
+        "vendors.Vendor",
+        null=True,
+        on_delete=models.SET_NULL,
+        related_name="usage_records",
+        db_index=False,
     )
     model_requested = models.CharField(max_length=200)
     prompt_tokens = models.PositiveIntegerField(default=0)

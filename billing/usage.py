@@ -6,6 +6,10 @@ database transaction, and acknowledges the batch only after the commit. The requ
 unique in both tables, so an event delivered twice (a worker died after the commit but
 before the acknowledgement, or an entry was claimed again) is skipped, never charged twice.
 Entries left pending by a dead consumer are claimed again after ``CLAIM_IDLE_MS``.
+
+Several consumers may ingest at once: inserts use ``ON CONFLICT DO NOTHING`` on those unique
+keys (a usage record is written only together with its own transaction's entries, in the
+same database transaction) and take their unique-index locks in request-id order.
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ from vendors.models import Vendor
 logger = logging.getLogger("switchyard.ingest")
 
 CLAIM_IDLE_MS = 30_000  # default; settings.USAGE_CLAIM_IDLE_MS overrides
-INGEST_LOCK = 727_001  # pg advisory lock id: one batch writer at a time
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,6 @@ def record_events(events: list[dict[str, Any]]) -> tuple[int, int]:
     if not events:
         return 0, 0
     with transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [INGEST_LOCK])
         unique: dict[str, dict[str, Any]] = {}
         for event in events:
             unique.setdefault(event["rid"], event)
@@ -141,7 +142,8 @@ def record_events(events: list[dict[str, Any]]) -> tuple[int, int]:
                 "request_id", flat=True
             )
         )
-        fresh = [e for rid, e in unique.items() if rid not in seen]
+        # Sorted by request id: concurrent consumers take unique-index locks in one order.
+        fresh = sorted((e for rid, e in unique.items() if rid not in seen), key=lambda e: e["rid"])
         duplicates = len(events) - len(fresh)
         if not fresh:
             return 0, duplicates
@@ -164,6 +166,7 @@ def record_events(events: list[dict[str, Any]]) -> tuple[int, int]:
                     "INSERT INTO billing_ledgertransaction"
                     " (kind, idempotency_key, memo, created_at) SELECT %s, k, m, now()"
                     " FROM unnest(%s::text[], %s::text[]) AS t(k, m)"
+                    " ON CONFLICT (idempotency_key) DO NOTHING"
                     " RETURNING id, idempotency_key",
                     [
                         LedgerTransaction.Kind.USAGE,
@@ -232,11 +235,13 @@ def record_events(events: list[dict[str, Any]]) -> tuple[int, int]:
             arrays = ", ".join(f"%s::{_RECORD_COLUMNS[n]}[]" for n in _RECORD_COLUMNS)
             cursor.execute(
                 f"INSERT INTO billing_usagerecord ({names}, ingested_at)"  # noqa: S608 - fixed names
-                f" SELECT *, now() FROM unnest({arrays})",
+                f" SELECT *, now() FROM unnest({arrays})"
+                " ON CONFLICT (request_id) DO NOTHING",
                 [columns[n] for n in _RECORD_COLUMNS],
             )
+            recorded = cursor.rowcount
         _observe_quality(fresh)
-    return len(fresh), duplicates
+    return recorded, len(events) - recorded
 
 
 def _observe_quality(events: list[dict[str, Any]]) -> None:
