@@ -65,6 +65,19 @@ def ratelimit_key(key_id: int, window: int) -> str:
     return f"sy:rl:{key_id}:{window}"
 
 
+def tpm_key(key_id: int, window: int) -> str:
+    return f"sy:tpm:{key_id}:{window}"
+
+
+AFFINITY_TTL_SECONDS = 600
+
+
+def affinity_key(organization_id: int, session: str) -> str:
+    import hashlib
+
+    return f"sy:aff:{organization_id}:{hashlib.sha256(session.encode()).hexdigest()[:32]}"
+
+
 def keyspend_key(key_id: int, period: str) -> str:
     return f"sy:keyspend:{key_id}:{period}"
 
@@ -87,6 +100,7 @@ class Verdict(IntEnum):
 
 _RESERVE = """
 local credit, slots, rl, keyspend, trial = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local tpm_key, tpm = KEYS[6], tonumber(ARGV[14])
 local hold, capacity, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local now, lease_ttl, ep = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local rpm, rl_ttl, key_limit = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -97,6 +111,11 @@ local used = 0
 if rpm > 0 then
   used = tonumber(redis.call('GET', rl) or '0')
   if used >= rpm then return {-3, 0, redis.call('TTL', rl)} end
+end
+local tokens_used = 0
+if tpm > 0 then
+  tokens_used = tonumber(redis.call('GET', tpm_key) or '0')
+  if tokens_used >= tpm then return {-3, 0, redis.call('TTL', tpm_key)} end
 end
 local wait = redis.call('HGET', 'sy:live:cooldown', ep)
 if wait and tonumber(wait) > now then return {-6, 0, 0} end
@@ -147,7 +166,7 @@ redis.call('ZADD', slots, now + lease_ttl, lease)
 redis.call('HSET', 'sy:live:inflight', ep, n + 1)
 local u = tonumber(redis.call('HGET', 'sy:live:util', ep) or '0')
 redis.call('HSET', 'sy:live:util', ep, u + alpha * ((n + 1) / capacity - u))
-return {1, rpm - used, half_open and 1 or 0}
+return {1, rpm - used, half_open and 1 or 0, tpm - tokens_used}
 """
 
 # Shared tail of release and settle: free the lease, update utilisation and the circuit.
@@ -194,11 +213,17 @@ _SETTLE = (
     _FINISH
     + """
 local credit, slots, keyspend, trial = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local stream, trace = KEYS[5], KEYS[6]
+local stream, trace, tpm_key, affinity = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local refund, lease, now, ep = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local capacity, alpha, failed = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local threshold, latency, lat_alpha = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local event, trace_json, trace_ttl = ARGV[11], ARGV[12], tonumber(ARGV[13])
+local tokens = tonumber(ARGV[14])
+if affinity ~= '' and failed == 0 then redis.call('SET', affinity, ep, 'EX', ARGV[15]) end
+if tpm_key ~= '' and tokens > 0 then
+  redis.call('INCRBY', tpm_key, tokens)
+  redis.call('EXPIRE', tpm_key, 61)
+end
 if tonumber(refund) ~= 0 then
   redis.call('INCRBY', credit, refund)
   if keyspend ~= '' then redis.call('DECRBY', keyspend, refund) end
@@ -244,6 +269,8 @@ class Reservation:
     keyspend: str  # '' when the key has no credit limit
     half_open_trial: bool
     ratelimit_remaining: int
+    tpm_key: str = ""  # '' when the key has no tokens-per-minute limit
+    tokens_remaining: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,6 +319,7 @@ class LiveState:
         lease: str,
         rate_limit_rpm: int | None,
         key_credit_limit: int | None,
+        rate_limit_tpm: int | None = None,
         key_period: str,
         key_period_ttl: int,
     ) -> ReserveResult:
@@ -305,6 +333,7 @@ class LiveState:
                 ratelimit_key(key_id, window),
                 keyspend or "sy:none",
                 trial_key(endpoint_id),
+                tpm_key(key_id, window),
             ],
             args=[
                 hold,
@@ -320,6 +349,7 @@ class LiveState:
                 self.config.circuit_cooldown,
                 self.config.trial_ttl,
                 key_period_ttl,
+                rate_limit_tpm or 0,
             ],
         )
         verdict = Verdict(int(result[0]))
@@ -337,6 +367,8 @@ class LiveState:
                 keyspend=keyspend,
                 half_open_trial=bool(int(result[2])),
                 ratelimit_remaining=int(result[1]),
+                tpm_key=tpm_key(key_id, window) if rate_limit_tpm else "",
+                tokens_remaining=int(result[3]),
             ),
         )
 
@@ -374,8 +406,11 @@ class LiveState:
         event: dict[str, Any] | None,
         request_id: str,
         trace: dict[str, Any] | None,
+        tokens: int = 0,
+        affinity_key: str | None = None,
     ) -> None:
-        """Charge ``cost`` (never more than the hold), free the slot, emit event and trace."""
+        """Charge ``cost`` (never more than the hold), free the slot, emit event and trace;
+        ``tokens`` count towards the key's tokens-per-minute limit."""
         await self._settle(
             keys=[
                 credit_key(reservation.organization_id),
@@ -384,6 +419,8 @@ class LiveState:
                 trial_key(reservation.endpoint_id),
                 USAGE_STREAM,
                 trace_key(request_id),
+                reservation.tpm_key,
+                affinity_key or "",
             ],
             args=[
                 reservation.hold - cost,
@@ -399,6 +436,8 @@ class LiveState:
                 orjson.dumps(event).decode() if event else "",
                 orjson.dumps(trace).decode() if trace else "",
                 self.config.trace_ttl,
+                tokens,
+                AFFINITY_TTL_SECONDS,
             ],
         )
 
@@ -411,6 +450,10 @@ class LiveState:
         if trace:
             pipe.set(trace_key(request_id), orjson.dumps(trace), ex=self.config.trace_ttl)
         await pipe.execute()
+
+    async def affinity(self, key: str) -> int | None:
+        value = await self.client.get(key)
+        return int(value) if value is not None else None
 
     async def store_trace(self, request_id: str, trace: dict[str, Any]) -> None:
         await self.client.set(trace_key(request_id), orjson.dumps(trace), ex=self.config.trace_ttl)

@@ -47,7 +47,7 @@ from routing.gateway.idempotency import Idempotency, Recorder, check_key, replay
 from routing.gateway.proxy import Job, Proxy, period_start
 from routing.gateway.upstream import UpstreamPool
 from routing.gateway.validate import chat_request, embeddings_request, parse_json
-from routing.live import EndpointNumbers, LiveCache, LiveConfig, LiveState
+from routing.live import EndpointNumbers, LiveCache, LiveConfig, LiveState, affinity_key
 from routing.policy import request_parameters, route_policy
 from routing.router import plan_route, prepare_snapshot
 from routing.scoring import EndpointLive, LiveView
@@ -527,6 +527,18 @@ class GatewayApp:
         )
         if not decision.candidates:
             raise decision.no_candidates_error()
+        candidates = list(decision.candidates)
+        session = job.body.get("session_id", job.body.get("user"))
+        if isinstance(session, str) and session and job.kind == "chat":
+            # Stick to the endpoint that served this session last, if it is still eligible
+            # (not filtered: healthy, under capacity, within max_price).
+            assert self.live is not None
+            job.affinity_key = affinity_key(job.key.organization_id, session[:256])
+            sticky = await self.live.affinity(job.affinity_key)
+            for index, candidate in enumerate(candidates):
+                if candidate.endpoint.id == sticky and index:
+                    candidates.insert(0, candidates.pop(index))
+                    break
         job.allow_fallbacks = policy.allow_fallbacks
         job.decision_trace = decision.to_trace()
         if auto_trace is not None:
@@ -536,7 +548,7 @@ class GatewayApp:
             if len(tiers) > 1:
                 await self.proxy.run_cascade(job, tiers, CascadeTrace(cascade, tiers), send)
                 return
-        await self.proxy.run(job, list(decision.candidates), send)
+        await self.proxy.run(job, candidates, send)
 
     async def _classify(self, messages: Any) -> Classification:
         """``model: auto``: the capability tag of the prompt (MiniLM, loaded on first use)."""

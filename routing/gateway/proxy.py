@@ -69,6 +69,7 @@ class Job:
     stream: bool = False
     include_usage: bool = False
     allow_fallbacks: bool = True
+    affinity_key: str | None = None  # session affinity: where the serving endpoint is kept
     started: float = field(default_factory=time.monotonic)
     decision_trace: dict[str, Any] = field(default_factory=dict)
 
@@ -197,6 +198,7 @@ class Proxy:
                 hold=hold,
                 lease=f"{job.request_id}:{uuid.uuid4().hex[:8]}",
                 rate_limit_rpm=key.rate_limit_rpm,
+                rate_limit_tpm=key.rate_limit_tpm,
                 key_credit_limit=key.credit_limit,
                 key_period=period,
                 key_period_ttl=ttl,
@@ -252,7 +254,7 @@ class Proxy:
                     headers={
                         "retry-after": str(retry_after),
                         "x-ratelimit-limit-requests": str(job.key.rate_limit_rpm or 0),
-                        "x-ratelimit-remaining-requests": "0",
+                        "x-ratelimit-limit-tokens": str(job.key.rate_limit_tpm or 0),
                     },
                 )
             if reservation is None:
@@ -455,6 +457,8 @@ class Proxy:
                 event=event,
                 request_id=job.request_id,
                 trace=self._trace(job, attempts, served, served.outcome),
+                tokens=served.prompt_tokens + served.completion_tokens if delivered else 0,
+                affinity_key=job.affinity_key,
             )
         except aioredis.RedisError:
             # The customer was served; Redis is away. Keep the settlement on local disk
@@ -841,4 +845,7 @@ def route_headers(job: Job, served: Served, attempts: list[Attempt]) -> dict[str
         headers["x-ratelimit-remaining-requests"] = str(
             max(served.reservation.ratelimit_remaining, 0)
         )
+    if job.key.rate_limit_tpm:
+        headers["x-ratelimit-limit-tokens"] = str(job.key.rate_limit_tpm)
+        headers["x-ratelimit-remaining-tokens"] = str(max(served.reservation.tokens_remaining, 0))
     return headers

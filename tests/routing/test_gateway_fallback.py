@@ -402,3 +402,47 @@ def test_load_raises_the_quote_and_moves_price_sorted_traffic_away(
     assert quotes[surging.full_slug]["input"] > 1_500_000_000
     # At the surged quote the cheap vendor is over this max_price; the steady one always was.
     assert capped.status_code == 503 and "over_max_price" in capped.json()["error"]["message"]
+
+
+def test_it_limits_tokens_per_minute_per_key(gateway_server, upstream):
+    endpoint = factories.endpoint(base_url=upstream.base_url)
+    customer = factories.customer()
+    ApiKey.objects.filter(organization=customer.organization).update(rate_limit_tpm=20)
+    body = {
+        "model": endpoint.full_slug,
+        "messages": [{"role": "user", "content": "a b c d e f"}],
+        "max_tokens": 8,
+    }
+    with gateway_server.client(customer.key) as client:
+        first = client.post("/v1/chat/completions", json=body)
+        second = client.post("/v1/chat/completions", json=body)
+        third = client.post("/v1/chat/completions", json=body)
+    # Each answer uses 6 prompt + 6 completion tokens: the third request finds 24 >= 20 used.
+    assert first.headers["x-ratelimit-limit-tokens"] == "20"
+    assert first.headers["x-ratelimit-remaining-tokens"] == "20"
+    assert second.headers["x-ratelimit-remaining-tokens"] == "8"
+    assert third.status_code == 429 and third.json()["error"]["code"] == "rate_limited"
+
+
+def test_a_session_sticks_to_its_endpoint_until_it_fails(
+    gateway_server, upstream, second_upstream, two_vendors
+):
+    cheap, dear = two_vendors
+    customer = factories.customer()
+    session = {"model": "tag:sql", "messages": MESSAGES, "session_id": "conversation-42"}
+    with gateway_server.client(customer.key) as client:
+        # The session starts on the dear endpoint (the cheap one is ignored for this call)...
+        first = client.post(
+            "/v1/chat/completions", json={**session, "provider": {"ignore": [cheap.vendor.slug]}}
+        )
+        # ...and stays there although the cheap endpoint would win on price.
+        second = client.post("/v1/chat/completions", json=session)
+        other = client.post("/v1/chat/completions", json={**session, "session_id": "another"})
+        second_upstream.script(["status:500"])
+        moved = client.post("/v1/chat/completions", json=session)
+        after = client.post("/v1/chat/completions", json=session)
+    assert first.headers["x-switchyard-endpoint"] == dear.full_slug
+    assert second.headers["x-switchyard-endpoint"] == dear.full_slug
+    assert other.headers["x-switchyard-endpoint"] == cheap.full_slug
+    assert moved.headers["x-switchyard-endpoint"] == cheap.full_slug  # it failed: fall back
+    assert after.headers["x-switchyard-endpoint"] == cheap.full_slug  # and stick there now
