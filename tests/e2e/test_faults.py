@@ -76,3 +76,46 @@ def test_redis_down_fails_closed_and_loses_no_answered_usage(tmp_path, upstream)
     finally:
         gateway.stop()
         redis.stop()
+
+
+def test_sigterm_lets_streams_in_flight_finish_and_refuses_new_work(upstream):
+    import signal
+    import socket
+
+    endpoint = factories.endpoint(base_url=upstream.base_url)
+    customer = factories.customer()
+    gateway = start_gateway()
+    upstream.script(["trickle:150"])  # an 8-chunk stream that takes over a second
+    body = {
+        "model": endpoint.full_slug,
+        "stream": True,
+        "max_tokens": 8,
+        "messages": [{"role": "user", "content": "one two three four five six seven eight"}],
+    }
+    received = {}
+
+    def stream() -> None:
+        with gateway.client(customer.key) as client:
+            received["text"] = client.post("/v1/chat/completions", json=body).text
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    try:
+        assert wait_until(lambda: upstream.stats()["in_flight"] == 1)
+        gateway.process.send_signal(signal.SIGTERM)
+        # New connections are refused while the stream drains.
+        assert wait_until(lambda: _refused(gateway.port, socket), timeout=10)
+        thread.join(30)
+        assert received["text"].endswith("data: [DONE]\n\n")
+        # uvicorn exits after draining, re-raising the signal it caught (status -SIGTERM).
+        assert gateway.process.wait(30) in (0, -signal.SIGTERM)
+    finally:
+        gateway.stop()
+
+
+def _refused(port: int, socket) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return False
+    except OSError:
+        return True
