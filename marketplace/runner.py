@@ -152,6 +152,8 @@ def run_all(env: dict[str, str], extra_args: list[str]) -> int:
             "--http",
             "httptools",
             "--no-access-log",
+            "--timeout-graceful-shutdown",
+            "30",
             *extra_args,
         ],
         "worker": [
