@@ -220,6 +220,9 @@ SWITCHYARD_SPOOL_DIR = env_str("SWITCHYARD_SPOOL_DIR", str(VAR_DIR / "spool"))
 GATEWAY_LIVE_REFRESH_SECONDS = env_float("GATEWAY_LIVE_REFRESH_SECONDS", 0.25)
 GATEWAY_CIRCUIT_FAILURES = env_int("GATEWAY_CIRCUIT_FAILURES", 5, minimum=1)
 GATEWAY_CIRCUIT_COOLDOWN_SECONDS = env_float("GATEWAY_CIRCUIT_COOLDOWN_SECONDS", 30.0)
+# Fallback retries in flight across all replicas: at most max(MIN, RATIO x requests in flight).
+GATEWAY_RETRY_BUDGET_RATIO = env_float("GATEWAY_RETRY_BUDGET_RATIO", 0.2)
+GATEWAY_RETRY_BUDGET_MIN = env_int("GATEWAY_RETRY_BUDGET_MIN", 3, minimum=0)
 # Networks that vendor URLs may point into although they are private or loopback
 # (self-hosted vendors, the demo and the tests). Empty in production by default.
 OUTBOUND_ALLOWED_NETWORKS = env_list("OUTBOUND_ALLOWED_NETWORKS", [])

@@ -96,6 +96,11 @@ class Verdict(IntEnum):
     KEY_LIMIT = -5
     COOLING_DOWN = -6
     KEY_SPEND_UNKNOWN = -7
+    RETRY_BUDGET = -8
+
+
+RETRY_ACTIVE = "sy:rb:active"  # zset: requests in flight (lease expiry as score)
+RETRY_RETRYING = "sy:rb:retry"  # zset: retry attempts in flight
 
 
 _RESERVE = """
@@ -106,6 +111,19 @@ local now, lease_ttl, ep = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local rpm, rl_ttl, key_limit = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local alpha, cooldown, trial_ttl = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
 local spend_ttl = tonumber(ARGV[13])
+local attempt, request_id = tonumber(ARGV[15]), ARGV[16]
+local budget_ratio, budget_min = tonumber(ARGV[17]), tonumber(ARGV[18])
+
+-- Retry budget shared by every replica (Envoy's rule): retries in flight may not exceed
+-- max(budget_min, budget_ratio * requests in flight), so a failing vendor cannot multiply
+-- the load on the others.
+if attempt > 0 then
+  redis.call('ZREMRANGEBYSCORE', 'sy:rb:active', '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', 'sy:rb:retry', '-inf', now)
+  local active = redis.call('ZCARD', 'sy:rb:active')
+  local retrying = redis.call('ZCARD', 'sy:rb:retry')
+  if retrying >= math.max(budget_min, budget_ratio * active) then return {-8, 0, 0} end
+end
 
 local used = 0
 if rpm > 0 then
@@ -163,6 +181,11 @@ if rpm > 0 then
   if used == 1 then redis.call('EXPIRE', rl, rl_ttl) end
 end
 redis.call('ZADD', slots, now + lease_ttl, lease)
+if attempt > 0 then
+  redis.call('ZADD', 'sy:rb:retry', now + lease_ttl, lease)
+else
+  redis.call('ZADD', 'sy:rb:active', now + lease_ttl, request_id)
+end
 redis.call('HSET', 'sy:live:inflight', ep, n + 1)
 local u = tonumber(redis.call('HGET', 'sy:live:util', ep) or '0')
 redis.call('HSET', 'sy:live:util', ep, u + alpha * ((n + 1) / capacity - u))
@@ -173,6 +196,7 @@ return {1, rpm - used, half_open and 1 or 0, tpm - tokens_used}
 _FINISH = """
 local function finish(slots, trial, lease, ep, capacity, now, alpha, failed, threshold)
   redis.call('ZREM', slots, lease)
+  redis.call('ZREM', 'sy:rb:retry', lease)
   redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
   local n = redis.call('ZCARD', slots)
   redis.call('HSET', 'sy:live:inflight', ep, n)
@@ -220,6 +244,7 @@ local threshold, latency, lat_alpha = tonumber(ARGV[8]), tonumber(ARGV[9]), tonu
 local event, trace_json, trace_ttl = ARGV[11], ARGV[12], tonumber(ARGV[13])
 local tokens = tonumber(ARGV[14])
 if affinity ~= '' and failed == 0 then redis.call('SET', affinity, ep, 'EX', ARGV[15]) end
+redis.call('ZREM', 'sy:rb:active', ARGV[16])
 if tpm_key ~= '' and tokens > 0 then
   redis.call('INCRBY', tpm_key, tokens)
   redis.call('EXPIRE', tpm_key, 61)
@@ -255,6 +280,8 @@ class LiveConfig:
     circuit_cooldown: float = 30.0
     trial_ttl: int = 60
     trace_ttl: int = 7 * 24 * 3600
+    retry_budget_ratio: float = 0.2
+    retry_budget_min: int = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +347,8 @@ class LiveState:
         rate_limit_rpm: int | None,
         key_credit_limit: int | None,
         rate_limit_tpm: int | None = None,
+        attempt: int = 0,
+        request_id: str = "",
         key_period: str,
         key_period_ttl: int,
     ) -> ReserveResult:
@@ -350,6 +379,10 @@ class LiveState:
                 self.config.trial_ttl,
                 key_period_ttl,
                 rate_limit_tpm or 0,
+                attempt,
+                request_id or lease,
+                self.config.retry_budget_ratio,
+                self.config.retry_budget_min,
             ],
         )
         verdict = Verdict(int(result[0]))
@@ -438,6 +471,7 @@ class LiveState:
                 self.config.trace_ttl,
                 tokens,
                 AFFINITY_TTL_SECONDS,
+                request_id,
             ],
         )
 
@@ -446,6 +480,7 @@ class LiveState:
     ) -> None:
         """Record a request that holds nothing (every vendor failed): event and trace only."""
         pipe = self.client.pipeline(transaction=True)
+        pipe.zrem(RETRY_ACTIVE, request_id)
         pipe.xadd(USAGE_STREAM, {"e": orjson.dumps(event)})
         if trace:
             pipe.set(trace_key(request_id), orjson.dumps(trace), ex=self.config.trace_ttl)

@@ -96,6 +96,8 @@ class GatewayApp:
             LiveConfig(
                 circuit_threshold=settings.GATEWAY_CIRCUIT_FAILURES,
                 circuit_cooldown=settings.GATEWAY_CIRCUIT_COOLDOWN_SECONDS,
+                retry_budget_ratio=settings.GATEWAY_RETRY_BUDGET_RATIO,
+                retry_budget_min=settings.GATEWAY_RETRY_BUDGET_MIN,
             ),
         )
         self.live_cache = LiveCache(

@@ -185,7 +185,7 @@ class Proxy:
     # --- reservation -----------------------------------------------------------------------
 
     async def _reserve(
-        self, job: Job, candidate: Candidate, hold: int
+        self, job: Job, candidate: Candidate, hold: int, attempt: int = 0
     ) -> tuple[Verdict, Reservation | None, int]:
         key = job.key
         period, ttl = key_period(key.credit_limit_period)
@@ -199,6 +199,8 @@ class Proxy:
                 lease=f"{job.request_id}:{uuid.uuid4().hex[:8]}",
                 rate_limit_rpm=key.rate_limit_rpm,
                 rate_limit_tpm=key.rate_limit_tpm,
+                attempt=attempt,
+                request_id=job.request_id,
                 key_credit_limit=key.credit_limit,
                 key_period=period,
                 key_period_ttl=ttl,
@@ -232,7 +234,9 @@ class Proxy:
                 break
             hold = self._hold(job, candidate)
             try:
-                verdict, reservation, retry_after = await self._reserve(job, candidate, hold)
+                verdict, reservation, retry_after = await self._reserve(
+                    job, candidate, hold, attempt=tried
+                )
             except aioredis.RedisError:
                 raise Unavailable(
                     "the gateway cannot reach its state store; nothing was charged",
@@ -257,6 +261,13 @@ class Proxy:
                         "x-ratelimit-limit-tokens": str(job.key.rate_limit_tpm or 0),
                     },
                 )
+            if verdict is Verdict.RETRY_BUDGET:
+                last_error = UpstreamFailed(
+                    f"{last_error.message if last_error else 'the vendor failed'}; no retry: "
+                    "the gateway's retry budget is spent (too many retries in flight)",
+                    code="retry_budget_exhausted",
+                )
+                break
             if reservation is None:
                 reason = {Verdict.FULL: "at_capacity", Verdict.CIRCUIT_OPEN: "circuit_open"}.get(
                     verdict, "cooling_down"

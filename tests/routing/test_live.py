@@ -259,3 +259,48 @@ def test_the_live_cache_reads_every_endpoints_numbers_in_one_pipeline():
     assert seen["during"].inflight == 1 and seen["during"].utilisation > 0
     assert seen["after"].inflight == 0 and seen["after"].latency_ms == pytest.approx(80)
     assert seen["after"].requests == 1
+
+
+def test_retries_in_flight_stay_within_the_shared_budget():
+    sync_client().set(credit_key(1), 10**12)
+    config = LiveConfig(retry_budget_ratio=0.2, retry_budget_min=3)
+
+    async def scenario(state: LiveState) -> list[Verdict]:
+        # 20 requests in flight (first attempts)...
+        for i in range(20):
+            await state.reserve(
+                organization_id=1,
+                key_id=5,
+                endpoint_id=10,
+                capacity=1000,
+                hold=1,
+                lease=f"first-{i}",
+                rate_limit_rpm=None,
+                key_credit_limit=None,
+                key_period="all",
+                key_period_ttl=60,
+                attempt=0,
+                request_id=f"req-{i}",
+            )
+        # ...then each wants a retry: at most max(3, 0.2 * 20) = 4 may run at once.
+        results = []
+        for i in range(8):
+            r = await state.reserve(
+                organization_id=1,
+                key_id=5,
+                endpoint_id=11,
+                capacity=1000,
+                hold=1,
+                lease=f"retry-{i}",
+                rate_limit_rpm=None,
+                key_credit_limit=None,
+                key_period="all",
+                key_period_ttl=60,
+                attempt=1,
+                request_id=f"req-{i}",
+            )
+            results.append(r.verdict)
+        return results
+
+    verdicts = _run(scenario, config)
+    assert verdicts == [Verdict.OK] * 4 + [Verdict.RETRY_BUDGET] * 4
