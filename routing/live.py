@@ -172,6 +172,11 @@ if key_limit >= 0 then
 end
 
 redis.call('DECRBY', credit, hold)
+-- Remember the hold so that it comes back by itself if this gateway dies (sweep_holds).
+redis.call('ZADD', 'sy:holds', now + lease_ttl, lease)
+local spend_key = ''
+if key_limit >= 0 then spend_key = keyspend end
+redis.call('HSET', 'sy:holdinfo', lease, credit .. '|' .. hold .. '|' .. spend_key)
 if key_limit >= 0 then
   redis.call('INCRBY', keyspend, hold)
   redis.call('EXPIRE', keyspend, spend_ttl)
@@ -195,6 +200,8 @@ return {1, rpm - used, half_open and 1 or 0, tpm - tokens_used}
 # Shared tail of release and settle: free the lease, update utilisation and the circuit.
 _FINISH = """
 local function finish(slots, trial, lease, ep, capacity, now, alpha, failed, threshold)
+  redis.call('ZREM', 'sy:holds', lease)
+  redis.call('HDEL', 'sy:holdinfo', lease)
   redis.call('ZREM', slots, lease)
   redis.call('ZREM', 'sy:rb:retry', lease)
   redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
@@ -265,6 +272,33 @@ return 1
 """
 )
 
+# Give back the holds of requests whose gateway died before settling (their lease expired).
+_SWEEP = """
+local expired = redis.call('ZRANGEBYSCORE', 'sy:holds', '-inf', ARGV[1], 'LIMIT', 0, 500)
+for _, lease in ipairs(expired) do
+  local info = redis.call('HGET', 'sy:holdinfo', lease)
+  if info then
+    local credit, hold, keyspend = string.match(info, '^([^|]*)|([^|]*)|(.*)$')
+    if redis.call('EXISTS', credit) == 1 then redis.call('INCRBY', credit, hold) end
+    if keyspend ~= '' and redis.call('EXISTS', keyspend) == 1 then
+      redis.call('DECRBY', keyspend, hold)
+    end
+  end
+  redis.call('ZREM', 'sy:holds', lease)
+  redis.call('HDEL', 'sy:holdinfo', lease)
+end
+-- Slots of dead requests expire with their leases: recount the in-flight numbers the
+-- routers read, or an endpoint would look full forever.
+local counts = redis.call('HGETALL', 'sy:live:inflight')
+for i = 1, #counts, 2 do
+  local slots = 'sy:slots:' .. counts[i]
+  redis.call('ZREMRANGEBYSCORE', slots, '-inf', ARGV[1])
+  local n = redis.call('ZCARD', slots)
+  if tostring(n) ~= counts[i + 1] then redis.call('HSET', 'sy:live:inflight', counts[i], n) end
+end
+return #expired
+"""
+
 _INIT_CREDIT = """
 local ver = redis.call('GET', KEYS[2]) or '0'
 if ver ~= ARGV[2] then return 0 end
@@ -275,7 +309,7 @@ return 1
 
 @dataclass(frozen=True, slots=True)
 class LiveConfig:
-    lease_ttl: int = 300
+    lease_ttl: int = 300  # > the total request deadline: a live request never outlives it
     circuit_threshold: int = 5
     circuit_cooldown: float = 30.0
     trial_ttl: int = 60
@@ -317,6 +351,7 @@ class LiveState:
         self._release = client.register_script(_RELEASE)
         self._settle = client.register_script(_SETTLE)
         self._init_credit = client.register_script(_INIT_CREDIT)
+        self._sweep = client.register_script(_SWEEP)
 
     async def init_credit(self, organization_id: int, balance: int, version: bytes | None) -> None:
         from billing.credit import credit_version_key
@@ -485,6 +520,11 @@ class LiveState:
         if trace:
             pipe.set(trace_key(request_id), orjson.dumps(trace), ex=self.config.trace_ttl)
         await pipe.execute()
+
+    async def sweep_holds(self) -> int:
+        """Return expired holds (their gateway died mid-request) to the credit; any replica
+        may run it, each expired hold is returned once."""
+        return int(await self._sweep(keys=[], args=[repr(time.time())]))
 
     async def affinity(self, key: str) -> int | None:
         value = await self.client.get(key)

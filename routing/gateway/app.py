@@ -79,6 +79,7 @@ class GatewayApp:
         self.spool = Spool(Path(settings.SWITCHYARD_SPOOL_DIR))
         self.spool_replayer: SpoolReplayer | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -98,6 +99,7 @@ class GatewayApp:
                 circuit_cooldown=settings.GATEWAY_CIRCUIT_COOLDOWN_SECONDS,
                 retry_budget_ratio=settings.GATEWAY_RETRY_BUDGET_RATIO,
                 retry_budget_min=settings.GATEWAY_RETRY_BUDGET_MIN,
+                lease_ttl=settings.GATEWAY_LEASE_SECONDS,
             ),
         )
         self.live_cache = LiveCache(
@@ -118,6 +120,7 @@ class GatewayApp:
         self.idempotency = Idempotency(self._redis)
         self._snapshot_lock = asyncio.Lock()
         self._listener = loop.create_task(self._listen_for_invalidations())
+        self._sweeper = loop.create_task(self._sweep_holds())
 
     async def lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         while True:
@@ -135,10 +138,11 @@ class GatewayApp:
                 return
 
     async def aclose(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._listener
+        for task in (self._listener, self._sweeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if self.live_cache is not None:
             await self.live_cache.stop()
         if self.spool_replayer is not None:
@@ -203,6 +207,20 @@ class GatewayApp:
         if self._snapshot is not None:
             view.prepare(self._snapshot)
         self.live_view = view
+
+    async def _sweep_holds(self) -> None:
+        """Return the holds of requests whose gateway replica died (any replica may do it)."""
+        assert self.live is not None
+        while True:
+            await asyncio.sleep(settings.GATEWAY_HOLD_SWEEP_SECONDS)
+            try:
+                returned = await self.live.sweep_holds()
+                if returned:
+                    logger.warning("returned %d expired hold(s) of a dead request", returned)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("hold sweep failed", exc_info=True)
 
     async def snapshot(self) -> Snapshot:
         refresh = settings.GATEWAY_SNAPSHOT_REFRESH_SECONDS

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -105,6 +106,9 @@ class Served:
     completion_tokens: int = 0
     outcome: str = "success"
     cost: int = 0
+    # The answer's last bytes, sent only after the settlement is recorded: a client never
+    # sees a complete answer that was not charged (a crash in between loses the answer).
+    final: Callable[[], Awaitable[None]] | None = None
     ttfb_ms: int | None = None
 
     def charge(self) -> int:
@@ -303,6 +307,8 @@ class Proxy:
                 await asyncio.shield(self._finish(job, served, attempts, vendor_failed=False))
                 raise
             await self._finish(job, served, attempts, vendor_failed=served.outcome != "success")
+            if served.final is not None:
+                await served.final()
             endpoint = candidate.endpoint
             metrics.REQUESTS.labels(
                 job.kind, endpoint.full_slug, endpoint.vendor_slug, served.outcome
@@ -643,7 +649,12 @@ class Proxy:
             "endpoint": endpoint.full_slug,
             "attempts": len([a for a in attempts if not a.outcome.startswith("skipped")]),
         }
-        await send_json(send, 200, body, job.request_id, route_headers(job, served, attempts))
+        headers = route_headers(job, served, attempts)
+
+        async def final() -> None:
+            await send_json(send, 200, body, job.request_id, headers)
+
+        served.final = final
 
     async def _relay_stream(
         self,
@@ -746,7 +757,11 @@ class Proxy:
                 "endpoint": endpoint.full_slug,
             }
             tail = b"data: " + orjson.dumps(final) + b"\n\n"
-        await send_sse(send, tail + b"data: [DONE]\n\n", more=False)
+
+        async def send_tail() -> None:
+            await send_sse(send, tail + b"data: [DONE]\n\n", more=False)
+
+        served.final = send_tail
 
 
 @dataclass

@@ -119,3 +119,66 @@ def _refused(port: int, socket) -> bool:  # type: ignore[no-untyped-def]
             return False
     except OSError:
         return True
+
+
+def test_a_replica_killed_mid_stream_charges_nothing_and_its_slot_and_hold_come_back(upstream):
+    from billing.credit import credit_key
+    from marketplace.redis_client import sync_client
+    from tests.conftest import ingest_all
+
+    short = {
+        "GATEWAY_LEASE_SECONDS": "3",
+        "GATEWAY_TOTAL_TIMEOUT": "2.5",
+        "GATEWAY_HOLD_SWEEP_SECONDS": "0.5",
+        "GATEWAY_ALLOW_SHORT_LEASES": "1",
+    }
+    doomed, survivor = start_gateway(**short), start_gateway(**short)
+    try:
+        endpoint = factories.endpoint(base_url=upstream.base_url, capacity=1)
+        customer = factories.customer(credit_usd="1")
+        before = organization_balance(customer.organization)
+        body = {
+            "model": endpoint.full_slug,
+            "stream": True,
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": "one two three four five six seven eight"}],
+        }
+        with survivor.client(customer.key) as client:  # loads the spendable credit into Redis
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+        ingest_all()
+        spendable = int(sync_client().get(credit_key(customer.organization.pk)))
+
+        upstream.script(["trickle:300"])
+        outcome = {}
+
+        def stream() -> None:
+            try:
+                with doomed.client(customer.key) as client:
+                    outcome["text"] = client.post("/v1/chat/completions", json=body).text
+            except Exception as exc:  # the connection dies with the replica
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=stream)
+        thread.start()
+        assert wait_until(lambda: upstream.stats()["in_flight"] == 1)
+        assert int(sync_client().get(credit_key(customer.organization.pk))) < spendable  # held
+        doomed.kill()  # kill -9 mid-stream
+        thread.join(10)
+        assert "error" in outcome or "[DONE]" not in outcome.get("text", "")
+
+        # The survivor's sweep returns the hold once the lease expires, and the slot frees:
+        assert wait_until(
+            lambda: int(sync_client().get(credit_key(customer.organization.pk))) == spendable,
+            timeout=20,
+        )
+        upstream.script([])
+        with survivor.client(customer.key) as client:
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+        ingest_all()
+        # Only the two requests the client saw succeed were charged.
+        records = UsageRecord.objects.filter(organization=customer.organization)
+        assert records.count() == 2
+        assert organization_balance(customer.organization) == before - sum(r.cost for r in records)
+    finally:
+        doomed.stop()
+        survivor.stop()
