@@ -341,10 +341,10 @@ def test_load_raises_the_quote_and_moves_price_sorted_traffic_away(
     surging = factories.endpoint(
         base_url=upstream.base_url,
         tags=("legal",),
-        capacity=4,
+        capacity=10,
         price_input_usd="1",
         price_output_usd="1",
-        surge_curve=[[0.0, 1.0], [0.25, 2.0], [1.0, 3.0]],
+        surge_curve=[[0.0, 1.0], [0.1, 2.0], [1.0, 3.0]],
     )
     steady = factories.endpoint(
         base_url=second_upstream.base_url,
