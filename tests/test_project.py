@@ -32,3 +32,31 @@ def test_it_passes_ruff_lint_and_format():
 
 def test_django_system_checks_pass():
     call_command("check", fail_level="WARNING")
+
+
+def test_production_settings_pass_djangos_deploy_checks():
+    """`manage.py check --deploy` is clean with the settings docs/operations.md prescribes."""
+    import os
+
+    env = {
+        **os.environ,
+        "DEBUG": "0",
+        "SECRET_KEY": "a-production-secret-" + "x" * 40,
+        "SWITCHYARD_ALLOW_GENERATED_SECRET": "0",
+        "ALLOWED_HOSTS": "switchyard.example.com",
+        "SECURE_SSL_REDIRECT": "1",
+        "SESSION_COOKIE_SECURE": "1",
+        "CSRF_COOKIE_SECURE": "1",
+        "SECURE_HSTS_SECONDS": "31536000",
+        "SECURE_HSTS_INCLUDE_SUBDOMAINS": "1",
+        "SECURE_HSTS_PRELOAD": "1",
+        "SECURE_PROXY_SSL_HEADER": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
