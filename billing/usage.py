@@ -52,6 +52,7 @@ def consumer_name() -> str:
 
 
 def ensure_group(client: redis.Redis | None = None) -> None:
+    """Create the consumer group (and the stream) unless they exist."""
     client = client or sync_client()
     try:
         client.xgroup_create(USAGE_STREAM, USAGE_GROUP, id="0", mkstream=True)
@@ -82,8 +83,18 @@ def usage_ingest_batch(
     *, count: int = 1000, block_ms: int | None = None, consumer: str | None = None
 ) -> IngestResult:
     """Ingest one batch: stale pending entries first, then new ones. Safe to run anywhere."""
+    try:
+        return _ingest_batch(count=count, block_ms=block_ms, consumer=consumer)
+    except redis.ResponseError as exc:
+        if "NOGROUP" not in str(exc):
+            raise
+        # First run, or the stream vanished (a Redis restart without persistence).
+        ensure_group()
+        return _ingest_batch(count=count, block_ms=block_ms, consumer=consumer)
+
+
+def _ingest_batch(*, count: int, block_ms: int | None, consumer: str | None) -> IngestResult:
     client = sync_client()
-    ensure_group(client)
     consumer = consumer or consumer_name()
     idle = getattr(settings, "USAGE_CLAIM_IDLE_MS", CLAIM_IDLE_MS)
     claimed: Any = client.xautoclaim(USAGE_STREAM, USAGE_GROUP, consumer, idle, "0-0", count=count)
@@ -98,7 +109,11 @@ def usage_ingest_batch(
         return IngestResult(0, 0, 0, 0)
     ids, events, invalid = _decode(entries)
     recorded, duplicates = record_events(events)
-    client.xack(USAGE_STREAM, USAGE_GROUP, *ids)
+    # Acknowledged entries are recorded in PostgreSQL: drop them so the stream stays small.
+    pipe = client.pipeline(transaction=True)
+    pipe.xack(USAGE_STREAM, USAGE_GROUP, *ids)
+    pipe.xdel(USAGE_STREAM, *ids)
+    pipe.execute()
     return IngestResult(len(entries), recorded, duplicates, invalid)
 
 

@@ -89,9 +89,16 @@ class GatewayApp:
         if self._loop is loop:
             return
         self._loop = loop
-        self._redis = aioredis.Redis.from_url(
-            settings.REDIS_URL, health_check_interval=30, socket_timeout=5, socket_connect_timeout=2
+        # A blocking pool: under a burst, requests wait for a connection rather than fail;
+        # no socket_timeout, which would wrap every command in an extra task.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.REDIS_URL,
+            max_connections=settings.GATEWAY_REDIS_MAX_CONNECTIONS,
+            timeout=5,
+            socket_connect_timeout=2,
+            health_check_interval=30,
         )
+        self._redis = aioredis.Redis(connection_pool=pool)
         self.live = LiveState(
             self._redis,
             LiveConfig(
@@ -100,6 +107,7 @@ class GatewayApp:
                 retry_budget_ratio=settings.GATEWAY_RETRY_BUDGET_RATIO,
                 retry_budget_min=settings.GATEWAY_RETRY_BUDGET_MIN,
                 lease_ttl=settings.GATEWAY_LEASE_SECONDS,
+                trace_ttl=settings.GATEWAY_TRACE_TTL_SECONDS,
             ),
         )
         self.live_cache = LiveCache(

@@ -551,15 +551,16 @@ class Proxy:
         remaining = job.started + settings.GATEWAY_TOTAL_TIMEOUT - t0
         try:
             check_literal(url)
-            response = await asyncio.wait_for(
-                self.upstreams.session().post(
+            # asyncio.timeout, not wait_for: no extra task per request on the hot path.
+            async with asyncio.timeout(
+                min(settings.GATEWAY_FIRST_BYTE_TIMEOUT, max(remaining, 0.01))
+            ):
+                response = await self.upstreams.session().post(
                     url,
                     data=orjson.dumps(body),
                     headers=upstream_headers(endpoint.secret, job.request_id),
                     allow_redirects=False,
-                ),
-                timeout=min(settings.GATEWAY_FIRST_BYTE_TIMEOUT, max(remaining, 0.01)),
-            )
+                )
         except UnsafeURLError as exc:
             attempt.outcome, attempt.detail = "refused", f"refused by the outbound guard: {exc}"
             raise Retryable(attempt) from None
@@ -607,7 +608,8 @@ class Proxy:
         limit = settings.GATEWAY_MAX_UPSTREAM_BODY_BYTES
         remaining = max(job.started + settings.GATEWAY_TOTAL_TIMEOUT - time.monotonic(), 0.01)
         try:
-            raw = await asyncio.wait_for(response.content.read(limit + 1), timeout=remaining)
+            async with asyncio.timeout(remaining):
+                raw = await response.content.read(limit + 1)
         except (TimeoutError, aiohttp.ClientError) as exc:
             attempt.outcome, attempt.detail = (
                 "read_error",
@@ -674,37 +676,37 @@ class Proxy:
         line_limit = settings.GATEWAY_MAX_UPSTREAM_BODY_BYTES
         received = 0
         try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError
-                line = await asyncio.wait_for(content.readline(), timeout=remaining)
-                if not line:
-                    raise aiohttp.ClientPayloadError("the stream ended without [DONE]")
-                received += len(line)
-                if received > line_limit:
-                    raise ValueError("the stream is larger than the limit")
-                line = line.strip()
-                if not line.startswith(b"data:"):
-                    continue  # blank separators, comments, event names
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    break
-                chunk = None
-                if b'"usage"' in data:
-                    chunk = orjson.loads(data)
-                    if isinstance(chunk.get("usage"), dict) and not chunk.get("choices"):
-                        usage_chunk = chunk
-                        continue
-                if not started_client:
-                    if chunk is None:
-                        orjson.loads(data)  # the first chunk must be JSON before we commit to it
-                    await start_sse(
-                        send, job.request_id, route_headers(job, served, [*attempts, attempt])
-                    )
-                    started_client = True
-                await send_sse(send, b"data: " + data + b"\n\n")
-                chunks_sent += 1
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):
+                while True:
+                    line = await content.readline()
+                    if not line:
+                        raise aiohttp.ClientPayloadError("the stream ended without [DONE]")
+                    received += len(line)
+                    if received > line_limit:
+                        raise ValueError("the stream is larger than the limit")
+                    line = line.strip()
+                    if not line.startswith(b"data:"):
+                        continue  # blank separators, comments, event names
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        break
+                    chunk = None
+                    # Upstreams send "usage":null on every chunk once usage is asked for: parse
+                    # only the chunk that carries an object.
+                    if b'"usage":{' in data or b'"usage": {' in data:
+                        chunk = orjson.loads(data)
+                        if isinstance(chunk.get("usage"), dict) and not chunk.get("choices"):
+                            usage_chunk = chunk
+                            continue
+                    if not started_client:
+                        if chunk is None:  # the first chunk must be JSON before we commit
+                            orjson.loads(data)
+                        await start_sse(
+                            send, job.request_id, route_headers(job, served, [*attempts, attempt])
+                        )
+                        started_client = True
+                    await send_sse(send, b"data: " + data + b"\n\n")
+                    chunks_sent += 1
         except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError, ValueError) as exc:
             attempt.outcome = "stream_broken"
             attempt.detail = f"the stream broke off ({type(exc).__name__})"

@@ -40,7 +40,8 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         ) from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object", code="invalid_json")
-    if _depth(body) > MAX_JSON_DEPTH:
+    # Only walk bodies that could be that deep (cheap bracket count first).
+    if raw.count(b"{") + raw.count(b"[") > MAX_JSON_DEPTH and _depth(body) > MAX_JSON_DEPTH:
         raise BadRequest(
             f"the JSON is nested deeper than {MAX_JSON_DEPTH} levels", code="json_too_deep"
         )
