@@ -1,0 +1,55 @@
+"""A Celery-free usage ingest loop for benchmarks: metering runs while the gateway is loaded.
+
+    python -m bench.ingest_loop            # needs DATABASE_URL / REDIS_URL (devenv exec)
+
+Calls ``billing.usage.usage_ingest_batch`` in a loop, exactly what the Celery task does,
+until SIGTERM/SIGINT. Prints ``READY`` once Django is set up and, at exit, one JSON line
+``{"batches": .., "entries": .., "recorded": .., "duplicates": .., "invalid": ..}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.settings")
+
+
+def main() -> int:
+    import django
+
+    django.setup()
+    from billing.usage import usage_ingest_batch
+
+    stop = False
+
+    def _stop(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    totals = {"batches": 0, "entries": 0, "recorded": 0, "duplicates": 0, "invalid": 0}
+    print("READY", flush=True)
+    while not stop:
+        try:
+            result = usage_ingest_batch(count=1000, block_ms=100)
+        except Exception as exc:  # keep metering alive through a hiccup, but say so
+            print(f"ingest error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            time.sleep(0.2)
+            continue
+        if result.read:
+            totals["batches"] += 1
+            totals["entries"] += result.read
+            totals["recorded"] += result.recorded
+            totals["duplicates"] += result.duplicates
+            totals["invalid"] += result.invalid
+    print(json.dumps(totals), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
