@@ -165,6 +165,8 @@ def run_all(env: dict[str, str], extra_args: list[str]) -> int:
             "worker",
             "--loglevel",
             "INFO",
+            "-Q",
+            "ingest,probes,payments,default",
             "--concurrency",
             "2",
         ],

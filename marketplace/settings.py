@@ -176,6 +176,16 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ALWAYS_EAGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# Separate queues so a slow Stripe call or a probe round never delays metering; run workers
+# per queue to isolate them (docker-compose.yml does), or one worker on all of them.
+CELERY_TASK_DEFAULT_QUEUE = "default"
+CELERY_TASK_ROUTES = {
+    "billing.tasks.usage_ingest": {"queue": "ingest"},
+    "billing.tasks.rollups_recent": {"queue": "ingest"},
+    "vendors.tasks.*": {"queue": "probes"},
+    "billing.tasks.*": {"queue": "payments"},
+}
+CELERY_QUEUES_ALL = "ingest,probes,payments,default"
 CELERY_BEAT_SCHEDULE = {
     "usage-ingest": {
         "task": "billing.tasks.usage_ingest",

@@ -361,8 +361,11 @@ class GatewayApp:
             pipe = self._redis.pipeline(transaction=False)
             pipe.xlen(USAGE_STREAM)
             pipe.xpending(USAGE_STREAM, "ingest")
-            pipe.llen("celery")
-            length, pending, depth = await pipe.execute(raise_on_error=False)
+            queues = settings.CELERY_QUEUES_ALL.split(",")
+            for queue in queues:
+                pipe.llen(queue)
+            length, pending, *depths = await pipe.execute(raise_on_error=False)
+            depth = sum(d for d in depths if isinstance(d, int))
             extra += metrics.queue_gauges(
                 int(length) if isinstance(length, int) else 0,
                 int(pending["pending"]) if isinstance(pending, dict) else 0,
