@@ -120,6 +120,8 @@ def run_all(env: dict[str, str], extra_args: list[str]) -> int:
             vendor.stop()
         raise
 
+    # Example prompts per capability tag: what `model: "auto"` classifies against.
+    _manage(env, "load_tag_examples", "-v", "0")
     creds_path = var_dir / "demo-credentials.json"
     _manage(
         env,
