@@ -43,6 +43,8 @@ ENV VIRTUAL_ENV=/app/.venv \
 # The code stays owned by root (read-only for the app); only var/ is writable. var/models
 # exists in the image so that a named volume mounted there inherits the ownership.
 COPY . .
+# Front-end assets from the npm registry, integrity-checked (scripts/fetch_assets.py).
+RUN .venv/bin/python scripts/fetch_assets.py
 RUN mkdir -p var/models \
     && chown -R switchyard:switchyard var
 

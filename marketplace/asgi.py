@@ -15,7 +15,6 @@ import django
 django.setup()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 from django.core.asgi import get_asgi_application  # noqa: E402
 
@@ -27,10 +26,9 @@ GATEWAY_PATHS = frozenset({"/readyz", "/metrics"})
 def build_application(gateway: GatewayApp | None = None):  # type: ignore[no-untyped-def]
     """The process's ASGI app; tests build one per test with a fresh gateway."""
     gateway_app = gateway or GatewayApp()
-    django_app = get_asgi_application()
-    if settings.DEBUG:
-        # Development only: production serves /static/ from collectstatic's output.
-        django_app = ASGIStaticFilesHandler(django_app)
+    # /static/ is served by the app itself (the pages' CSS and JS are small); a deployment
+    # may put collectstatic's output behind its proxy instead.
+    django_app = ASGIStaticFilesHandler(get_asgi_application())
     websocket_app = ProtocolTypeRouter({"websocket": URLRouter([])})
 
     async def application(scope, receive, send):  # type: ignore[no-untyped-def]

@@ -3,6 +3,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView
 
 from marketplace import views
+from marketplace.console.catalog import catalog
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -11,4 +12,8 @@ urlpatterns = [
     path("accounts/", include("allauth.urls")),
     path("billing/", include("billing.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("catalog/", catalog, name="catalog"),
+    path("console/", include("marketplace.console.urls")),
+    path("vendor/", include("vendors.portal.urls")),
+    path("ops/", include("marketplace.ops.urls")),
 ]

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import timedelta
+from typing import Any
 
 from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
-from vendors.models import ConformanceReport, Endpoint, EndpointQuality, HealthCheck, Vendor
+from vendors.models import (
+    CapabilityTag,
+    ConformanceReport,
+    Endpoint,
+    EndpointQuality,
+    HealthCheck,
+    Vendor,
+    VendorMembership,
+)
 
 
 def routable_endpoints() -> QuerySet[Endpoint]:
@@ -86,3 +95,112 @@ def uptime(endpoint: Endpoint | int, window: timedelta = timedelta(days=1)) -> f
 def conformance_latest(endpoint: Endpoint) -> ConformanceReport | None:
     """The endpoint's most recent conformance report."""
     return endpoint.conformance_reports.order_by("-created_at", "-pk").first()
+
+
+# --- the vendor portal and the operations pages --------------------------------------------
+
+VendorRole = VendorMembership.Role
+
+# What each vendor role may do in the portal (checked by the views and again by the
+# audited services in vendors.services).
+VENDOR_PERMISSIONS: dict[str, frozenset[str]] = {
+    "vendor.view": frozenset(VendorRole.values),
+    "endpoints.manage": frozenset(VendorRole.values),
+    "endpoints.check": frozenset(VendorRole.values),
+    "pricing.manage": frozenset({VendorRole.OWNER, VendorRole.ADMIN}),
+}
+
+
+def vendor_role_allows(role: str, permission: str) -> bool:
+    return role in VENDOR_PERMISSIONS[permission]
+
+
+def vendor_role_permissions(role: str) -> dict[str, bool]:
+    """``{"pricing_manage": True, ...}`` for templates."""
+    return {name.replace(".", "_"): role in roles for name, roles in VENDOR_PERMISSIONS.items()}
+
+
+def vendor_memberships(*, user: Any) -> list[VendorMembership]:
+    return list(
+        VendorMembership.objects.filter(user=user)
+        .select_related("vendor")
+        .order_by("vendor__name", "vendor__pk")
+    )
+
+
+def vendor_membership_for(*, user: Any, slug: str) -> VendorMembership | None:
+    """The user's membership of the vendor ``slug`` (None: not a member)."""
+    if not getattr(user, "is_authenticated", False):
+        return None
+    return (
+        VendorMembership.objects.filter(user=user, vendor__slug=slug)
+        .select_related("vendor")
+        .first()
+    )
+
+
+def conformance_latest_map(endpoint_ids: Iterable[int]) -> dict[int, ConformanceReport]:
+    """The most recent conformance report of each endpoint that has one (one query)."""
+    reports = (
+        ConformanceReport.objects.filter(endpoint_id__in=list(endpoint_ids))
+        .order_by("endpoint_id", "-created_at", "-pk")
+        .distinct("endpoint_id")
+    )
+    return {report.endpoint_id: report for report in reports}
+
+
+def _with_latest_reports(endpoints: list[Endpoint]) -> list[Endpoint]:
+    latest = conformance_latest_map(e.pk for e in endpoints)
+    for endpoint in endpoints:
+        endpoint.latest_report = latest.get(endpoint.pk)  # type: ignore[attr-defined]
+    return endpoints
+
+
+def vendor_endpoints(*, vendor: Vendor) -> list[Endpoint]:
+    """The vendor's endpoints, each with ``latest_report`` (None: never checked)."""
+    endpoints = list(
+        Endpoint.objects.filter(vendor=vendor)
+        .select_related("vendor")
+        .prefetch_related("tags")
+        .order_by("slug")
+    )
+    return _with_latest_reports(endpoints)
+
+
+def vendor_endpoint(*, vendor: Vendor, slug: str) -> Endpoint | None:
+    return (
+        Endpoint.objects.filter(vendor=vendor, slug=slug)
+        .select_related("vendor")
+        .prefetch_related("tags")
+        .first()
+    )
+
+
+def tag_slugs() -> list[str]:
+    """Every capability tag's slug (suggestions for the endpoint form)."""
+    return list(CapabilityTag.objects.order_by("slug").values_list("slug", flat=True))
+
+
+def ops_vendors() -> list[Vendor]:
+    """Every vendor, pending ones first, each with ``endpoint_count``."""
+    order: dict[str, int] = {
+        Vendor.Status.PENDING: 0,
+        Vendor.Status.SUSPENDED: 1,
+        Vendor.Status.APPROVED: 2,
+    }
+    vendors = list(Vendor.objects.annotate(endpoint_count=Count("endpoints")).order_by("name"))
+    return sorted(vendors, key=lambda v: order.get(v.status, 3))
+
+
+def ops_endpoints(*, status: str | None = None) -> list[Endpoint]:
+    """Endpoints (of one status when given), oldest first, with ``latest_report``."""
+    endpoints = Endpoint.objects.select_related("vendor").prefetch_related("tags")
+    if status is not None:
+        endpoints = endpoints.filter(status=status)
+    return _with_latest_reports(list(endpoints.order_by("created_at", "pk")))
+
+
+def ops_endpoint(pk: int) -> Endpoint | None:
+    endpoint = Endpoint.objects.select_related("vendor").prefetch_related("tags").filter(pk=pk)
+    found = endpoint.first()
+    return _with_latest_reports([found])[0] if found else None

@@ -559,9 +559,15 @@ def _pricing_state(endpoint: Endpoint) -> dict[str, object]:
     }
 
 
+# Portal paths that a vendor's slug must not shadow (/vendor/<slug>/).
+RESERVED_VENDOR_SLUGS = frozenset({"register"})
+
+
 @transaction.atomic
 def portal_vendor_register(*, actor: User, name: str) -> Vendor:
     """Register a vendor owned by ``actor``; it stays pending until staff approve it."""
+    if slugify(name)[:64] in RESERVED_VENDOR_SLUGS:
+        raise VendorError(f"{name.strip()!r} is reserved; choose another name")
     vendor = vendor_create(name=name, owner=actor)
     _audit(
         actor=actor,
@@ -576,6 +582,8 @@ def portal_vendor_register(*, actor: User, name: str) -> Vendor:
 def portal_endpoint_register(*, actor: User, vendor: Vendor, **fields: object) -> Endpoint:
     """Register an endpoint of ``vendor`` (see ``endpoint_create`` for the fields)."""
     _require_vendor_role(actor, vendor, "endpoints.manage")
+    if fields.get("slug") == "new":  # /vendor/<vendor>/endpoints/new/ is the form
+        raise VendorError("the slug 'new' is reserved; choose another endpoint name")
     endpoint = endpoint_create(vendor=vendor, **fields)  # type: ignore[arg-type]
     _audit(
         actor=actor,

@@ -1,0 +1,1 @@
+"""The customer console: organisations, members, API keys, credits and usage."""

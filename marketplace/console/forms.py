@@ -1,0 +1,172 @@
+"""Forms of the customer console. They check the shape of the input; the services decide."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
+from typing import Any
+
+from django import forms
+from django.utils import timezone
+
+from billing.money import usd_to_nanos
+from marketplace.models import ApiKey, Membership
+from marketplace.selectors import MAX_USAGE_DAYS
+
+# What a key may be used for; an empty selection means every API of the gateway.
+KEY_SCOPES = [
+    ("chat", "Chat completions (/v1/chat/completions)"),
+    ("embeddings", "Embeddings (/v1/embeddings)"),
+    ("models", "List models (/v1/models)"),
+    ("generation", "Read route traces (/v1/generation)"),
+    ("feedback", "Send feedback (/v1/feedback)"),
+]
+
+
+class OrganizationForm(forms.Form):
+    name = forms.CharField(
+        label="Organisation name",
+        max_length=200,
+        help_text="Shown to your team; the address of its console is made from it.",
+        widget=forms.TextInput(attrs={"autocomplete": "organization"}),
+    )
+
+
+def role_choices(*, include_owner: bool) -> list[tuple[str, str]]:
+    return [
+        (value, label)
+        for value, label in Membership.Role.choices
+        if include_owner or value != Membership.Role.OWNER
+    ]
+
+
+ROLE_HELP = (
+    "Owner: everything. Admin: members, keys, credits. Developer: keys and usage. "
+    "Billing: credits and usage."
+)
+
+
+class InviteForm(forms.Form):
+    email = forms.EmailField(
+        label="Email address", widget=forms.EmailInput(attrs={"autocomplete": "off"})
+    )
+    role = forms.ChoiceField(label="Role", help_text=ROLE_HELP)
+
+    def __init__(self, *args: Any, can_grant_owner: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        role = self.fields["role"]
+        assert isinstance(role, forms.ChoiceField)
+        role.choices = role_choices(include_owner=can_grant_owner)
+        role.initial = Membership.Role.DEVELOPER
+
+
+class RoleForm(forms.Form):
+    role = forms.ChoiceField(label="Role", choices=Membership.Role.choices)
+
+
+class ApiKeyForm(forms.Form):
+    name = forms.CharField(
+        label="Name",
+        max_length=100,
+        help_text="What the key is for, e.g. “production backend”.",
+    )
+    scopes = forms.MultipleChoiceField(
+        label="Scopes",
+        choices=KEY_SCOPES,
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="Leave all unticked to allow every API.",
+    )
+    credit_limit_usd = forms.DecimalField(
+        label="Credit limit (USD)",
+        required=False,
+        min_value=Decimal("0.01"),
+        max_value=Decimal("1000000"),
+        decimal_places=2,
+        help_text="The most this key may spend per period; empty: no limit.",
+        widget=forms.NumberInput(attrs={"step": "0.01", "inputmode": "decimal"}),
+    )
+    credit_limit_period = forms.ChoiceField(
+        label="Limit resets",
+        choices=ApiKey.Period.choices,
+        initial=ApiKey.Period.NEVER,
+        help_text="“Never” makes the limit a lifetime total.",
+    )
+    rate_limit_rpm = forms.IntegerField(
+        label="Requests per minute",
+        required=False,
+        min_value=1,
+        max_value=100_000,
+        help_text="Empty: no per-key rate limit.",
+    )
+    expires_on = forms.DateField(
+        label="Expires on (UTC)",
+        required=False,
+        widget=forms.DateInput(attrs={"type": "date"}),
+        help_text="The key stops working at the start of this day; empty: never.",
+    )
+
+    def clean_expires_on(self) -> date | None:
+        value: date | None = self.cleaned_data.get("expires_on")
+        if value is not None and value <= timezone.now().date():
+            raise forms.ValidationError("Choose a day after today.")
+        return value
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        limit = data.get("credit_limit_usd")
+        period = data.get("credit_limit_period")
+        if limit is None and period and period != ApiKey.Period.NEVER:
+            self.add_error("credit_limit_period", "Set a credit limit to choose when it resets.")
+        return data
+
+    def service_arguments(self) -> dict[str, Any]:
+        data = self.cleaned_data
+        expires = data.get("expires_on")
+        limit = data.get("credit_limit_usd")
+        return {
+            "name": data["name"],
+            "scopes": list(data.get("scopes") or []),
+            "credit_limit": usd_to_nanos(limit) if limit is not None else None,
+            "credit_limit_period": data["credit_limit_period"],
+            "rate_limit_rpm": data.get("rate_limit_rpm"),
+            "expires_at": (
+                datetime.combine(expires, time.min, tzinfo=timezone.get_current_timezone())
+                if expires
+                else None
+            ),
+        }
+
+
+class UsageRangeForm(forms.Form):
+    start = forms.DateField(label="From", widget=forms.DateInput(attrs={"type": "date"}))
+    end = forms.DateField(label="To", widget=forms.DateInput(attrs={"type": "date"}))
+
+    DEFAULT_DAYS = 7
+
+    @classmethod
+    def default_range(cls) -> tuple[date, date]:
+        today = timezone.now().date()
+        return today - timedelta(days=cls.DEFAULT_DAYS - 1), today
+
+    @classmethod
+    def from_query(cls, query: Any) -> UsageRangeForm:
+        start, end = cls.default_range()
+        data = {"start": query.get("start") or start, "end": query.get("end") or end}
+        return cls(data)
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        start, end = data.get("start"), data.get("end")
+        if start and end:
+            if start > end:
+                self.add_error("end", "The end date must not be before the start date.")
+            elif (end - start).days + 1 > MAX_USAGE_DAYS:
+                self.add_error("start", f"Choose at most {MAX_USAGE_DAYS} days.")
+        return data
+
+    def range(self) -> tuple[date, date]:
+        """The chosen days, or the default ones when the input is invalid."""
+        if self.is_valid():
+            return self.cleaned_data["start"], self.cleaned_data["end"]
+        return self.default_range()

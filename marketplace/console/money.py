@@ -1,0 +1,108 @@
+"""Console pages about money: credits (balance and ledger) and usage (with CSV export)."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+
+from django.core.paginator import Paginator
+from django.http import HttpResponse, StreamingHttpResponse
+from django.shortcuts import render
+
+from billing.money import format_usd_plain
+from billing.selectors import organization_balance_by_id
+from marketplace import selectors
+from marketplace.console.access import (
+    AuthenticatedHttpRequest,
+    OrgContext,
+    org_template_context,
+    org_view,
+)
+from marketplace.console.forms import UsageRangeForm
+
+LEDGER_PAGE_SIZE = 25
+
+
+@org_view("billing.view")
+def credits(request: AuthenticatedHttpRequest, ctx: OrgContext) -> HttpResponse:
+    ledger = selectors.organization_ledger(organization=ctx.organization)
+    page = Paginator(ledger, LEDGER_PAGE_SIZE).get_page(request.GET.get("page"))
+    return render(
+        request,
+        "console/credits.html",
+        org_template_context(
+            ctx, balance=organization_balance_by_id(ctx.organization.pk), page=page
+        ),
+    )
+
+
+@org_view("usage.view")
+def usage(request: AuthenticatedHttpRequest, ctx: OrgContext) -> HttpResponse:
+    form = UsageRangeForm.from_query(request.GET)
+    start, end = form.range()
+    report = selectors.usage_report(organization=ctx.organization, start=start, end=end)
+    return render(
+        request,
+        "console/usage.html",
+        org_template_context(ctx, form=form, report=report, chart=report.chart_data()),
+    )
+
+
+class _Echo:
+    """A file-like object whose ``write`` returns the line (for streaming csv.writer)."""
+
+    def write(self, value: str) -> str:
+        return value
+
+
+CSV_COLUMNS = [
+    "request_id",
+    "occurred_at",
+    "api_key_prefix",
+    "api_key_name",
+    "model_requested",
+    "endpoint",
+    "vendor",
+    "outcome",
+    "stream",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "latency_ms",
+    "attempts",
+]
+
+
+@org_view("usage.view")
+def usage_csv(request: AuthenticatedHttpRequest, ctx: OrgContext) -> StreamingHttpResponse:
+    """Every request of the range, one row each (cost exact to the nano-dollar)."""
+    start, end = UsageRangeForm.from_query(request.GET).range()
+    records = selectors.usage_records_export(organization=ctx.organization, start=start, end=end)
+    writer = csv.writer(_Echo())
+
+    def rows() -> Iterator[str]:
+        yield writer.writerow(CSV_COLUMNS)
+        for r in records:
+            yield writer.writerow(
+                [
+                    r.request_id,
+                    r.occurred_at.isoformat(),
+                    r.api_key.prefix if r.api_key else "",
+                    r.api_key.name if r.api_key else "",
+                    r.model_requested,
+                    r.endpoint.full_slug if r.endpoint else "",
+                    r.vendor.slug if r.vendor else "",
+                    r.outcome,
+                    "true" if r.stream else "false",
+                    r.prompt_tokens,
+                    r.completion_tokens,
+                    format_usd_plain(r.cost),
+                    r.latency_ms,
+                    r.attempts,
+                ]
+            )
+
+    response = StreamingHttpResponse(rows(), content_type="text/csv; charset=utf-8")
+    filename = f"usage-{ctx.organization.slug}-{start.isoformat()}-{end.isoformat()}.csv"
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response

@@ -1,0 +1,27 @@
+from django.urls import path
+
+from marketplace.console import keys, money, views
+
+app_name = "console"
+
+urlpatterns = [
+    path("", views.index, name="index"),
+    path("new/", views.organization_create, name="organization-create"),
+    path("invitations/<str:token>/", views.invitation_open, name="invitation-accept"),
+    path("<slug:org_slug>/", views.overview, name="overview"),
+    path("<slug:org_slug>/members/", views.members, name="members"),
+    path("<slug:org_slug>/members/<int:pk>/role/", views.member_role, name="member-role"),
+    path("<slug:org_slug>/members/<int:pk>/remove/", views.member_remove, name="member-remove"),
+    path(
+        "<slug:org_slug>/invitations/<int:pk>/withdraw/",
+        views.invitation_cancel,
+        name="invitation-withdraw",
+    ),
+    path("<slug:org_slug>/keys/", keys.key_list, name="keys"),
+    path("<slug:org_slug>/keys/new/", keys.key_create, name="key-create"),
+    path("<slug:org_slug>/keys/<int:pk>/revoke/", keys.key_revoke, name="key-revoke"),
+    path("<slug:org_slug>/credits/", money.credits, name="credits"),
+    path("<slug:org_slug>/usage/", money.usage, name="usage"),
+    path("<slug:org_slug>/usage.csv", money.usage_csv, name="usage-csv"),
+    path("<slug:org_slug>/audit/", views.audit, name="audit"),
+]

@@ -1,0 +1,1 @@
+"""Operations pages for platform staff: the approval queue and the audit log."""

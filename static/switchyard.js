@@ -1,0 +1,313 @@
+/* Switchyard pages: copy buttons, charts (Chart.js, served locally) and the pricing editor.
+ * Everything here enhances server-rendered pages; they work without it. */
+(function () {
+  "use strict";
+
+  var COLORS = { accent: "#3454d1", orange: "#d9731a", red: "#b3261e", grid: "#e6e9f0" };
+
+  /* --- copy to clipboard ------------------------------------------------------------- */
+
+  function announce(statusId, text) {
+    var status = statusId && document.getElementById(statusId);
+    if (status) status.textContent = text;
+  }
+
+  function copyWithSelection(field) {
+    // Fallback for browsers (or insecure origins) without the asynchronous clipboard API.
+    try {
+      field.focus();
+      field.select();
+      field.setSelectionRange(0, field.value.length);
+      return document.execCommand("copy");
+    } catch (err) {
+      return false;
+    }
+  }
+
+  function onCopyClick(event) {
+    var button = event.target.closest("[data-copy-target]");
+    if (!button) return;
+    var field = document.getElementById(button.getAttribute("data-copy-target"));
+    if (!field) return;
+    var statusId = button.getAttribute("data-copy-status");
+    var value = field.value !== undefined ? field.value : field.textContent;
+    var done = function () { announce(statusId, "Copied to the clipboard."); };
+    var fallback = function () {
+      if (copyWithSelection(field)) done();
+      else announce(statusId, "Select the text and copy it with Ctrl+C (⌘C on a Mac).");
+    };
+    if (navigator.clipboard && window.isSecureContext) {
+      navigator.clipboard.writeText(value).then(done, fallback);
+    } else {
+      fallback();
+    }
+  }
+
+  /* --- charts ------------------------------------------------------------------------- */
+
+  function readJson(id) {
+    var node = document.getElementById(id);
+    if (!node) return null;
+    try {
+      return JSON.parse(node.textContent);
+    } catch (err) {
+      return null;
+    }
+  }
+
+  function chartUnavailable(canvas) {
+    var note = document.createElement("p");
+    note.className = "muted small";
+    note.textContent = "The chart cannot be drawn here; the table below has the same figures.";
+    canvas.replaceWith(note);
+  }
+
+  function dollars(value) {
+    // Small spends stay readable: $0.000009 rather than 9.000000E-6.
+    return "$" + Number(value).toLocaleString("en-US", { maximumSignificantDigits: 3, maximumFractionDigits: 9 });
+  }
+
+  function usageChart(canvas, data) {
+    return new window.Chart(canvas, {
+      data: {
+        labels: data.labels,
+        datasets: [
+          {
+            type: "bar",
+            label: "Spend (USD)",
+            data: data.spend_usd,
+            backgroundColor: COLORS.accent,
+            yAxisID: "spend",
+            order: 2,
+          },
+          {
+            type: "line",
+            label: "Requests",
+            data: data.requests,
+            borderColor: COLORS.orange,
+            backgroundColor: COLORS.orange,
+            cubicInterpolationMode: "monotone",
+            yAxisID: "requests",
+            order: 1,
+          },
+          {
+            type: "line",
+            label: "Errors",
+            data: data.errors,
+            borderColor: COLORS.red,
+            backgroundColor: COLORS.red,
+            borderDash: [4, 4],
+            cubicInterpolationMode: "monotone",
+            yAxisID: "requests",
+            order: 0,
+          },
+        ],
+      },
+      options: {
+        animation: false,
+        responsive: true,
+        maintainAspectRatio: false,
+        interaction: { mode: "index", intersect: false },
+        plugins: {
+          legend: { position: "bottom" },
+          tooltip: {
+            callbacks: {
+              label: function (item) {
+                var value = item.dataset.yAxisID === "spend" ? dollars(item.parsed.y) : item.parsed.y;
+                return item.dataset.label + ": " + value;
+              },
+            },
+          },
+        },
+        scales: {
+          x: {
+            grid: { display: false },
+            ticks: {
+              maxRotation: 0,
+              autoSkip: true,
+              callback: function (value) { return String(this.getLabelForValue(value)).slice(5); },
+            },
+          },
+          spend: {
+            type: "linear",
+            position: "left",
+            beginAtZero: true,
+            ticks: { callback: dollars, maxTicksLimit: 6 },
+            title: { display: true, text: "Spend (USD)" },
+            grid: { color: COLORS.grid },
+          },
+          requests: {
+            type: "linear",
+            position: "right",
+            beginAtZero: true,
+            ticks: { precision: 0 },
+            title: { display: true, text: "Requests" },
+            grid: { drawOnChartArea: false },
+          },
+        },
+      },
+    });
+  }
+
+  function initCharts(root) {
+    var canvases = (root || document).querySelectorAll("canvas[data-chart='usage']");
+    canvases.forEach(function (canvas) {
+      if (!window.Chart) return chartUnavailable(canvas);
+      var existing = window.Chart.getChart(canvas);
+      if (existing) existing.destroy();
+      var data = readJson(canvas.getAttribute("data-source"));
+      if (data) usageChart(canvas, data);
+    });
+  }
+
+  /* --- the pricing editor ----------------------------------------------------------- */
+
+  // The same rule as vendors.pricing.surge_multiplier: linear interpolation between the
+  // points, flat after the last one, never below 1 and never above the cap.
+  function surgeMultiplier(curve, utilisation, cap) {
+    var u = Math.min(Math.max(utilisation, 0), 1);
+    var multiplier = curve[0][1];
+    for (var i = 0; i + 1 < curve.length; i++) {
+      var u0 = curve[i][0], m0 = curve[i][1], u1 = curve[i + 1][0], m1 = curve[i + 1][1];
+      if (u <= u0) break;
+      if (u >= u1) { multiplier = m1; continue; }
+      multiplier = m0 + (m1 - m0) * (u - u0) / (u1 - u0);
+      break;
+    }
+    return Math.max(1, Math.min(multiplier, cap));
+  }
+
+  // The same rules as vendors.pricing.validate_surge_curve (utilisation here in 0..1).
+  function curveProblem(curve) {
+    if (!curve.length) return "Add at least one point.";
+    var previousU = -1, previousM = 1;
+    for (var i = 0; i < curve.length; i++) {
+      var u = curve[i][0], m = curve[i][1];
+      if (u < 0 || u > 1) return "Utilisation must lie between 0 and 100 %.";
+      if (u <= previousU) return "Utilisation must increase from one point to the next.";
+      if (m < 1 || m < previousM) return "Multipliers start at 1 or more and never decrease.";
+      if (m > 100) return "A multiplier above 100 is not accepted.";
+      previousU = u;
+      previousM = m;
+    }
+    return null;
+  }
+
+  function numberOf(form, name) {
+    var field = form.elements.namedItem(name);
+    if (!field || field.value.trim() === "") return null;
+    var value = Number(field.value);
+    return Number.isFinite(value) ? value : NaN;
+  }
+
+  function readPricing(form) {
+    var curve = [];
+    var incomplete = false;
+    form.querySelectorAll("input[data-axis='u']").forEach(function (field) {
+      var i = field.getAttribute("data-point");
+      var u = numberOf(form, "u_" + i), m = numberOf(form, "m_" + i);
+      if (u === null && m === null) return;
+      if (u === null || m === null || Number.isNaN(u) || Number.isNaN(m)) { incomplete = true; return; }
+      curve.push([u / 100, m]);
+    });
+    return {
+      input: numberOf(form, "price_input_usd"),
+      output: numberOf(form, "price_output_usd"),
+      cap: numberOf(form, "surge_cap"),
+      curve: curve,
+      incomplete: incomplete,
+    };
+  }
+
+  function money(value) {
+    return "$" + value.toFixed(4);
+  }
+
+  function updatePricing(form) {
+    var pricing = readPricing(form);
+    var status = form.querySelector("[data-curve-status]");
+    var problem = pricing.incomplete ? "Fill in both values of each point, or clear it." : curveProblem(pricing.curve);
+    if (!problem && (pricing.cap === null || Number.isNaN(pricing.cap) || pricing.cap < 1)) problem = "The surge cap is at least 1.";
+    if (!problem && [pricing.input, pricing.output].some(function (v) { return v === null || Number.isNaN(v) || v < 0; })) problem = "Enter both base prices (0 or more).";
+    if (status) status.textContent = problem || "The curve is valid.";
+    if (status) status.className = problem ? "result result-fail" : "result result-pass";
+    if (problem) return;
+
+    var xs = [], inputs = [], outputs = [];
+    for (var step = 0; step <= 100; step++) {
+      var multiplier = surgeMultiplier(pricing.curve, step / 100, pricing.cap);
+      xs.push(step);
+      inputs.push({ x: step, y: pricing.input * multiplier });
+      outputs.push({ x: step, y: pricing.output * multiplier });
+    }
+    form.querySelectorAll("output[data-preview]").forEach(function (out) {
+      var parts = out.getAttribute("data-preview").split(":");
+      var multiplier = surgeMultiplier(pricing.curve, Number(parts[1]) / 100, pricing.cap);
+      var base = parts[0] === "input" ? pricing.input : pricing.output;
+      out.textContent = parts[0] === "multiplier" ? multiplier.toFixed(2) + "×" : money(base * multiplier);
+    });
+
+    var canvas = form.querySelector("canvas[data-chart='pricing']");
+    if (!canvas) return;
+    if (!window.Chart) return chartUnavailable(canvas);
+    var chart = window.Chart.getChart(canvas);
+    if (chart) {
+      chart.data.datasets[0].data = inputs;
+      chart.data.datasets[1].data = outputs;
+      chart.update();
+      return;
+    }
+    new window.Chart(canvas, {
+      type: "line",
+      data: {
+        datasets: [
+          { label: "Input $/1M tokens", data: inputs, borderColor: COLORS.accent, backgroundColor: COLORS.accent, pointRadius: 0, borderWidth: 2 },
+          { label: "Output $/1M tokens", data: outputs, borderColor: COLORS.orange, backgroundColor: COLORS.orange, pointRadius: 0, borderWidth: 2 },
+        ],
+      },
+      options: {
+        animation: false,
+        responsive: true,
+        maintainAspectRatio: false,
+        interaction: { mode: "index", intersect: false },
+        plugins: { legend: { position: "bottom" } },
+        scales: {
+          x: { type: "linear", min: 0, max: 100, title: { display: true, text: "Utilisation (%)" }, grid: { color: COLORS.grid } },
+          y: { beginAtZero: true, title: { display: true, text: "USD per million tokens" }, grid: { color: COLORS.grid } },
+        },
+      },
+    });
+  }
+
+  function initPricing(root) {
+    (root || document).querySelectorAll("form[data-pricing-editor]").forEach(function (form) {
+      if (form.dataset.ready) return;
+      form.dataset.ready = "1";
+      form.addEventListener("input", function () { updatePricing(form); });
+      updatePricing(form);
+    });
+  }
+
+  /* --- start ------------------------------------------------------------------------- */
+
+  window.Switchyard = { surgeMultiplier: surgeMultiplier, curveProblem: curveProblem };
+
+  document.addEventListener("click", onCopyClick);
+  function revealCurrentTab() {
+    // On a phone the section tabs scroll sideways: bring the current one into view.
+    document.querySelectorAll(".subnav").forEach(function (nav) {
+      var current = nav.querySelector("[aria-current='page']");
+      if (current) nav.scrollLeft = current.offsetLeft - (nav.clientWidth - current.offsetWidth) / 2;
+    });
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    revealCurrentTab();
+    initCharts(document);
+    initPricing(document);
+  });
+  document.addEventListener("htmx:afterSettle", function (event) {
+    initCharts(event.target);
+    initPricing(event.target);
+  });
+})();

@@ -1,0 +1,1 @@
+"""The vendor portal: registration, endpoints, conformance checks and pricing."""

@@ -1,0 +1,32 @@
+from django.urls import path
+
+from vendors.portal import views
+
+app_name = "portal"
+
+urlpatterns = [
+    path("", views.index, name="index"),
+    path("register/", views.register, name="register"),
+    path("<slug:vendor_slug>/", views.dashboard, name="dashboard"),
+    path("<slug:vendor_slug>/endpoints/new/", views.endpoint_create, name="endpoint-create"),
+    path(
+        "<slug:vendor_slug>/endpoints/<slug:endpoint_slug>/",
+        views.endpoint_detail,
+        name="endpoint",
+    ),
+    path(
+        "<slug:vendor_slug>/endpoints/<slug:endpoint_slug>/conformance/",
+        views.endpoint_conformance,
+        name="endpoint-conformance",
+    ),
+    path(
+        "<slug:vendor_slug>/endpoints/<slug:endpoint_slug>/pricing/",
+        views.endpoint_pricing,
+        name="pricing",
+    ),
+    path(
+        "<slug:vendor_slug>/endpoints/<slug:endpoint_slug>/pricing/check/",
+        views.endpoint_pricing_check,
+        name="pricing-check",
+    ),
+]
