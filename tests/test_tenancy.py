@@ -1,0 +1,140 @@
+"""Tenancy: walk every URL of the URLconf as a second tenant.
+
+Every route whose path names an object (an organisation, a vendor, an endpoint, a key, a
+membership, an invitation...) is requested, with GET and with POST, by a signed-in user of
+another organisation and vendor, filled in with the first tenant's identifiers. Each must
+answer 404, 403 (a page behind a role or staff), 405 or a redirect to a login page, and
+nothing of the first tenant may change. Routes added later are covered automatically.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+from django.urls import URLPattern, URLResolver, get_resolver
+
+from marketplace.models import ApiKey, Membership, Organization
+from marketplace.services import api_key_create, organization_create
+from tests import factories
+from vendors.models import Endpoint, Vendor
+from vendors.services import endpoint_create, vendor_create
+
+pytestmark = pytest.mark.django_db
+
+SECRET_NAME = "Alpha Confidential"
+ALLOWED = {302, 403, 404, 405}
+
+
+def _walk(resolver: URLResolver, prefix: str = ""):  # type: ignore[no-untyped-def]
+    for entry in resolver.url_patterns:
+        if isinstance(entry, URLResolver):
+            yield from _walk(entry, prefix + str(entry.pattern))
+        elif isinstance(entry, URLPattern):
+            yield prefix + str(entry.pattern)
+
+
+def _routes_with_parameters() -> list[str]:
+    routes = []
+    for route in _walk(get_resolver()):
+        if route.startswith("^") or "(?P" in route:
+            continue  # regex routes of third-party apps (admin, allauth) are handled below
+        if "<" in route:
+            routes.append(route)
+    return routes
+
+
+@pytest.fixture
+def tenants(settings, upstream):  # type: ignore[no-untyped-def]
+    settings.OUTBOUND_ALLOWED_NETWORKS = ["127.0.0.0/8"]
+    owner_a = factories.user("owner@alpha.test")
+    other_a = factories.user("member@alpha.test")
+    org_a = organization_create(name=SECRET_NAME, slug="alpha", owner=owner_a)
+    membership = Membership.objects.create(organization=org_a, user=other_a, role="developer")
+    key_a = api_key_create(organization=org_a, name=f"{SECRET_NAME} key").api_key
+    vendor_a = vendor_create(name=f"{SECRET_NAME} Vendor", slug="alpha-vendor", owner=owner_a)
+    endpoint_a = endpoint_create(
+        vendor=vendor_a,
+        slug="alpha-model",
+        base_url=upstream.base_url,
+        upstream_model="m",
+        price_input=1,
+        price_output=1,
+    )
+    intruder = factories.user("intruder@beta.test")
+    organization_create(name="Beta", slug="beta", owner=intruder)
+    vendor_create(name="Beta Vendor", slug="beta-vendor", owner=intruder)
+    ids = {membership.pk, key_a.pk, endpoint_a.pk, vendor_a.pk, org_a.pk, owner_a.pk}
+    return {
+        "intruder": intruder,
+        "org": org_a,
+        "key": key_a,
+        "vendor": vendor_a,
+        "endpoint": endpoint_a,
+        "membership": membership,
+        "ids": sorted(ids),
+    }
+
+
+def _fill(route: str, t: dict) -> list[str]:  # type: ignore[type-arg]
+    """Every concrete path for ``route`` with the first tenant's identifiers."""
+    values = {
+        "org_slug": [t["org"].slug],
+        "vendor_slug": [t["vendor"].slug],
+        "endpoint_slug": [t["endpoint"].slug],
+        "token": ["not-a-real-token"],
+        "action": ["approve", "suspend", "resume"],
+    }
+    names = re.findall(r"<(?:\w+:)?(\w+)>", route)
+    options = [values.get(name, [str(i) for i in t["ids"]]) for name in names]
+    paths = []
+    for combo in itertools.product(*options):
+        path = route
+        for name, value in zip(names, combo, strict=True):
+            path = re.sub(r"<(?:\w+:)?" + name + ">", value, path, count=1)
+        paths.append("/" + path)
+    return paths
+
+
+def test_another_tenant_reaches_nothing_through_any_url(client, tenants):
+    client.force_login(tenants["intruder"])
+    routes = _routes_with_parameters()
+    assert any(r.startswith("console/") for r in routes) and any(
+        r.startswith("vendor/") for r in routes
+    )
+    leaks = []
+    for route in routes:
+        for path in _fill(route, tenants):
+            for method in ("get", "post"):
+                response = getattr(client, method)(path)
+                body = response.content.decode(errors="replace")
+                login_redirect = response.status_code == 302 and "login" in response.get(
+                    "Location", ""
+                )
+                if (
+                    response.status_code not in ALLOWED
+                    or (response.status_code == 302 and not login_redirect)
+                    or SECRET_NAME in body
+                ):
+                    leaks.append(f"{method.upper()} {path} -> {response.status_code}")
+    assert not leaks, "another tenant's objects are reachable:\n" + "\n".join(leaks)
+
+    # ...and nothing of the first tenant changed.
+    assert ApiKey.objects.get(pk=tenants["key"].pk).revoked_at is None
+    assert Membership.objects.get(pk=tenants["membership"].pk).role == "developer"
+    assert Endpoint.objects.get(pk=tenants["endpoint"].pk).status == Endpoint.Status.PENDING
+    assert Vendor.objects.get(pk=tenants["vendor"].pk).status == Vendor.Status.PENDING
+    assert Organization.objects.filter(slug="alpha").exists()
+
+
+def test_the_admin_is_closed_to_non_staff(client, tenants):
+    client.force_login(tenants["intruder"])
+    for path in (
+        "/admin/",
+        f"/admin/marketplace/apikey/{tenants['key'].pk}/change/",
+        f"/admin/vendors/endpoint/{tenants['endpoint'].pk}/change/",
+        "/admin/billing/ledgertransaction/",
+    ):
+        response = client.get(path)
+        assert response.status_code == 302 and "/admin/login/" in response["Location"], path
