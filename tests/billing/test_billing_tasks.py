@@ -31,7 +31,7 @@ def test_the_sweeper_re_enqueues_events_left_unprocessed(stripe_fake: FakeStripe
     StripeEvent.objects.update(received_at=timezone.now() - timedelta(minutes=10))
 
     assert tasks.stripe_events_sweep() == 1
-    assert sync_client().llen("celery") == 1  # one message on the broker's default queue
+    assert sync_client().llen("payments") == 1  # one message on the payments queue
 
     assert tasks.stripe_event_process(event["id"]) == "ignored"  # what the worker runs
     assert tasks.stripe_events_sweep() == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
 
 import pytest
@@ -108,7 +109,11 @@ def test_sigterm_lets_streams_in_flight_finish_and_refuses_new_work(upstream):
         thread.join(30)
         assert received["text"].endswith("data: [DONE]\n\n")
         # uvicorn exits after draining, re-raising the signal it caught (status -SIGTERM).
-        assert gateway.process.wait(30) in (0, -signal.SIGTERM)
+        try:
+            status = gateway.process.wait(30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the replica did not exit after draining:\n{gateway.output()[-4000:]}")
+        assert status in (0, -signal.SIGTERM)
     finally:
         gateway.stop()
 

@@ -110,6 +110,8 @@ def start_gateway(**env: str) -> GatewayReplica:
             "--log-level",
             "warning",
             "--no-access-log",
+            "--timeout-graceful-shutdown",
+            "5",
         ],
         env=child_env(**env),
         name=f"gateway-{port}",
