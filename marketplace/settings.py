@@ -134,6 +134,12 @@ def _database_from_url(url: str) -> dict[str, object]:
         info = conninfo_to_dict(url)
     except Exception as exc:
         raise ImproperlyConfigured(f"DATABASE_URL cannot be parsed: {exc}") from None
+    options: dict[str, object] = {"sslmode": info["sslmode"]} if "sslmode" in info else {}
+    pool_size = env_int("DATABASE_POOL_MAX_SIZE", 10, minimum=0)
+    if pool_size:
+        # psycopg 3's connection pool (Django >= 5.1): workers and the gateway's rare
+        # cache-miss queries borrow a connection instead of opening one.
+        options["pool"] = {"min_size": 1, "max_size": pool_size, "timeout": 10}
     return {
         "ENGINE": "django.db.backends.postgresql",
         "NAME": info.get("dbname", "postgres"),
@@ -141,9 +147,10 @@ def _database_from_url(url: str) -> dict[str, object]:
         "PASSWORD": info.get("password", ""),
         "HOST": info.get("host", ""),
         "PORT": info.get("port", ""),
-        "CONN_MAX_AGE": env_int("DATABASE_CONN_MAX_AGE", 60, minimum=0),
-        "CONN_HEALTH_CHECKS": True,
-        "OPTIONS": {"sslmode": info["sslmode"]} if "sslmode" in info else {},
+        # With the pool, Django returns connections to it after each request (age 0).
+        "CONN_MAX_AGE": 0 if pool_size else env_int("DATABASE_CONN_MAX_AGE", 60, minimum=0),
+        "CONN_HEALTH_CHECKS": not pool_size,
+        "OPTIONS": options,
         "TEST": {"NAME": env_str("DATABASE_TEST_NAME", "test_switchyard")},
     }
 

@@ -624,11 +624,20 @@ class LiveCache:
             self.on_refresh(self.numbers)
 
     async def _run(self) -> None:
+        failing = False
         while True:
             try:
                 await self.refresh()
+                if failing:
+                    logger.warning("live cache refresh works again")
+                failing = False
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.warning("live cache refresh failed", exc_info=True)
+                # Log the outage once, not four times a second.
+                if not failing:
+                    logger.warning(
+                        "live cache refresh failed; serving the last copy", exc_info=True
+                    )
+                failing = True
             await asyncio.sleep(self.interval)

@@ -163,10 +163,12 @@ class GatewayApp:
     async def _listen_for_invalidations(self) -> None:
         """Drop cached keys and reload the routing table when the control plane says so."""
         assert self._redis is not None
+        failing = False
         while True:
             try:
                 pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(invalidation.CHANNEL)
+                failing = False
                 # Anything published while we were not subscribed is lost: start afresh.
                 self.keys.clear()
                 self._snapshot_at = 0.0
@@ -184,7 +186,9 @@ class GatewayApp:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.warning("invalidation listener lost Redis; retrying", exc_info=True)
+                if not failing:
+                    logger.warning("invalidation listener lost Redis; retrying", exc_info=True)
+                failing = True
                 await asyncio.sleep(0.5)
 
     def _rebuild_live_view(self, numbers: dict[int, EndpointNumbers]) -> None:
