@@ -481,17 +481,29 @@ class GatewayApp:
             raise
         await self.idempotency.finish(key.organization_id, idem_key, recorder)
 
-    async def _chat(
-        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
+    async def _post(
+        self,
+        receive: Receive,
+        send: Send,
+        headers: dict[str, str],
+        request_id: str,
+        body_handler: Callable[[KeyInfo, bytes, Send, str], Awaitable[None]],
     ) -> None:
+        """Authenticate, read the JSON body, and run ``body_handler`` once per
+        Idempotency-Key (chat completions and embeddings)."""
         key = await self.keys.authenticate(headers.get("authorization"))
         _check_content_type(headers)
         raw = await read_body(receive, headers, settings.GATEWAY_MAX_BODY_BYTES)
 
         async def handle(out: Send) -> None:
-            await self._chat_body(key, raw, out, request_id)
+            await body_handler(key, raw, out, request_id)
 
         await self._idempotent(key, headers, raw, send, request_id, handle)
+
+    async def _chat(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
+    ) -> None:
+        await self._post(receive, send, headers, request_id, self._chat_body)
 
     async def _chat_body(self, key: KeyInfo, raw: bytes, send: Send, request_id: str) -> None:
         body = parse_json(raw)
@@ -518,14 +530,7 @@ class GatewayApp:
     async def _embeddings(
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
     ) -> None:
-        key = await self.keys.authenticate(headers.get("authorization"))
-        _check_content_type(headers)
-        raw = await read_body(receive, headers, settings.GATEWAY_MAX_BODY_BYTES)
-
-        async def handle(out: Send) -> None:
-            await self._embeddings_body(key, raw, out, request_id)
-
-        await self._idempotent(key, headers, raw, send, request_id, handle)
+        await self._post(receive, send, headers, request_id, self._embeddings_body)
 
     async def _embeddings_body(self, key: KeyInfo, raw: bytes, send: Send, request_id: str) -> None:
         body = parse_json(raw)
