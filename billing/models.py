@@ -434,3 +434,30 @@ class UsageRollup(models.Model):
 
     def __str__(self) -> str:
         return f"{self.hour:%Y-%m-%d %H}:00 org {self.organization_id}"
+
+
+class BudgetAlert(models.Model):
+    """One budget or balance alert sent to an organisation: at most one per kind and month."""
+
+    class Kind(models.TextChoices):
+        SOFT = "soft", "Budget threshold reached"
+        HARD = "hard", "Budget reached"
+        LOW_BALANCE = "low_balance", "Low credit balance"
+
+    organization = models.ForeignKey(
+        "marketplace.Organization", on_delete=models.CASCADE, related_name="budget_alerts"
+    )
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    period = models.CharField(max_length=7, help_text="The calendar month (UTC), 'YYYY-MM'.")
+    sent_at = models.DateTimeField(default=timezone.now)
+    details = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "kind", "period"], name="uniq_budget_alert"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.period} {self.kind} org {self.organization_id}"

@@ -22,6 +22,10 @@ BILLING_BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
         "task": "billing.tasks.settlement_daily",
         "schedule": crontab(hour=2, minute=0),
     },
+    "billing-budget-alerts": {
+        "task": "billing.tasks.budget_alerts",
+        "schedule": 300.0,
+    },
     "billing-invoice-monthly": {
         "task": "billing.tasks.invoice_monthly",
         "schedule": crontab(day_of_month=2, hour=6, minute=0),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import ROUND_HALF_UP, Decimal
+from typing import TYPE_CHECKING, Any
 
 from django.db.models import QuerySet, Sum
 
@@ -11,9 +13,14 @@ from billing.models import (
     LedgerEntry,
     Payout,
     TopUp,
+    UsageRecord,
     UsageRollup,
     VendorPayoutAccount,
 )
+from billing.money import token_cost
+
+if TYPE_CHECKING:
+    from marketplace.models import Organization
 
 
 def organization_balance_by_id(organization_id: int) -> int:
@@ -61,3 +68,31 @@ def vendor_payouts(*, vendor_id: int) -> QuerySet[Payout]:
 
 def vendor_payout_account(*, vendor_id: int) -> VendorPayoutAccount | None:
     return VendorPayoutAccount.objects.filter(vendor_id=vendor_id).first()
+
+
+def cost_savings(
+    organization: Organization, start: datetime, end: datetime
+) -> dict[str, Any] | None:
+    """What the organisation's usage in [start, end) cost against what the same tokens
+    would have cost at its reference prices; None when no reference price is set.
+
+    ``saved`` is negative when the reference would have been cheaper; ``saved_percent`` is
+    a share of the reference cost (a ``Decimal`` with one place, None for a zero reference).
+    """
+    price_in, price_out = organization.reference_price_input, organization.reference_price_output
+    if price_in is None and price_out is None:
+        return None
+    totals = UsageRecord.objects.filter(
+        organization_id=organization.pk, occurred_at__gte=start, occurred_at__lt=end
+    ).aggregate(cost=Sum("cost"), prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"))
+    actual = int(totals["cost"] or 0)
+    reference = token_cost(int(totals["prompt"] or 0), price_in or 0) + token_cost(
+        int(totals["completion"] or 0), price_out or 0
+    )
+    saved = reference - actual
+    percent = (
+        (Decimal(saved) * 100 / reference).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP)
+        if reference
+        else None
+    )
+    return {"actual": actual, "reference": reference, "saved": saved, "saved_percent": percent}

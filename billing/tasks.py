@@ -96,3 +96,11 @@ def invoice_monthly() -> int:
     from billing.invoicing import invoice_run, previous_month
 
     return len(invoice_run(month=previous_month(timezone.now().date())))
+
+
+@shared_task(name="billing.tasks.budget_alerts", acks_late=True, ignore_result=True)
+def budget_alerts() -> int:
+    """Email budget and low-balance alerts (each at most once per organisation and month)."""
+    from billing.alerts import budget_alerts_check
+
+    return budget_alerts_check()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.utils import timezone
 
@@ -18,6 +19,32 @@ class Organization(models.Model):
         max_length=16, choices=BillingMode.choices, default=BillingMode.PREPAID
     )
     created_at = models.DateTimeField(default=timezone.now)
+    # Budget alerts and cost savings (set on the console's budget page).
+    monthly_budget = models.BigIntegerField(
+        null=True, blank=True, help_text="Spend per calendar month (UTC) in nano-USD; empty: none."
+    )
+    budget_alert_percent = models.PositiveSmallIntegerField(
+        default=80,
+        validators=[MinValueValidator(1), MaxValueValidator(100)],
+        help_text="Warn when month-to-date spend reaches this share of the budget.",
+    )
+    low_balance_alert = models.BigIntegerField(
+        null=True, blank=True, help_text="Warn when the credit balance falls below this (nano-USD)."
+    )
+    reference_price_input = models.BigIntegerField(
+        null=True, blank=True, help_text="Reference model: nano-USD per million input tokens."
+    )
+    reference_price_output = models.BigIntegerField(
+        null=True, blank=True, help_text="Reference model: nano-USD per million output tokens."
+    )
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(budget_alert_percent__gte=1, budget_alert_percent__lte=100),
+                name="org_budget_alert_percent_range",
+            )
+        ]
 
     def __str__(self) -> str:
         return self.name

@@ -425,3 +425,64 @@ def membership_remove(*, actor: User, membership: Membership) -> None:
         details={"user": locked.user.email, "role": locked.role},
     )
     locked.delete()
+
+
+BUDGET_FIELDS = (
+    "monthly_budget",
+    "budget_alert_percent",
+    "low_balance_alert",
+    "reference_price_input",
+    "reference_price_output",
+)
+
+
+@transaction.atomic
+def organization_budget_update(
+    *,
+    actor: User,
+    organization: Organization,
+    monthly_budget: int | None,
+    budget_alert_percent: int,
+    low_balance_alert: int | None,
+    reference_price_input: int | None,
+    reference_price_output: int | None,
+) -> Organization:
+    """Set the budget, alert levels and reference prices (nanos) of ``organization``."""
+    _require(actor, organization, "billing.manage")
+    if not 1 <= budget_alert_percent <= 100:
+        raise ServiceError("the alert threshold is between 1 and 100 percent")
+    values = {
+        "monthly_budget": monthly_budget,
+        "budget_alert_percent": budget_alert_percent,
+        "low_balance_alert": low_balance_alert,
+        "reference_price_input": reference_price_input,
+        "reference_price_output": reference_price_output,
+    }
+    for name in ("monthly_budget", "low_balance_alert"):
+        value = values[name]
+        if value is not None and value <= 0:
+            raise ServiceError("a budget or alert amount is more than zero")
+    for name in ("reference_price_input", "reference_price_output"):
+        value = values[name]
+        if value is not None and value < 0:
+            raise ServiceError("a reference price is never negative")
+    locked = Organization.objects.select_for_update().get(pk=organization.pk)
+    changes = {
+        name: {"from": getattr(locked, name), "to": value}
+        for name, value in values.items()
+        if getattr(locked, name) != value
+    }
+    if changes:
+        for name, value in values.items():
+            setattr(locked, name, value)
+        locked.save(update_fields=list(BUDGET_FIELDS))
+        audit_record(
+            actor=actor,
+            action="organization.budget_update",
+            target=locked,
+            organization=locked,
+            details=changes,
+        )
+    for name in BUDGET_FIELDS:
+        setattr(organization, name, getattr(locked, name))
+    return organization

@@ -9,7 +9,7 @@ from typing import Any
 from django import forms
 from django.utils import timezone
 
-from billing.money import usd_to_nanos
+from billing.money import nanos_to_usd, usd_to_nanos
 from marketplace.models import ApiKey, Membership
 from marketplace.selectors import MAX_USAGE_DAYS
 
@@ -170,3 +170,75 @@ class UsageRangeForm(forms.Form):
         if self.is_valid():
             return self.cleaned_data["start"], self.cleaned_data["end"]
         return self.default_range()
+
+
+def _usd_field(label: str, help_text: str, *, min_value: str, places: int) -> forms.DecimalField:
+    step = "0.01" if places == 2 else "any"
+    return forms.DecimalField(
+        label=label,
+        required=False,
+        min_value=Decimal(min_value),
+        max_value=Decimal("1000000"),
+        decimal_places=places,
+        help_text=help_text,
+        widget=forms.NumberInput(attrs={"step": step, "inputmode": "decimal"}),
+    )
+
+
+class BudgetForm(forms.Form):
+    monthly_budget_usd = _usd_field(
+        "Monthly budget (USD)",
+        "Owners and billing members are emailed as spend in a calendar month (UTC) nears and "
+        "reaches it; requests are not stopped. Empty: no budget.",
+        min_value="0.01",
+        places=2,
+    )
+    budget_alert_percent = forms.IntegerField(
+        label="Early warning at (% of the budget)",
+        min_value=1,
+        max_value=100,
+        initial=80,
+    )
+    low_balance_alert_usd = _usd_field(
+        "Low-balance alert (USD)",
+        "Email when the credit balance falls below this (at most once a month). Empty: never.",
+        min_value="0.01",
+        places=2,
+    )
+    reference_price_input_usd = _usd_field(
+        "Reference input price (USD per million tokens)",
+        "What your reference model charges, to show what you save. Empty: not set.",
+        min_value="0",
+        places=9,
+    )
+    reference_price_output_usd = _usd_field(
+        "Reference output price (USD per million tokens)",
+        "Empty: not set.",
+        min_value="0",
+        places=9,
+    )
+
+    FIELDS = {
+        "monthly_budget_usd": "monthly_budget",
+        "low_balance_alert_usd": "low_balance_alert",
+        "reference_price_input_usd": "reference_price_input",
+        "reference_price_output_usd": "reference_price_output",
+    }
+
+    @classmethod
+    def for_organization(cls, organization: Any) -> BudgetForm:
+        initial: dict[str, Any] = {"budget_alert_percent": organization.budget_alert_percent}
+        for field, attr in cls.FIELDS.items():
+            value = getattr(organization, attr)
+            initial[field] = (
+                format(nanos_to_usd(value).normalize(), "f") if value is not None else None
+            )
+        return cls(initial=initial)
+
+    def service_arguments(self) -> dict[str, Any]:
+        data = self.cleaned_data
+        arguments: dict[str, Any] = {"budget_alert_percent": data["budget_alert_percent"]}
+        for field, attr in self.FIELDS.items():
+            value = data.get(field)
+            arguments[attr] = usd_to_nanos(value) if value is not None else None
+        return arguments

@@ -5,12 +5,13 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterator
 
+from django.contrib import messages
 from django.core.paginator import Paginator
 from django.http import HttpResponse, StreamingHttpResponse
-from django.shortcuts import render
+from django.shortcuts import redirect, render
 
 from billing.money import format_usd_plain
-from billing.selectors import organization_balance_by_id
+from billing.selectors import cost_savings, organization_balance_by_id
 from marketplace import selectors
 from marketplace.console.access import (
     AuthenticatedHttpRequest,
@@ -18,7 +19,9 @@ from marketplace.console.access import (
     org_template_context,
     org_view,
 )
-from marketplace.console.forms import UsageRangeForm
+from marketplace.console.forms import BudgetForm, UsageRangeForm
+from marketplace.console.views import service_message
+from marketplace.services import ServiceError, organization_budget_update
 
 LEDGER_PAGE_SIZE = 25
 
@@ -44,7 +47,13 @@ def usage(request: AuthenticatedHttpRequest, ctx: OrgContext) -> HttpResponse:
     return render(
         request,
         "console/usage.html",
-        org_template_context(ctx, form=form, report=report, chart=report.chart_data()),
+        org_template_context(
+            ctx,
+            form=form,
+            report=report,
+            chart=report.chart_data(),
+            savings=cost_savings(ctx.organization, *selectors.usage_window(start, end)),
+        ),
     )
 
 
@@ -106,3 +115,24 @@ def usage_csv(request: AuthenticatedHttpRequest, ctx: OrgContext) -> StreamingHt
     filename = f"usage-{ctx.organization.slug}-{start.isoformat()}-{end.isoformat()}.csv"
     response["Content-Disposition"] = f'attachment; filename="{filename}"'
     return response
+
+
+@org_view("billing.manage")
+def budget(request: AuthenticatedHttpRequest, ctx: OrgContext) -> HttpResponse:
+    """Monthly budget, alert levels and reference prices (owners and billing members)."""
+    form = BudgetForm(request.POST) if request.method == "POST" else None
+    if form is not None and form.is_valid():
+        try:
+            organization_budget_update(
+                actor=request.user, organization=ctx.organization, **form.service_arguments()
+            )
+        except ServiceError as exc:
+            form.add_error(None, service_message(exc))
+        else:
+            messages.success(request, "Budget settings saved.")
+            return redirect("console:budget", ctx.organization.slug)
+    return render(
+        request,
+        "console/budget.html",
+        org_template_context(ctx, form=form or BudgetForm.for_organization(ctx.organization)),
+    )

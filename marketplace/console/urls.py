@@ -22,6 +22,7 @@ urlpatterns = [
     path("<slug:org_slug>/keys/<int:pk>/revoke/", keys.key_revoke, name="key-revoke"),
     path("<slug:org_slug>/credits/", money.credits, name="credits"),
     path("<slug:org_slug>/usage/", money.usage, name="usage"),
+    path("<slug:org_slug>/budget/", money.budget, name="budget"),
     path("<slug:org_slug>/usage.csv", money.usage_csv, name="usage-csv"),
     path("<slug:org_slug>/audit/", views.audit, name="audit"),
 ]
