@@ -483,6 +483,12 @@ def organization_budget_update(
             organization=locked,
             details=changes,
         )
+        if "monthly_budget" in changes:
+            # Gateways cache the budget with each key: make them reload the keys now.
+            for key_hash in ApiKey.objects.filter(organization=locked).values_list(
+                "key_hash", flat=True
+            ):
+                invalidation.publish_after_commit(invalidation.key_message(key_hash))
     for name in BUDGET_FIELDS:
         setattr(organization, name, getattr(locked, name))
     return organization

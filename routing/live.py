@@ -78,6 +78,10 @@ def affinity_key(organization_id: int, session: str) -> str:
     return f"sy:aff:{organization_id}:{hashlib.sha256(session.encode()).hexdigest()[:32]}"
 
 
+def orgspend_key(organization_id: int, period: str) -> str:
+    return f"sy:orgspend:{organization_id}:{period}"
+
+
 def keyspend_key(key_id: int, period: str) -> str:
     return f"sy:keyspend:{key_id}:{period}"
 
@@ -97,6 +101,8 @@ class Verdict(IntEnum):
     COOLING_DOWN = -6
     KEY_SPEND_UNKNOWN = -7
     RETRY_BUDGET = -8
+    ORG_SPEND_UNKNOWN = -9
+    ORG_BUDGET = -10
 
 
 RETRY_ACTIVE = "sy:rb:active"  # zset: requests in flight (lease expiry as score)
@@ -113,6 +119,7 @@ local alpha, cooldown, trial_ttl = tonumber(ARGV[10]), tonumber(ARGV[11]), tonum
 local spend_ttl = tonumber(ARGV[13])
 local attempt, request_id = tonumber(ARGV[15]), ARGV[16]
 local budget_ratio, budget_min = tonumber(ARGV[17]), tonumber(ARGV[18])
+local orgspend, org_budget, org_ttl = KEYS[7], tonumber(ARGV[19]), tonumber(ARGV[20])
 
 -- Retry budget shared by every replica (Envoy's rule): retries in flight may not exceed
 -- max(budget_min, budget_ratio * requests in flight), so a failing vendor cannot multiply
@@ -170,13 +177,30 @@ if key_limit >= 0 then
     return {-5, 0, 0}
   end
 end
+if org_budget >= 0 then
+  local org_spent = redis.call('GET', orgspend)
+  if not org_spent then
+    if half_open then redis.call('DEL', trial) end
+    return {-9, 0, 0}
+  end
+  if tonumber(org_spent) + hold > org_budget then
+    if half_open then redis.call('DEL', trial) end
+    return {-10, 0, 0}
+  end
+end
 
 redis.call('DECRBY', credit, hold)
 -- Remember the hold so that it comes back by itself if this gateway dies (sweep_holds).
 redis.call('ZADD', 'sy:holds', now + lease_ttl, lease)
-local spend_key = ''
+local spend_key, org_key = '', ''
 if key_limit >= 0 then spend_key = keyspend end
-redis.call('HSET', 'sy:holdinfo', lease, credit .. '|' .. hold .. '|' .. spend_key)
+if org_budget >= 0 then
+  org_key = orgspend
+  redis.call('INCRBY', orgspend, hold)
+  redis.call('EXPIRE', orgspend, org_ttl)
+end
+local info = credit .. '|' .. hold .. '|' .. spend_key .. '|' .. org_key
+redis.call('HSET', 'sy:holdinfo', lease, info)
 if key_limit >= 0 then
   redis.call('INCRBY', keyspend, hold)
   redis.call('EXPIRE', keyspend, spend_ttl)
@@ -228,12 +252,13 @@ end
 _RELEASE = (
     _FINISH
     + """
-local credit, slots, keyspend, trial = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local credit, slots, keyspend, trial, orgspend = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local hold, lease, now, ep = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local capacity, alpha, failed = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local threshold, retry_until = tonumber(ARGV[8]), tonumber(ARGV[9])
 redis.call('INCRBY', credit, hold)
 if keyspend ~= '' then redis.call('DECRBY', keyspend, hold) end
+if orgspend ~= '' then redis.call('DECRBY', orgspend, hold) end
 finish(slots, trial, lease, ep, capacity, now, alpha, failed, threshold)
 if retry_until > now then redis.call('HSET', 'sy:live:cooldown', ep, retry_until) end
 return 1
@@ -245,6 +270,7 @@ _SETTLE = (
     + """
 local credit, slots, keyspend, trial = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local stream, trace, tpm_key, affinity = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local orgspend = KEYS[9]
 local refund, lease, now, ep = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local capacity, alpha, failed = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local threshold, latency, lat_alpha = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
@@ -259,6 +285,7 @@ end
 if tonumber(refund) ~= 0 then
   redis.call('INCRBY', credit, refund)
   if keyspend ~= '' then redis.call('DECRBY', keyspend, refund) end
+  if orgspend ~= '' then redis.call('DECRBY', orgspend, refund) end
 end
 finish(slots, trial, lease, ep, capacity, now, alpha, failed, threshold)
 if latency >= 0 then
@@ -278,10 +305,13 @@ local expired = redis.call('ZRANGEBYSCORE', 'sy:holds', '-inf', ARGV[1], 'LIMIT'
 for _, lease in ipairs(expired) do
   local info = redis.call('HGET', 'sy:holdinfo', lease)
   if info then
-    local credit, hold, keyspend = string.match(info, '^([^|]*)|([^|]*)|(.*)$')
+    local credit, hold, keyspend, orgspend = string.match(info, '^([^|]*)|([^|]*)|([^|]*)|?(.*)$')
     if redis.call('EXISTS', credit) == 1 then redis.call('INCRBY', credit, hold) end
     if keyspend ~= '' and redis.call('EXISTS', keyspend) == 1 then
       redis.call('DECRBY', keyspend, hold)
+    end
+    if orgspend and orgspend ~= '' and redis.call('EXISTS', orgspend) == 1 then
+      redis.call('DECRBY', orgspend, hold)
     end
   end
   redis.call('ZREM', 'sy:holds', lease)
@@ -332,6 +362,7 @@ class Reservation:
     ratelimit_remaining: int
     tpm_key: str = ""  # '' when the key has no tokens-per-minute limit
     tokens_remaining: int = 0
+    orgspend: str = ""  # '' when the organisation has no monthly budget
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,6 +395,9 @@ class LiveState:
     async def init_keyspend(self, key_id: int, period: str, spent: int, ttl: int) -> None:
         await self.client.set(keyspend_key(key_id, period), spent, nx=True, ex=ttl)
 
+    async def init_orgspend(self, organization_id: int, period: str, spent: int, ttl: int) -> None:
+        await self.client.set(orgspend_key(organization_id, period), spent, nx=True, ex=ttl)
+
     async def credit_version(self, organization_id: int) -> bytes | None:
         from billing.credit import credit_version_key
 
@@ -384,6 +418,9 @@ class LiveState:
         rate_limit_tpm: int | None = None,
         attempt: int = 0,
         request_id: str = "",
+        org_budget: int | None = None,
+        org_period: str = "",
+        org_period_ttl: int = 0,
         key_period: str,
         key_period_ttl: int,
     ) -> ReserveResult:
@@ -398,6 +435,7 @@ class LiveState:
                 keyspend or "sy:none",
                 trial_key(endpoint_id),
                 tpm_key(key_id, window),
+                orgspend_key(organization_id, org_period) if org_budget is not None else "sy:none",
             ],
             args=[
                 hold,
@@ -418,6 +456,8 @@ class LiveState:
                 request_id or lease,
                 self.config.retry_budget_ratio,
                 self.config.retry_budget_min,
+                -1 if org_budget is None else org_budget,
+                org_period_ttl,
             ],
         )
         verdict = Verdict(int(result[0]))
@@ -437,6 +477,9 @@ class LiveState:
                 ratelimit_remaining=int(result[1]),
                 tpm_key=tpm_key(key_id, window) if rate_limit_tpm else "",
                 tokens_remaining=int(result[3]),
+                orgspend=orgspend_key(organization_id, org_period)
+                if org_budget is not None
+                else "",
             ),
         )
 
@@ -450,6 +493,7 @@ class LiveState:
                 slots_key(reservation.endpoint_id),
                 reservation.keyspend,
                 trial_key(reservation.endpoint_id),
+                reservation.orgspend,
             ],
             args=[
                 reservation.hold,
@@ -489,6 +533,7 @@ class LiveState:
                 trace_key(request_id),
                 reservation.tpm_key,
                 affinity_key or "",
+                reservation.orgspend,
             ],
             args=[
                 reservation.hold - cost,

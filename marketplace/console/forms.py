@@ -242,3 +242,51 @@ class BudgetForm(forms.Form):
             value = data.get(field)
             arguments[attr] = usd_to_nanos(value) if value is not None else None
         return arguments
+
+
+class TopUpForm(forms.Form):
+    """How much credit to buy by card: whole US dollars or dollars and cents."""
+
+    amount_usd = forms.CharField(
+        label="Amount (USD)",
+        max_length=32,
+        widget=forms.TextInput(attrs={"inputmode": "decimal", "autocomplete": "off"}),
+    )
+
+    def __init__(self, *args: Any, min_cents: int, max_cents: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.min_cents, self.max_cents = min_cents, max_cents
+        self.fields["amount_usd"].help_text = (
+            f"From {_cents_text(min_cents)} to {_cents_text(max_cents)}, "
+            "in whole dollars or dollars and cents (for example 25 or 25.50)."
+        )
+
+    def clean_amount_usd(self) -> int:
+        """The amount in US cents (an ``int``)."""
+        raw = str(self.cleaned_data["amount_usd"]).strip().replace(",", "")
+        raw = raw.removeprefix("$").strip()
+        try:
+            amount = Decimal(raw)
+        except ArithmeticError:
+            amount = None
+        if amount is None or not amount.is_finite():
+            raise forms.ValidationError(
+                "Enter an amount in US dollars, such as 25 or 25.50.", code="invalid"
+            )
+        if amount != amount.quantize(Decimal("0.01")):
+            raise forms.ValidationError(
+                "Enter whole dollars or dollars and cents (at most two decimal places).",
+                code="precision",
+            )
+        cents = int(amount * 100)
+        if not self.min_cents <= cents <= self.max_cents:
+            raise forms.ValidationError(
+                f"Enter an amount from {_cents_text(self.min_cents)} "
+                f"to {_cents_text(self.max_cents)}.",
+                code="out_of_range",
+            )
+        return cents
+
+
+def _cents_text(cents: int) -> str:
+    return f"${cents // 100:,}.{cents % 100:02d}"

@@ -121,6 +121,7 @@ class GatewayApp:
             self.upstreams,
             load_balance=sync_to_async(_organization_balance, thread_sensitive=False),
             load_key_spend=sync_to_async(_key_spend, thread_sensitive=False),
+            load_org_spend=sync_to_async(_org_month_spend, thread_sensitive=False),
             spool=self.spool,
         )
         self.spool_replayer = SpoolReplayer(self.spool, self._redis)
@@ -663,6 +664,22 @@ def _record_feedback(
             )
         except FeedbackError as exc:
             raise ValueError(str(exc)) from None
+    finally:
+        connection.close()
+
+
+def _org_month_spend(organization_id: int) -> int:
+    """What an organisation spent this month (its first budgeted request of the month)."""
+    from django.db.models import Sum
+
+    from billing.models import UsageRecord
+
+    try:
+        start = period_start("monthly")
+        total = UsageRecord.objects.filter(
+            organization_id=organization_id, occurred_at__gte=start
+        ).aggregate(total=Sum("cost"))["total"]
+        return int(total or 0)
     finally:
         connection.close()
 

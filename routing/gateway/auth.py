@@ -35,6 +35,7 @@ class KeyInfo:
     credit_limit: int | None = None
     credit_limit_period: str = "never"
     scopes: tuple[str, ...] = ()
+    org_budget: int | None = None  # the organisation's monthly budget (nano-USD)
 
 
 def _load_key(key_hash: str) -> KeyInfo | None:
@@ -59,6 +60,7 @@ def _query_key(key_hash: str) -> KeyInfo | None:
             "credit_limit",
             "credit_limit_period",
             "scopes",
+            "organization__monthly_budget",
         )
         .first()
     )
@@ -77,6 +79,7 @@ def _query_key(key_hash: str) -> KeyInfo | None:
         credit_limit=row["credit_limit"],
         credit_limit_period=row["credit_limit_period"],
         scopes=tuple(row["scopes"] or ()),
+        org_budget=row["organization__monthly_budget"],
     )
 
 

@@ -179,7 +179,9 @@ class Proxy:
         load_balance: Any,
         load_key_spend: Any,
         spool: Spool | None = None,
+        load_org_spend: Any = None,
     ) -> None:
+        self._load_org_spend = load_org_spend
         self.spool = spool
         self.live = live
         self.upstreams = upstreams
@@ -193,6 +195,7 @@ class Proxy:
     ) -> tuple[Verdict, Reservation | None, int]:
         key = job.key
         period, ttl = key_period(key.credit_limit_period)
+        org_period, org_ttl = key_period("monthly")
         for _ in range(4):
             result = await self.live.reserve(
                 organization_id=key.organization_id,
@@ -205,6 +208,9 @@ class Proxy:
                 rate_limit_tpm=key.rate_limit_tpm,
                 attempt=attempt,
                 request_id=job.request_id,
+                org_budget=key.org_budget,
+                org_period=org_period,
+                org_period_ttl=org_ttl,
                 key_credit_limit=key.credit_limit,
                 key_period=period,
                 key_period_ttl=ttl,
@@ -213,6 +219,10 @@ class Proxy:
                 version = await self.live.credit_version(key.organization_id)
                 balance = await self._load_balance(key.organization_id)
                 await self.live.init_credit(key.organization_id, balance, version)
+                continue
+            if result.verdict is Verdict.ORG_SPEND_UNKNOWN:
+                spent = await self._load_org_spend(key.organization_id)
+                await self.live.init_orgspend(key.organization_id, org_period, spent, org_ttl)
                 continue
             if result.verdict is Verdict.KEY_SPEND_UNKNOWN:
                 spent = await self._load_key_spend(key.key_id, key.credit_limit_period)
@@ -250,6 +260,12 @@ class Proxy:
                 raise InsufficientCredit(
                     "your organisation's credit does not cover this request (up to "
                     f"${hold / NANOS_PER_USD:.6f} at the quoted price); top up or lower max_tokens"
+                )
+            if verdict is Verdict.ORG_BUDGET:
+                raise InsufficientCredit(
+                    "your organisation has reached its monthly budget; an owner or billing "
+                    "member can raise it in the console",
+                    code="organization_budget",
                 )
             if verdict is Verdict.KEY_LIMIT:
                 raise InsufficientCredit(

@@ -446,3 +446,22 @@ def test_a_session_sticks_to_its_endpoint_until_it_fails(
     assert other.headers["x-switchyard-endpoint"] == cheap.full_slug
     assert moved.headers["x-switchyard-endpoint"] == cheap.full_slug  # it failed: fall back
     assert after.headers["x-switchyard-endpoint"] == cheap.full_slug  # and stick there now
+
+
+def test_an_organisation_stops_at_its_monthly_budget_with_402(gateway_server, upstream):
+    from marketplace.models import Organization
+
+    endpoint = factories.endpoint(
+        base_url=upstream.base_url, price_input_usd="1000", price_output_usd="1000"
+    )
+    customer = factories.customer(credit_usd="100")
+    # Each request holds about 0.04 USD at these prices; the budget is 0.05 USD a month.
+    Organization.objects.filter(pk=customer.organization.pk).update(monthly_budget=50_000_000)
+    body = {"model": endpoint.full_slug, "messages": MESSAGES, "max_tokens": 8}
+    with gateway_server.client(customer.key) as client:
+        first = client.post("/v1/chat/completions", json=body)
+        second = client.post("/v1/chat/completions", json=body)
+    assert first.status_code == 200
+    assert second.status_code == 402
+    assert second.json()["error"]["code"] == "organization_budget"
+    assert upstream.stats()["total"] == 1
