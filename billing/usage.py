@@ -28,7 +28,7 @@ from django.db import connection, transaction
 
 from billing.credit import USAGE_GROUP, USAGE_STREAM
 from billing.ledger import account_for_organization, account_for_vendor, platform_account
-from billing.models import LedgerAccount, LedgerTransaction, UsageRecord
+from billing.models import LedgerAccount, LedgerTransaction
 from billing.money import split_fee
 from marketplace.models import Organization
 from marketplace.redis_client import sync_client
@@ -152,16 +152,10 @@ def record_events(events: list[dict[str, Any]]) -> tuple[int, int]:
         unique: dict[str, dict[str, Any]] = {}
         for event in events:
             unique.setdefault(event["rid"], event)
-        seen = set(
-            UsageRecord.objects.filter(request_id__in=list(unique)).values_list(
-                "request_id", flat=True
-            )
-        )
-        # Sorted by request id: concurrent consumers take unique-index locks in one order.
-        fresh = sorted((e for rid, e in unique.items() if rid not in seen), key=lambda e: e["rid"])
-        duplicates = len(events) - len(fresh)
-        if not fresh:
-            return 0, duplicates
+        # No look-up of already recorded ids: the unique keys (request id, idempotency key)
+        # with ON CONFLICT DO NOTHING skip them. Sorted by request id: concurrent consumers
+        # take unique-index locks in one order.
+        fresh = sorted(unique.values(), key=lambda e: e["rid"])
         org_ids = {int(e["org"]) for e in fresh}
         vendor_ids = {int(e["vendor"]) for e in fresh if e.get("vendor")}
         organizations = Organization.objects.in_bulk(org_ids)
@@ -251,12 +245,12 @@ def record_events(events: list[dict[str, Any]]) -> tuple[int, int]:
             cursor.execute(
                 f"INSERT INTO billing_usagerecord ({names}, ingested_at)"  # noqa: S608 - fixed names
                 f" SELECT *, now() FROM unnest({arrays})"
-                " ON CONFLICT (request_id) DO NOTHING",
+                " ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
                 [columns[n] for n in _RECORD_COLUMNS],
             )
-            recorded = cursor.rowcount
-        _observe_quality(fresh)
-    return recorded, len(events) - recorded
+            inserted = {row[0] for row in cursor.fetchall()}
+        _observe_quality([e for e in fresh if e["rid"] in inserted])
+    return len(inserted), len(events) - len(inserted)
 
 
 def _observe_quality(events: list[dict[str, Any]]) -> None:
