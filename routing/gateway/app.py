@@ -48,8 +48,8 @@ from routing.gateway.proxy import Job, Proxy, period_start
 from routing.gateway.upstream import UpstreamPool
 from routing.gateway.validate import chat_request, embeddings_request, parse_json
 from routing.live import EndpointNumbers, LiveCache, LiveConfig, LiveState, affinity_key
-from routing.policy import request_parameters, route_policy
-from routing.router import plan_route, prepare_snapshot
+from routing.policy import RoutePolicy, request_parameters, route_policy
+from routing.router import EXPLORE_SHARE, RouteDecision, plan_route, prepare_snapshot
 from routing.scoring import EndpointLive, LiveView
 from routing.snapshot import Snapshot, load_snapshot
 from routing.spool import Spool, SpoolReplayer
@@ -59,6 +59,7 @@ logger = logging.getLogger("switchyard.gateway")
 # Chat templates add a few tokens per message around the content; the hold must cover them.
 TEMPLATE_TOKENS_PER_MESSAGE = 8
 TEMPLATE_TOKENS_BASE = 16
+DECISION_CACHE_SIZE = 4096
 
 
 class GatewayApp:
@@ -74,6 +75,10 @@ class GatewayApp:
         self.proxy: Proxy | None = None
         self.idempotency: Idempotency | None = None
         self.live_view = LiveView()
+        # Route decisions shared by identical requests within one live-numbers epoch.
+        self._decisions: dict[Any, tuple[RouteDecision, dict[str, Any]]] = {}
+        self._decisions_snapshot: Snapshot | None = None
+        self._decisions_view: LiveView | None = None
         self._classifier: TagClassifier | None = None
         self._classifier_lock = asyncio.Lock()
         self.spool = Spool(Path(settings.SWITCHYARD_SPOOL_DIR))
@@ -557,15 +562,7 @@ class GatewayApp:
             classification = await self._classify(job.body.get("messages"))
             policy = policy.with_auto_tags(classification.tag)
             auto_trace = classification.to_trace()
-        decision = plan_route(
-            snapshot,
-            policy,
-            organization_id=job.key.organization_id,
-            kind=job.kind,
-            live=self.live_view,
-            explore_draw=random.random(),
-            request_params=request_parameters(job.body),
-        )
+        decision, decision_trace = self._decide(snapshot, policy, job)
         if not decision.candidates:
             raise decision.no_candidates_error()
         candidates = list(decision.candidates)
@@ -581,7 +578,7 @@ class GatewayApp:
                     candidates.insert(0, candidates.pop(index))
                     break
         job.allow_fallbacks = policy.allow_fallbacks
-        job.decision_trace = decision.to_trace()
+        job.decision_trace = dict(decision_trace)
         if auto_trace is not None:
             job.decision_trace["auto"] = auto_trace
         if cascade is not None:
@@ -590,6 +587,39 @@ class GatewayApp:
                 await self.proxy.run_cascade(job, tiers, CascadeTrace(cascade, tiers), send)
                 return
         await self.proxy.run(job, candidates, send)
+
+    def _decide(
+        self, snapshot: Snapshot, policy: RoutePolicy, job: Job
+    ) -> tuple[RouteDecision, dict[str, Any]]:
+        """Route one request; identical requests share a decision until the live numbers or
+        the routing table change (a few times a second).
+
+        The router is pure, so the same inputs give the same order; only exploration draws
+        differ, and a request that draws exploration is routed afresh and not cached.
+        """
+        draw = random.random()
+        params = request_parameters(job.body)
+        view = self.live_view
+        cacheable = draw >= EXPLORE_SHARE
+        key = (job.key.organization_id, job.kind, policy, params)
+        if self._decisions_snapshot is not snapshot or self._decisions_view is not view:
+            self._decisions = {}
+            self._decisions_snapshot, self._decisions_view = snapshot, view
+        elif cacheable and key in self._decisions:
+            return self._decisions[key]
+        decision = plan_route(
+            snapshot,
+            policy,
+            organization_id=job.key.organization_id,
+            kind=job.kind,
+            live=view,
+            explore_draw=draw,
+            request_params=params,
+        )
+        entry = (decision, decision.to_trace())
+        if cacheable and len(self._decisions) < DECISION_CACHE_SIZE:
+            self._decisions[key] = entry
+        return entry
 
     async def _classify(self, messages: Any) -> Classification:
         """``model: auto``: the capability tag of the prompt (MiniLM, loaded on first use)."""
