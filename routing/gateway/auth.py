@@ -8,6 +8,7 @@ Unknown keys are remembered briefly too, so guessing keys cannot hammer the data
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,8 @@ from django.db import connection
 from marketplace.keys import hash_key, looks_like_key
 from marketplace.models import ApiKey
 from routing.errors import Unauthorized
+
+logger = logging.getLogger("switchyard.gateway")
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +122,15 @@ class KeyCache:
         if cached is not None and cached[0] > now:
             info = cached[1]
         else:
-            info = await self._loader(key_hash)
+            try:
+                info = await self._loader(key_hash)
+            except Exception:
+                if cached is None:
+                    raise
+                # The database is away: keep trusting what we knew (a revocation still
+                # arrives through Redis pub/sub) rather than refusing every customer.
+                logger.warning("key lookup failed; serving the cached answer", exc_info=True)
+                info = cached[1]
             ttl = self._ttl if info is not None else self._negative_ttl
             self._entries[key_hash] = (now + ttl, info)
             self._entries.move_to_end(key_hash)
