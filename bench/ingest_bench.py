@@ -97,7 +97,7 @@ def event(org: int, vendor: int, endpoint: int, rid: str) -> dict:
         "stream": False,
         "tag": None,
         "fail_eps": [],
-        "ts": time.time(),
+        "at": time.time_ns() // 1_000_000,
     }
 
 

@@ -54,7 +54,7 @@ def _setting(name: str, default: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=8)
-def _client_for(api_key: str, api_base: str, retries: int, timeout: float) -> stripe.StripeClient:
+def _client_for(api_key: str, api_base: str, retries: int, timeout: int) -> stripe.StripeClient:
     return stripe.StripeClient(
         api_key,
         base_addresses={"api": api_base, "files": api_base},
@@ -74,7 +74,7 @@ def client() -> stripe.StripeClient:
         api_key,
         str(_setting("STRIPE_API_BASE", DEFAULT_API_BASE) or DEFAULT_API_BASE).rstrip("/"),
         int(_setting("STRIPE_MAX_NETWORK_RETRIES", 2)),
-        float(_setting("STRIPE_TIMEOUT_SECONDS", 30.0)),
+        int(_setting("STRIPE_TIMEOUT_SECONDS", 30)),
     )
 
 

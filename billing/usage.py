@@ -18,13 +18,14 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 import redis
 from django.conf import settings
 from django.db import connection, transaction
+from django.utils import timezone
 
 from billing.credit import USAGE_GROUP, USAGE_STREAM
 from billing.ledger import account_for_organization, account_for_vendor, platform_account
@@ -141,6 +142,15 @@ _RECORD_COLUMNS: dict[str, str] = {
 }
 
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _occurred_at(event: dict[str, Any]) -> datetime:
+    """When the gateway answered: ``at`` is integer epoch milliseconds (exact, no float)."""
+    at = event.get("at")
+    return EPOCH + timedelta(milliseconds=at) if isinstance(at, int) else timezone.now()
+
+
 def record_events(events: list[dict[str, Any]]) -> tuple[int, int]:
     """Write the events' usage records and ledger postings in one transaction, idempotently.
 
@@ -230,7 +240,7 @@ def record_events(events: list[dict[str, Any]]) -> tuple[int, int]:
                     "outcome": str(event.get("out") or "success"),
                     "stream": bool(event.get("stream")),
                     "transaction_id": txn,
-                    "occurred_at": datetime.fromtimestamp(float(event.get("ts") or 0), tz=UTC),
+                    "occurred_at": _occurred_at(event),
                 }
                 for name in _RECORD_COLUMNS:
                     columns[name].append(row[name])

@@ -274,7 +274,7 @@ class RouteDecision:
                 )
             else:
                 i = eligible_row[row]
-                latency = float(live.latency[row])
+                latency = live.latency[row].item()
                 entry.update(
                     status="candidate" if endpoint.id in ranks else "eligible",
                     rank=ranks.get(endpoint.id),
@@ -464,7 +464,7 @@ def plan_route(
     candidates = []
     for r in chosen:
         row = int(eligible[r])
-        measured = float(live_now.latency[row])
+        measured = live_now.latency[row].item()
         candidates.append(
             Candidate(
                 endpoint=endpoints[int(positions[row])],

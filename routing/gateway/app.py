@@ -443,7 +443,7 @@ class GatewayApp:
             raise NotFound("no answered request of yours has that id", code="generation_not_found")
         try:
             await sync_to_async(_record_feedback, thread_sensitive=False)(
-                key.organization_id, rated, trace, float(score), comment
+                key.organization_id, rated, trace, score, comment
             )
         except ValueError as exc:
             raise BadRequest(str(exc), code="invalid_feedback") from None

@@ -123,7 +123,7 @@ class Served:
 
 class Retryable(Exception):
     def __init__(
-        self, attempt: Attempt, *, vendor_fault: bool = True, retry_after: float = 0
+        self, attempt: Attempt, *, vendor_fault: bool = True, retry_after: int = 0
     ) -> None:
         super().__init__(attempt.detail)
         self.attempt = attempt
@@ -474,7 +474,7 @@ class Proxy:
                 "stream": job.stream,
                 "tag": _first_tag(job.model),
                 "fail_eps": _failed_endpoints(attempts),
-                "ts": time.time(),
+                "at": time.time_ns() // 1_000_000,  # epoch milliseconds, an integer
             }
         last = attempts[-1] if attempts else None
         try:
@@ -531,7 +531,7 @@ class Proxy:
             "stream": job.stream,
             "tag": _first_tag(job.model),
             "fail_eps": _failed_endpoints(attempts),
-            "ts": time.time(),
+            "at": time.time_ns() // 1_000_000,  # epoch milliseconds, an integer
         }
         with contextlib.suppress(aioredis.RedisError):
             # Nothing was charged; losing a failure record is acceptable.
@@ -852,13 +852,10 @@ def _requested_tags(model: str) -> list[str]:
     return []
 
 
-def _retry_after(value: str | None) -> float:
-    if not value:
-        return 0.0
-    try:
-        return max(0.0, min(float(value), 300.0))
-    except ValueError:
-        return 0.0
+def _retry_after(value: str | None) -> int:
+    """Retry-After in whole seconds (its HTTP form), at most 300; 0 when absent or a date."""
+    value = (value or "").strip()
+    return min(int(value), 300) if value.isdigit() else 0
 
 
 def _vendor_error_message(text: str) -> str:

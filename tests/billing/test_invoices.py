@@ -51,7 +51,7 @@ def charge(org, endpoint, cost: int, at: float = IN_OCTOBER) -> str:  # type: ig
                 "cost": cost,
                 "ms": 80,
                 "out": "success",
-                "ts": at,
+                "at": int(at * 1000),
             }
         ]
     )

@@ -45,7 +45,7 @@ def charge(org, endpoint, cost: int, *, at: float | None = None) -> str:  # type
                 "cost": cost,
                 "ms": 50,
                 "out": "success",
-                "ts": at if at is not None else time.time(),
+                "at": int((at if at is not None else time.time()) * 1000),
             }
         ]
     )

@@ -36,7 +36,7 @@ def event(org, key, endpoint, at: datetime, n: int, outcome: str = "success") ->
         "cost": 1_000 * n,
         "ms": 40 + n,
         "out": outcome,
-        "ts": at.timestamp(),
+        "at": int(at.timestamp() * 1000),
     }
 
 

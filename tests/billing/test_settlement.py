@@ -50,7 +50,7 @@ def charge(org, endpoint, cost: int) -> str:  # type: ignore[no-untyped-def]
                 "cost": cost,
                 "ms": 120,
                 "out": "success",
-                "ts": time.time(),
+                "at": time.time_ns() // 1_000_000,
             }
         ]
     )

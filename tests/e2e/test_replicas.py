@@ -147,7 +147,7 @@ def _fill_stream(org, endpoint, count: int) -> list[str]:  # type: ignore[no-unt
             "att": 1,
             "out": "success",
             "stream": False,
-            "ts": time.time(),
+            "at": time.time_ns() // 1_000_000,
         }
         pipe.xadd(USAGE_STREAM, {"e": orjson.dumps(event)})
     pipe.execute()

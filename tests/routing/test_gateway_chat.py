@@ -126,7 +126,7 @@ def test_it_charges_a_request_once_even_if_its_event_is_ingested_twice(gateway_s
         "cost": record.cost,
         "pt": 1,
         "ct": 1,
-        "ts": 0,
+        "at": 0,
     }
 
     assert record_events([replay, replay]) == (0, 2)
