@@ -96,3 +96,18 @@ def cost_savings(
         else None
     )
     return {"actual": actual, "reference": reference, "saved": saved, "saved_percent": percent}
+
+
+def spend_since(
+    *, since: datetime | None, organization_id: int | None = None, api_key_id: int | None = None
+) -> int:
+    """Ingested spend (nano-USD) of an organisation or an API key since ``since`` (None:
+    ever); the gateway seeds its budget and key-limit counters with it."""
+    records = UsageRecord.objects.all()
+    if organization_id is not None:
+        records = records.filter(organization_id=organization_id)
+    if api_key_id is not None:
+        records = records.filter(api_key_id=api_key_id)
+    if since is not None:
+        records = records.filter(occurred_at__gte=since)
+    return int(records.aggregate(total=Sum("cost"))["total"] or 0)

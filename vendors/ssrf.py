@@ -28,9 +28,6 @@ METADATA_ADDRESSES = {
     ipaddress.ip_address("100.100.100.200"),
     ipaddress.ip_address("fd00:ec2::254"),
 }
-_DOTTED_QUAD = re.compile(
-    r"^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$"
-)
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\.?$"
 )
@@ -85,8 +82,6 @@ def _parse_host(host: str) -> IPAddress | None:
         return ipaddress.ip_address(host)
     except ValueError:
         pass
-    if _DOTTED_QUAD.match(host):  # pragma: no cover - ip_address accepts these
-        return ipaddress.ip_address(host)
     if re.fullmatch(r"[0-9.x]+", host) or host.replace(".", "").isdigit():
         raise UnsafeURLError("numeric host names other than dotted quads are not accepted")
     if not _HOSTNAME.match(host):

@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection
 
 from billing.credit import USAGE_STREAM
-from billing.selectors import organization_balance_by_id
+from billing.selectors import organization_balance_by_id, spend_since
 from marketplace import invalidation
 from marketplace.logs import accept_request_id, request_id_var
 from routing import metrics
@@ -34,6 +33,7 @@ from routing.auto import Classification, TagClassifier, classifier_from_db, prom
 from routing.cascade import CascadeTrace, parse_cascade, plan_tiers, without_cascade
 from routing.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, Unavailable
 from routing.gateway.auth import KeyCache, KeyInfo
+from routing.gateway.db import off_loop
 from routing.gateway.http import (
     ClientGone,
     Receive,
@@ -124,9 +124,9 @@ class GatewayApp:
         self.proxy = Proxy(
             self.live,
             self.upstreams,
-            load_balance=sync_to_async(_organization_balance, thread_sensitive=False),
-            load_key_spend=sync_to_async(_key_spend, thread_sensitive=False),
-            load_org_spend=sync_to_async(_org_month_spend, thread_sensitive=False),
+            load_balance=off_loop(organization_balance_by_id),
+            load_key_spend=off_loop(_key_spend),
+            load_org_spend=off_loop(_org_month_spend),
             spool=self.spool,
         )
         self.spool_replayer = SpoolReplayer(self.spool, self._redis)
@@ -186,8 +186,8 @@ class GatewayApp:
                     elif text == invalidation.SNAPSHOT:
                         self._snapshot_at = 0.0
                         if self._classifier is not None:  # tag examples may have changed
-                            self._classifier = await asyncio.to_thread(
-                                _build_classifier, self._classifier
+                            self._classifier = await off_loop(classifier_from_db)(
+                                previous=self._classifier
                             )
             except asyncio.CancelledError:
                 raise
@@ -248,7 +248,7 @@ class GatewayApp:
         async with self._snapshot_lock:
             if self._snapshot is None or time.monotonic() - self._snapshot_at >= refresh:
                 try:
-                    self._snapshot = await sync_to_async(_load_snapshot, thread_sensitive=False)()
+                    self._snapshot = await off_loop(_load_snapshot)()
                     if self.live_cache is not None:
                         self._rebuild_live_view(self.live_cache.numbers)
                 except Exception:
@@ -335,7 +335,7 @@ class GatewayApp:
         except Exception as exc:
             checks["redis"] = f"error: {type(exc).__name__}"
         try:
-            await sync_to_async(_database_ping, thread_sensitive=False)()
+            await off_loop(_database_ping)()
             checks["database"] = "ok"
         except Exception as exc:
             checks["database"] = f"error: {type(exc).__name__}"
@@ -442,9 +442,7 @@ class GatewayApp:
         ):
             raise NotFound("no answered request of yours has that id", code="generation_not_found")
         try:
-            await sync_to_async(_record_feedback, thread_sensitive=False)(
-                key.organization_id, rated, trace, score, comment
-            )
+            await off_loop(_record_feedback)(key.organization_id, rated, trace, score, comment)
         except ValueError as exc:
             raise BadRequest(str(exc), code="invalid_feedback") from None
         await send_json(send, 200, {"id": rated, "score": score, "recorded": True}, request_id)
@@ -627,7 +625,7 @@ class GatewayApp:
             assert self._snapshot_lock is not None
             async with self._classifier_lock:
                 if self._classifier is None:
-                    self._classifier = await asyncio.to_thread(_build_classifier, None)
+                    self._classifier = await off_loop(classifier_from_db)()
         return await self._classifier.classify_async(prompt_text(messages))
 
 
@@ -648,27 +646,14 @@ def _check_content_type(headers: dict[str, str]) -> None:
         raise BadRequest("send the body as application/json", code="invalid_content_type")
 
 
-def _organization_balance(organization_id: int) -> int:
-    try:
-        return organization_balance_by_id(organization_id)
-    finally:
-        connection.close()
-
-
 def _key_spend(key_id: int, period: str) -> int:
     """What a key spent so far this period, from ingested usage (its first request only)."""
-    from django.db.models import Sum
+    return spend_since(api_key_id=key_id, since=period_start(period))
 
-    from billing.models import UsageRecord
 
-    try:
-        records = UsageRecord.objects.filter(api_key_id=key_id)
-        start = period_start(period)
-        if start is not None:
-            records = records.filter(occurred_at__gte=start)
-        return int(records.aggregate(total=Sum("cost"))["total"] or 0)
-    finally:
-        connection.close()
+def _org_month_spend(organization_id: int) -> int:
+    """What an organisation spent this month (its first budgeted request of the month)."""
+    return spend_since(organization_id=organization_id, since=period_start("monthly"))
 
 
 def _record_feedback(
@@ -678,61 +663,29 @@ def _record_feedback(
     from vendors.models import Endpoint
     from vendors.services import FeedbackError, feedback_record
 
+    vendor_slug, _, endpoint_slug = str(trace["served_by"]).partition("/")
+    endpoint = Endpoint.objects.filter(vendor__slug=vendor_slug, slug=endpoint_slug).first()
+    if endpoint is None:
+        raise ValueError("the endpoint that served this request no longer exists")
     try:
-        vendor_slug, _, endpoint_slug = str(trace["served_by"]).partition("/")
-        endpoint = Endpoint.objects.filter(vendor__slug=vendor_slug, slug=endpoint_slug).first()
-        if endpoint is None:
-            raise ValueError("the endpoint that served this request no longer exists")
-        try:
-            feedback_record(
-                organization=Organization.objects.get(pk=organization_id),
-                request_id=request_id,
-                endpoint=endpoint,
-                tags=trace.get("tags") or None,
-                score=score,
-                comment=comment,
-            )
-        except FeedbackError as exc:
-            raise ValueError(str(exc)) from None
-    finally:
-        connection.close()
-
-
-def _org_month_spend(organization_id: int) -> int:
-    """What an organisation spent this month (its first budgeted request of the month)."""
-    from django.db.models import Sum
-
-    from billing.models import UsageRecord
-
-    try:
-        start = period_start("monthly")
-        total = UsageRecord.objects.filter(
-            organization_id=organization_id, occurred_at__gte=start
-        ).aggregate(total=Sum("cost"))["total"]
-        return int(total or 0)
-    finally:
-        connection.close()
-
-
-def _build_classifier(previous: TagClassifier | None) -> TagClassifier:
-    try:
-        return classifier_from_db(previous=previous)
-    finally:
-        connection.close()
+        feedback_record(
+            organization=Organization.objects.get(pk=organization_id),
+            request_id=request_id,
+            endpoint=endpoint,
+            tags=trace.get("tags") or None,
+            score=score,
+            comment=comment,
+        )
+    except FeedbackError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _database_ping() -> None:
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-    finally:
-        connection.close()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
 
 
 def _load_snapshot() -> Snapshot:
-    try:
-        snapshot = load_snapshot()
-        prepare_snapshot(snapshot)  # the router's arrays, built here rather than per request
-        return snapshot
-    finally:
-        connection.close()
+    snapshot = load_snapshot()
+    prepare_snapshot(snapshot)  # the router's arrays, built here rather than per request
+    return snapshot

@@ -15,12 +15,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from asgiref.sync import sync_to_async
-from django.db import connection
-
 from marketplace.keys import hash_key, looks_like_key
 from marketplace.models import ApiKey
 from routing.errors import Unauthorized
+from routing.gateway.db import off_loop
 
 logger = logging.getLogger("switchyard.gateway")
 
@@ -39,14 +37,6 @@ class KeyInfo:
     credit_limit_period: str = "never"
     scopes: tuple[str, ...] = ()
     org_budget: int | None = None  # the organisation's monthly budget (nano-USD)
-
-
-def _load_key(key_hash: str) -> KeyInfo | None:
-    try:
-        return _query_key(key_hash)
-    finally:
-        # Misses are rare: do not keep a connection per executor thread open.
-        connection.close()
 
 
 def _query_key(key_hash: str) -> KeyInfo | None:
@@ -99,7 +89,7 @@ class KeyCache:
         self._negative_ttl = negative_ttl
         self._max = max_entries
         self._entries: OrderedDict[str, tuple[float, KeyInfo | None]] = OrderedDict()
-        self._loader = loader or sync_to_async(_load_key, thread_sensitive=False)
+        self._loader = loader or off_loop(_query_key)
 
     def forget(self, key_hash: str) -> None:
         self._entries.pop(key_hash, None)

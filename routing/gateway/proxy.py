@@ -138,27 +138,11 @@ class VendorRefused(Exception):
         self.message = message
 
 
-def key_period(period: str, now: datetime | None = None) -> tuple[str, int]:
-    """The id of the key's current credit-limit period and seconds until it ends (+1 h)."""
-    now = now or datetime.now(UTC)
-    if period == "daily":
-        end = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-        return now.strftime("d%Y%m%d"), int((end - now).total_seconds()) + 3600
-    if period == "weekly":
-        start = (now - timedelta(days=now.weekday())).replace(
-            hour=0, minute=0, second=0, microsecond=0
-        )
-        end = start + timedelta(days=7)
-        return start.strftime("w%Y%m%d"), int((end - now).total_seconds()) + 3600
-    if period == "monthly":
-        nxt = (now.replace(day=28) + timedelta(days=4)).replace(
-            day=1, hour=0, minute=0, second=0, microsecond=0
-        )
-        return now.strftime("m%Y%m"), int((nxt - now).total_seconds()) + 3600
-    return "all", 400 * 24 * 3600
+_PERIOD_DAYS = {"daily": 1, "weekly": 7}
 
 
 def period_start(period: str, now: datetime | None = None) -> datetime | None:
+    """The start (UTC) of the current daily, weekly or monthly period; None for ``never``."""
     now = now or datetime.now(UTC)
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     if period == "daily":
@@ -168,6 +152,19 @@ def period_start(period: str, now: datetime | None = None) -> datetime | None:
     if period == "monthly":
         return midnight.replace(day=1)
     return None
+
+
+def key_period(period: str, now: datetime | None = None) -> tuple[str, int]:
+    """The id of the current credit-limit period and the seconds until it ends (+1 h)."""
+    now = now or datetime.now(UTC)
+    start = period_start(period, now)
+    if start is None:
+        return "all", 400 * 24 * 3600
+    if period == "monthly":
+        end = (start.replace(day=28) + timedelta(days=4)).replace(day=1)
+    else:
+        end = start + timedelta(days=_PERIOD_DAYS[period])
+    return f"{period[0]}{start:%Y%m%d}", int((end - now).total_seconds()) + 3600
 
 
 class Proxy:
