@@ -120,6 +120,7 @@ local spend_ttl = tonumber(ARGV[13])
 local attempt, request_id = tonumber(ARGV[15]), ARGV[16]
 local budget_ratio, budget_min = tonumber(ARGV[17]), tonumber(ARGV[18])
 local orgspend, org_budget, org_ttl = KEYS[7], tonumber(ARGV[19]), tonumber(ARGV[20])
+local budget_lease = ARGV[21]
 
 -- Retry budget shared by every replica (Envoy's rule): retries in flight may not exceed
 -- max(budget_min, budget_ratio * requests in flight), so a failing vendor cannot multiply
@@ -162,7 +163,16 @@ if not balance then
   if half_open then redis.call('DEL', trial) end
   return {-1, 0, 0}
 end
-if tonumber(balance) < hold then
+-- A leg of an orchestrated request draws first on the budget held for the whole request
+-- (see budget_open); beyond it, on the spendable credit like any request.
+local take, budget_info = 0, nil
+if budget_lease ~= '' then
+  budget_info = redis.call('HGET', 'sy:holdinfo', budget_lease)
+  if budget_info then
+    take = math.min(tonumber(string.match(budget_info, '^[^|]*|([^|]*)')), hold)
+  end
+end
+if tonumber(balance) + take < hold then
   if half_open then redis.call('DEL', trial) end
   return {0, 0, 0}
 end
@@ -189,7 +199,12 @@ if org_budget >= 0 then
   end
 end
 
-redis.call('DECRBY', credit, hold)
+redis.call('DECRBY', credit, hold - take)
+if take > 0 then
+  local bcredit, bamount, brest = string.match(budget_info, '^([^|]*)|([^|]*)|(.*)$')
+  redis.call('HSET', 'sy:holdinfo', budget_lease,
+    bcredit .. '|' .. (tonumber(bamount) - take) .. '|' .. brest)
+end
 -- Remember the hold so that it comes back by itself if this gateway dies (sweep_holds).
 redis.call('ZADD', 'sy:holds', now + lease_ttl, lease)
 local spend_key, org_key = '', ''
@@ -329,6 +344,32 @@ end
 return #expired
 """
 
+# Orchestrated requests: one hold for the whole request, taken before its first step.
+# It lives in sy:holds like any hold, so the sweep returns it if the gateway dies; each leg's
+# reserve moves what it needs from it (see _RESERVE), budget_close returns the rest.
+_BUDGET_OPEN = """
+local credit, lease = KEYS[1], ARGV[1]
+local amount, expires = tonumber(ARGV[2]), tonumber(ARGV[3])
+local balance = redis.call('GET', credit)
+if not balance then return -1 end
+if tonumber(balance) < amount then return 0 end
+redis.call('DECRBY', credit, amount)
+redis.call('ZADD', 'sy:holds', expires, lease)
+redis.call('HSET', 'sy:holdinfo', lease, credit .. '|' .. amount .. '||')
+return 1
+"""
+
+_BUDGET_CLOSE = """
+local lease = ARGV[1]
+local info = redis.call('HGET', 'sy:holdinfo', lease)
+if not info then return -1 end
+local credit, amount = string.match(info, '^([^|]*)|([^|]*)')
+if redis.call('EXISTS', credit) == 1 then redis.call('INCRBY', credit, amount) end
+redis.call('ZREM', 'sy:holds', lease)
+redis.call('HDEL', 'sy:holdinfo', lease)
+return tonumber(amount)
+"""
+
 _INIT_CREDIT = """
 local ver = redis.call('GET', KEYS[2]) or '0'
 if ver ~= ARGV[2] then return 0 end
@@ -383,6 +424,8 @@ class LiveState:
         self._settle = client.register_script(_SETTLE)
         self._init_credit = client.register_script(_INIT_CREDIT)
         self._sweep = client.register_script(_SWEEP)
+        self._budget_open = client.register_script(_BUDGET_OPEN)
+        self._budget_close = client.register_script(_BUDGET_CLOSE)
 
     async def init_credit(self, organization_id: int, balance: int, version: bytes | None) -> None:
         from billing.credit import credit_version_key
@@ -423,6 +466,7 @@ class LiveState:
         org_period_ttl: int = 0,
         key_period: str,
         key_period_ttl: int,
+        budget_lease: str = "",
     ) -> ReserveResult:
         now = time.time()
         window = int(now // 60)
@@ -458,6 +502,7 @@ class LiveState:
                 self.config.retry_budget_min,
                 -1 if org_budget is None else org_budget,
                 org_period_ttl,
+                budget_lease,
             ],
         )
         verdict = Verdict(int(result[0]))
@@ -565,6 +610,30 @@ class LiveState:
         if trace:
             pipe.set(trace_key(request_id), orjson.dumps(trace), ex=self.config.trace_ttl)
         await pipe.execute()
+
+    async def budget_open(
+        self, organization_id: int, amount: int, lease: str, ttl: float
+    ) -> Verdict:
+        """Hold ``amount`` of the organisation's credit for a whole orchestrated request.
+
+        OK, NO_CREDIT, or CREDIT_UNKNOWN (load the balance, ``init_credit``, try again).
+        """
+        result = await self._budget_open(
+            keys=[credit_key(organization_id)], args=[lease, amount, repr(time.time() + ttl)]
+        )
+        return {1: Verdict.OK, 0: Verdict.NO_CREDIT}.get(int(result), Verdict.CREDIT_UNKNOWN)
+
+    async def budget_remaining(self, lease: str) -> int:
+        """What is left of a budget hold (0 once closed or swept)."""
+        info = await self.client.hget("sy:holdinfo", lease)
+        if info is None:
+            return 0
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        return int(text.split("|")[1])
+
+    async def budget_close(self, lease: str) -> int:
+        """Return what is left of a budget hold to the credit; safe to repeat."""
+        return max(int(await self._budget_close(keys=[], args=[lease])), 0)
 
     async def sweep_holds(self) -> int:
         """Return expired holds (their gateway died mid-request) to the credit; any replica

@@ -71,6 +71,7 @@ class Job:
     include_usage: bool = False
     allow_fallbacks: bool = True
     affinity_key: str | None = None  # session affinity: where the serving endpoint is kept
+    budget_lease: str = ""  # a leg of an orchestrated request draws on this budget hold first
     started: float = field(default_factory=time.monotonic)
     decision_trace: dict[str, Any] = field(default_factory=dict)
 
@@ -211,6 +212,7 @@ class Proxy:
                 key_credit_limit=key.credit_limit,
                 key_period=period,
                 key_period_ttl=ttl,
+                budget_lease=job.budget_lease,
             )
             if result.verdict is Verdict.CREDIT_UNKNOWN:
                 version = await self.live.credit_version(key.organization_id)

@@ -304,3 +304,87 @@ def test_retries_in_flight_stay_within_the_shared_budget():
 
     verdicts = _run(scenario, config)
     assert verdicts == [Verdict.OK] * 4 + [Verdict.RETRY_BUDGET] * 4
+
+
+def _reserve_leg(state: LiveState, *, hold: int, lease: str, budget: str):  # type: ignore[no-untyped-def]
+    return state.reserve(
+        organization_id=1,
+        key_id=5,
+        endpoint_id=10,
+        capacity=100,
+        hold=hold,
+        lease=lease,
+        rate_limit_rpm=None,
+        key_credit_limit=None,
+        key_period="all",
+        key_period_ttl=3600,
+        budget_lease=budget,
+    )
+
+
+def test_an_orchestration_budget_is_held_and_its_legs_draw_on_it_first():
+    sync_client().set(credit_key(1), 1_000)
+
+    async def scenario(state: LiveState):  # type: ignore[no-untyped-def]
+        opened = await state.budget_open(1, 600, "b1", ttl=60)
+        after_open = int(sync_client().get(credit_key(1)))
+        leg = await _reserve_leg(state, hold=250, lease="leg1", budget="b1")
+        left = await state.budget_remaining("b1")
+        # A leg bigger than what is left of the budget takes the rest from the credit.
+        big = await _reserve_leg(state, hold=500, lease="leg2", budget="b1")
+        return opened, after_open, leg.verdict, left, big.verdict
+
+    opened, after_open, leg, left, big = _run(scenario)
+    assert opened is Verdict.OK
+    assert after_open == 400
+    assert leg is Verdict.OK and left == 350
+    assert big is Verdict.OK
+    # 1_000 - 250 - 500 held by legs, nothing left in the budget.
+    assert int(sync_client().get(credit_key(1))) == 250
+    assert _run(lambda s: s.budget_remaining("b1")) == 0
+
+
+def test_a_leg_beyond_budget_and_credit_is_refused_and_takes_nothing():
+    sync_client().set(credit_key(1), 1_000)
+
+    async def scenario(state: LiveState):  # type: ignore[no-untyped-def]
+        await state.budget_open(1, 600, "b1", ttl=60)
+        refused = await _reserve_leg(state, hold=1_001, lease="leg1", budget="b1")
+        return refused.verdict, await state.budget_remaining("b1")
+
+    verdict, left = _run(scenario)
+    assert verdict is Verdict.NO_CREDIT
+    assert left == 600
+    assert int(sync_client().get(credit_key(1))) == 400
+
+
+def test_a_budget_beyond_the_balance_is_refused_and_closing_returns_the_rest_once():
+    sync_client().set(credit_key(1), 500)
+
+    async def scenario(state: LiveState):  # type: ignore[no-untyped-def]
+        refused = await state.budget_open(1, 501, "big", ttl=60)
+        ok = await state.budget_open(1, 300, "b1", ttl=60)
+        await _reserve_leg(state, hold=100, lease="leg1", budget="b1")
+        first = await state.budget_close("b1")
+        second = await state.budget_close("b1")
+        return refused, ok, first, second
+
+    refused, ok, first, second = _run(scenario)
+    assert (refused, ok) == (Verdict.NO_CREDIT, Verdict.OK)
+    assert (first, second) == (200, 0)
+    assert int(sync_client().get(credit_key(1))) == 400  # only the leg's hold is out
+
+
+def test_the_budget_of_a_gateway_that_died_comes_back_with_the_sweep():
+    sync_client().set(credit_key(1), 500)
+
+    async def scenario(state: LiveState):  # type: ignore[no-untyped-def]
+        await state.budget_open(1, 300, "b1", ttl=-1)  # already expired
+        return await state.sweep_holds()
+
+    assert _run(scenario) == 1
+    assert int(sync_client().get(credit_key(1))) == 500
+
+
+def test_a_budget_for_an_unknown_balance_asks_for_it():
+    assert _run(lambda s: s.budget_open(1, 10, "b1", ttl=60)) is Verdict.CREDIT_UNKNOWN
