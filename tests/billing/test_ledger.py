@@ -54,6 +54,16 @@ def test_the_database_refuses_an_unbalanced_commit_that_bypasses_the_service():
             cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
 
 
+def test_the_database_refuses_an_unbalanced_row_added_to_an_old_balanced_transaction():
+    org = factories.organization(credit_usd="1")
+    entry = LedgerEntry.objects.filter(account=account_for_organization(org)).first()
+    with pytest.raises(DatabaseError, match="does not balance"), transaction.atomic():
+        LedgerEntry.objects.create(
+            transaction_id=entry.transaction_id, account=entry.account, amount=7
+        )
+    assert organization_balance(org) == usd_to_nanos("1")
+
+
 def test_the_database_refuses_to_rewrite_history():
     org = factories.organization(credit_usd="1")
     entry = LedgerEntry.objects.filter(account=account_for_organization(org)).first()
