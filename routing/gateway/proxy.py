@@ -73,6 +73,8 @@ class Job:
     affinity_key: str | None = None  # session affinity: where the serving endpoint is kept
     started: float = field(default_factory=time.monotonic)
     decision_trace: dict[str, Any] = field(default_factory=dict)
+    tool: str | None = None  # the tool this request runs (POST /v1/tools/<name>, MCP)
+    trace: dict[str, Any] | None = None  # the route trace, once the request is settled
 
 
 @dataclass
@@ -422,7 +424,7 @@ class Proxy:
     def _trace(
         self, job: Job, attempts: list[Attempt], served: Served | None, outcome: str
     ) -> dict[str, Any]:
-        return {
+        trace = {
             "id": job.request_id,
             "organization_id": job.key.organization_id,
             "key_prefix": job.key.prefix,
@@ -442,6 +444,10 @@ class Proxy:
             "cost_nanos": served.cost if served else 0,
             "latency_ms": int((time.monotonic() - job.started) * 1000),
         }
+        if job.tool is not None:
+            trace["tool"] = job.tool
+        job.trace = trace
+        return trace
 
     async def _finish(
         self, job: Job, served: Served, attempts: list[Attempt], *, vendor_failed: bool
