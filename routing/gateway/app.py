@@ -111,6 +111,7 @@ class GatewayApp:
         if self._loop is loop:
             return
         self._loop = loop
+        self._mcp_server = None  # its session manager's task lived on the previous loop
         # A blocking pool: under a burst, requests wait for a connection rather than fail;
         # no socket_timeout, which would wrap every command in an extra task.
         pool = aioredis.BlockingConnectionPool.from_url(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import mcp_types as types
 from mcp.server import Server, ServerRequestContext
@@ -61,7 +61,8 @@ class McpToolServer:
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, key: KeyInfo) -> None:
         manager = await self._running()
-        await manager.handle_request({**scope, KEY_SCOPE: key}, receive, send)
+        # Starlette types ``send`` over MutableMapping messages; ours are plain dicts.
+        await manager.handle_request({**scope, KEY_SCOPE: key}, receive, cast(Any, send))
 
     async def _running(self) -> StreamableHTTPSessionManager:
         if self._manager is not None and self._ready.is_set():
