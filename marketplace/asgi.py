@@ -1,7 +1,8 @@
 """ASGI entry point: the gateway beside Django.
 
-``/v1/...`` goes to the lean gateway (routing.gateway), which never enters Django's request
-machinery; WebSockets go to Channels; everything else is Django.
+``/v1/...`` (and ``/mcp``, the MCP server of the tools) goes to the lean gateway
+(routing.gateway), which never enters Django's request machinery; WebSockets go to
+Channels; everything else is Django.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 
 from routing.gateway.app import GatewayApp  # noqa: E402
 
-GATEWAY_PATHS = frozenset({"/readyz", "/metrics"})
+GATEWAY_PATHS = frozenset({"/readyz", "/metrics", "/mcp"})
 
 
 def build_application(gateway: GatewayApp | None = None):  # type: ignore[no-untyped-def]

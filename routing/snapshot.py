@@ -56,6 +56,7 @@ class EndpointView:
     # Measured quality per capability tag, 0..1 ("*" = overall); empty until probed.
     quality: Mapping[str, float] = field(default_factory=dict, hash=False)
     supported_parameters: frozenset[str] = DEFAULT_SUPPORTED_PARAMETERS
+    languages: tuple[str, ...] = ()  # what the vendor declares (tool descriptions)
 
     @property
     def full_slug(self) -> str:
@@ -65,14 +66,28 @@ class EndpointView:
         return self.private_to is None or self.private_to == organization_id
 
 
+@dataclass(frozen=True, slots=True)
+class TagView:
+    """A capability tag as the platform describes it (the tool catalog's source)."""
+
+    slug: str
+    name: str
+    kind: str  # "task" | "domain"
+    description: str = ""
+
+
 @dataclass(frozen=True)
 class Snapshot:
     endpoints: tuple[EndpointView, ...]
     by_slug: dict[str, EndpointView] = field(default_factory=dict)
     by_tag: dict[str, tuple[EndpointView, ...]] = field(default_factory=dict)
+    # The tags routable endpoints carry; a tag missing here is described by its slug alone.
+    tags: dict[str, TagView] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, endpoints: list[EndpointView]) -> Snapshot:
+    def build(
+        cls, endpoints: list[EndpointView], tags: Mapping[str, TagView] | None = None
+    ) -> Snapshot:
         by_tag: dict[str, list[EndpointView]] = defaultdict(list)
         for endpoint in endpoints:
             for tag in endpoint.tags:
@@ -81,6 +96,7 @@ class Snapshot:
             endpoints=tuple(endpoints),
             by_slug={e.full_slug: e for e in endpoints},
             by_tag={tag: tuple(items) for tag, items in by_tag.items()},
+            tags=dict(tags or {}),
         )
 
 
@@ -106,6 +122,7 @@ def endpoint_view(endpoint: Endpoint, quality: Mapping[str, float] | None = None
         private_to=endpoint.private_to_id,
         version=endpoint.version,
         quality=dict(quality or {}),
+        languages=tuple(str(language) for language in endpoint.languages or ()),
     )
 
 
@@ -115,4 +132,10 @@ def load_snapshot() -> Snapshot:
 
     endpoints = list(routable_endpoints())
     scores = quality_map(e.pk for e in endpoints)
-    return Snapshot.build([endpoint_view(e, scores.get(e.pk)) for e in endpoints])
+    # The endpoints' tags are prefetched whole: their descriptions cost no extra query.
+    tags = {
+        tag.slug: TagView(slug=tag.slug, name=tag.name, kind=tag.kind, description=tag.description)
+        for endpoint in endpoints
+        for tag in endpoint.tags.all()
+    }
+    return Snapshot.build([endpoint_view(e, scores.get(e.pk)) for e in endpoints], tags)

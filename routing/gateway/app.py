@@ -31,7 +31,14 @@ from marketplace.logs import accept_request_id, request_id_var
 from routing import metrics
 from routing.auto import Classification, TagClassifier, classifier_from_db, prompt_text
 from routing.cascade import CascadeTrace, parse_cascade, plan_tiers, without_cascade
-from routing.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, Unavailable
+from routing.errors import (
+    BadRequest,
+    GatewayError,
+    MethodNotAllowed,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+)
 from routing.gateway.auth import KeyCache, KeyInfo
 from routing.gateway.db import off_loop
 from routing.gateway.http import (
@@ -44,15 +51,23 @@ from routing.gateway.http import (
     send_json,
 )
 from routing.gateway.idempotency import Idempotency, Recorder, check_key, replay
+from routing.gateway.mcp_server import McpToolServer
 from routing.gateway.proxy import Job, Proxy, period_start
+from routing.gateway.tools import TOOLS_PREFIX, run_tool, tool_call_fields
 from routing.gateway.upstream import UpstreamPool
-from routing.gateway.validate import chat_request, embeddings_request, parse_json
+from routing.gateway.validate import (
+    ChatRequest,
+    chat_request,
+    embeddings_request,
+    parse_json,
+)
 from routing.live import EndpointNumbers, LiveCache, LiveConfig, LiveState, affinity_key
 from routing.policy import RoutePolicy, request_parameters, route_policy
 from routing.router import EXPLORE_SHARE, RouteDecision, plan_route, prepare_snapshot
 from routing.scoring import EndpointLive, LiveView
 from routing.snapshot import Snapshot, load_snapshot
 from routing.spool import Spool, SpoolReplayer
+from routing.tools import ToolCatalog
 
 logger = logging.getLogger("switchyard.gateway")
 
@@ -80,6 +95,8 @@ class GatewayApp:
         self._decisions_snapshot: Snapshot | None = None
         self._decisions_view: LiveView | None = None
         self._classifier: TagClassifier | None = None
+        self._tools: tuple[Snapshot, ToolCatalog] | None = None
+        self._mcp_server: McpToolServer | None = None
         self._classifier_lock = asyncio.Lock()
         self.spool = Spool(Path(settings.SWITCHYARD_SPOOL_DIR))
         self.spool_replayer: SpoolReplayer | None = None
@@ -94,6 +111,7 @@ class GatewayApp:
         if self._loop is loop:
             return
         self._loop = loop
+        self._mcp_server = None  # its session manager's task lived on the previous loop
         # A blocking pool: under a burst, requests wait for a connection rather than fail;
         # no socket_timeout, which would wrap every command in an extra task.
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -152,6 +170,9 @@ class GatewayApp:
                 return
 
     async def aclose(self) -> None:
+        if self._mcp_server is not None:
+            await self._mcp_server.stop()
+            self._mcp_server = None
         for task in (self._listener, self._sweeper):
             if task is not None:
                 task.cancel()
@@ -274,11 +295,14 @@ class GatewayApp:
             )
             if trusted:
                 request_id_var.set(f"{trusted}/{request_id}")
-            route_to = ROUTES.get(scope["path"])
+            path = scope["path"]
+            route_to = ROUTES.get(path)
+            if route_to is None and path.startswith(TOOLS_PREFIX):
+                route_to = ("POST", GatewayApp._tool_call)
             if route_to is None:
-                raise NotFound(f"no such route: {scope['path']}", code="unknown_url")
+                raise NotFound(f"no such route: {path}", code="unknown_url")
             method, handler = route_to
-            if scope["method"] != method:
+            if method is not None and scope["method"] != method:
                 raise MethodNotAllowed(f"use {method} for {scope['path']}")
             await handler(self, scope, receive, send, headers, request_id)
         except GatewayError as exc:
@@ -512,11 +536,6 @@ class GatewayApp:
     async def _chat_body(self, key: KeyInfo, raw: bytes, send: Send, request_id: str) -> None:
         body = parse_json(raw)
         request = chat_request(body, max_messages=settings.GATEWAY_MAX_MESSAGES)
-        prompt_bound = (
-            request.prompt_bytes
-            + TEMPLATE_TOKENS_PER_MESSAGE * request.message_count
-            + TEMPLATE_TOKENS_BASE
-        )
         job = Job(
             kind="chat",
             request_id=request_id,
@@ -524,12 +543,72 @@ class GatewayApp:
             body=body,
             model=request.model,
             upstream_path="/chat/completions",
-            prompt_bound=prompt_bound,
+            prompt_bound=self.prompt_bound(request),
             max_tokens=request.max_tokens,
             stream=request.stream,
             include_usage=request.include_usage,
         )
-        await self._run(job, send)
+        await self.run_job(job, send)
+
+    @staticmethod
+    def prompt_bound(request: ChatRequest) -> int:
+        """An upper bound of a chat prompt's tokens (a token covers at least one byte)."""
+        return (
+            request.prompt_bytes
+            + TEMPLATE_TOKENS_PER_MESSAGE * request.message_count
+            + TEMPLATE_TOKENS_BASE
+        )
+
+    # --- tools (routing.tools, routing.gateway.tools) -------------------------------------
+
+    async def tool_catalog(self) -> ToolCatalog:
+        """The tools of the current routing table, built once per snapshot."""
+        snapshot = await self.snapshot()
+        catalog = self._tools
+        if catalog is None or catalog[0] is not snapshot:
+            catalog = self._tools = (snapshot, ToolCatalog.build(snapshot))
+        return catalog[1]
+
+    async def _tools_list(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
+    ) -> None:
+        """``GET /v1/tools``: one OpenAI function tool per capability the key may use."""
+        key = await self.keys.authenticate(headers.get("authorization"))
+        tools = (await self.tool_catalog()).for_organization(key.organization_id)
+        await send_json(send, 200, {"object": "list", "data": tools.definitions()}, request_id)
+
+    async def _tool_call(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
+    ) -> None:
+        """``POST /v1/tools/<name>`` ``{"arguments": {...}, "provider": {...}}``."""
+        key = await self.keys.authenticate(headers.get("authorization"))
+        name = scope["path"][len(TOOLS_PREFIX) :]
+        _check_content_type(headers)
+        raw = await read_body(receive, headers, settings.GATEWAY_MAX_BODY_BYTES)
+
+        async def handle(out: Send) -> None:
+            arguments, provider = tool_call_fields(parse_json(raw))
+            run = await run_tool(
+                self, key, name, arguments, provider=provider, request_id=request_id
+            )
+            await send_json(out, 200, run.result, run.request_id, run.headers)
+
+        # The tool is part of what an Idempotency-Key stands for, not only the body.
+        fingerprint = b"tool:" + name.encode("utf-8", "replace") + b"\n" + raw
+        await self._idempotent(key, headers, fingerprint, send, request_id, handle)
+
+    async def _mcp(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
+    ) -> None:
+        """``/mcp``: the same tools over MCP (streamable HTTP), for the same API keys."""
+        try:
+            key = await self.keys.authenticate(headers.get("authorization"))
+        except Unauthorized as exc:
+            exc.headers = {**exc.headers, "www-authenticate": 'Bearer realm="switchyard"'}
+            raise
+        if self._mcp_server is None:
+            self._mcp_server = McpToolServer(self)
+        await self._mcp_server.handle(scope, receive, send, key)
 
     async def _embeddings(
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
@@ -548,9 +627,10 @@ class GatewayApp:
             upstream_path="/embeddings",
             prompt_bound=request.token_bound,
         )
-        await self._run(job, send)
+        await self.run_job(job, send)
 
-    async def _run(self, job: Job, send: Send) -> None:
+    async def run_job(self, job: Job, send: Send) -> None:
+        """Route ``job`` and serve it (chat, embeddings, tool calls): the request path."""
         snapshot = await self.snapshot()
         assert self.proxy is not None
         cascade = parse_cascade(job.body) if job.kind == "chat" else None
@@ -630,12 +710,15 @@ class GatewayApp:
 
 
 Handler = Any
-ROUTES: dict[str, tuple[str, Handler]] = {
+ROUTES: dict[str, tuple[str | None, Handler]] = {
     "/v1/chat/completions": ("POST", GatewayApp._chat),
     "/v1/embeddings": ("POST", GatewayApp._embeddings),
     "/v1/models": ("GET", GatewayApp._models),
     "/v1/generation": ("GET", GatewayApp._generation),
     "/v1/feedback": ("POST", GatewayApp._feedback),
+    "/v1/tools": ("GET", GatewayApp._tools_list),
+    # Prefix route, matched after the exact ones: "/v1/tools/<name>" -> GatewayApp._tool_call.
+    "/mcp": (None, GatewayApp._mcp),  # the MCP transport answers POST, GET and DELETE
     "/readyz": ("GET", GatewayApp._readyz),
     "/metrics": ("GET", GatewayApp._metrics),
 }

@@ -74,6 +74,8 @@ class Job:
     budget_lease: str = ""  # a leg of an orchestrated request draws on this budget hold first
     started: float = field(default_factory=time.monotonic)
     decision_trace: dict[str, Any] = field(default_factory=dict)
+    tool: str | None = None  # the tool this request runs (POST /v1/tools/<name>, MCP)
+    trace: dict[str, Any] | None = None  # the route trace, once the request is settled
 
 
 @dataclass
@@ -424,7 +426,7 @@ class Proxy:
     def _trace(
         self, job: Job, attempts: list[Attempt], served: Served | None, outcome: str
     ) -> dict[str, Any]:
-        return {
+        trace = {
             "id": job.request_id,
             "organization_id": job.key.organization_id,
             "key_prefix": job.key.prefix,
@@ -444,6 +446,10 @@ class Proxy:
             "cost_nanos": served.cost if served else 0,
             "latency_ms": int((time.monotonic() - job.started) * 1000),
         }
+        if job.tool is not None:
+            trace["tool"] = job.tool
+        job.trace = trace
+        return trace
 
     async def _finish(
         self, job: Job, served: Served, attempts: list[Attempt], *, vendor_failed: bool
