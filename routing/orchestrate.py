@@ -29,6 +29,7 @@ import orjson
 from billing.money import NANOS_PER_USD
 from routing.errors import BadRequest
 
+ORCHESTRATE = "orchestrate"  # the model name that asks for an orchestrated completion
 MAX_STEPS_CEILING = 8
 MAX_PARALLEL_CEILING = 8
 MAX_CALLS_PER_STEP = 16

@@ -52,6 +52,7 @@ from routing.gateway.http import (
 )
 from routing.gateway.idempotency import Idempotency, Recorder, check_key, replay
 from routing.gateway.mcp_server import McpToolServer
+from routing.gateway.orchestrate import Orchestration
 from routing.gateway.proxy import Job, Proxy, period_start
 from routing.gateway.tools import TOOLS_PREFIX, run_tool, tool_call_fields
 from routing.gateway.upstream import UpstreamPool
@@ -62,6 +63,7 @@ from routing.gateway.validate import (
     parse_json,
 )
 from routing.live import EndpointNumbers, LiveCache, LiveConfig, LiveState, affinity_key
+from routing.orchestrate import ORCHESTRATE
 from routing.policy import RoutePolicy, request_parameters, route_policy
 from routing.router import EXPLORE_SHARE, RouteDecision, plan_route, prepare_snapshot
 from routing.scoring import EndpointLive, LiveView
@@ -536,6 +538,9 @@ class GatewayApp:
     async def _chat_body(self, key: KeyInfo, raw: bytes, send: Send, request_id: str) -> None:
         body = parse_json(raw)
         request = chat_request(body, max_messages=settings.GATEWAY_MAX_MESSAGES)
+        if request.model == ORCHESTRATE:
+            await Orchestration(self, key, body, request_id).run(send)
+            return
         job = Job(
             kind="chat",
             request_id=request_id,

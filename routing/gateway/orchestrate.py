@@ -72,6 +72,9 @@ class Orchestration:
         self.deadline = self.started + self.spec.timeout
         self.budget_lease = f"{request_id}:budget:{uuid.uuid4().hex[:8]}"
         self.stream = body.get("stream") is True
+        options = body.get("stream_options")
+        self.include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        self.sniffer: FinalAnswerSniffer | None = None
 
     # --- the loop -----------------------------------------------------------------------
 
@@ -111,7 +114,7 @@ class Orchestration:
                 elif final and definitions and self.plan.stopped == "answered":
                     self.plan.stopped = "step_limit"
                 answer, message, calls = await self._generalist_turn(
-                    step, messages, definitions, final=final
+                    step, messages, definitions, send, final=final
                 )
                 if not calls:
                     break
@@ -135,6 +138,9 @@ class Orchestration:
             with contextlib.suppress(aioredis.RedisError):
                 await asyncio.shield(self._live().budget_close(self.budget_lease))
         await self._store_trace("success")
+        if self.sniffer is not None and self.sniffer.passing:
+            await self.sniffer.finish()
+            return
         await self._answer(answer, send)
 
     async def _open_budget(self) -> None:
@@ -170,6 +176,7 @@ class Orchestration:
         step: int,
         messages: list[dict[str, Any]],
         definitions: list[dict[str, Any]],
+        send: Send,
         *,
         final: bool,
     ) -> tuple[dict[str, Any], dict[str, Any], list[ToolCall]]:
@@ -179,6 +186,8 @@ class Orchestration:
                 body[name] = self.body[name]
         if "max_tokens" in self.body:
             body["max_tokens"] = self.body["max_tokens"]
+        if self.stream:
+            body["stream"] = True
         if definitions:
             body["tools"] = definitions
             body["tool_choice"] = "none" if final else "auto"
@@ -194,6 +203,8 @@ class Orchestration:
             prompt_bound=self.gateway.prompt_bound(request),
             max_tokens=request.max_tokens,
             budget_lease=self.budget_lease,
+            stream=self.stream,
+            include_usage=self.include_usage,
         )
         record = LegRecord(
             leg=leg_id,
@@ -202,7 +213,11 @@ class Orchestration:
             input_bytes=len(orjson.dumps(messages)),
         )
         self.plan.steps.append({"step": step, "final": final, "generalist": record, "tools": []})
-        capture = Capture()
+        capture: Capture | FinalAnswerSniffer
+        if self.stream:
+            capture = self.sniffer = FinalAnswerSniffer(send, self.request_id, self._headers())
+        else:
+            capture = Capture()
         try:
             await self._within_deadline(self.gateway.run_job(job, capture))
         except GatewayError as exc:
@@ -210,9 +225,18 @@ class Orchestration:
             await self._fill_from_trace(record, job.request_id)
             raise
         await self._fill_from_trace(record, job.request_id)
-        answer = orjson.loads(capture.body)
+        if isinstance(capture, FinalAnswerSniffer):
+            if capture.passing:  # the final answer, already streaming to the client
+                self.plan.steps[-1]["final"] = True
+                record.output_bytes = record.output_bytes or 0
+                return {}, {}, []
+            raw = capture.kept
+            answer = answer_from_stream(raw)
+        else:
+            raw = capture.body
+            answer = orjson.loads(raw)
         message, calls = tool_calls_of(answer)
-        record.output_bytes = len(capture.body)
+        record.output_bytes = len(raw)
         self.plan.steps[-1]["final"] = not calls
         return answer, message, calls
 
@@ -266,7 +290,16 @@ class Orchestration:
             await self._fill_from_trace(record, run.request_id, run.trace)
             return tool_turn(call, output)
 
-        return list(await asyncio.gather(*(one(i, c) for i, c in enumerate(calls))))
+        # Every call finishes (and is billed or released) before a failure stops the loop.
+        outcomes = await asyncio.gather(
+            *(one(i, c) for i, c in enumerate(calls)), return_exceptions=True
+        )
+        turns: list[dict[str, Any]] = []
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            turns.append(outcome)
+        return turns
 
     async def _within_deadline(self, coro: Any) -> Any:
         remaining = self.deadline - time.monotonic()
@@ -392,7 +425,114 @@ class Orchestration:
             tail += b"data: " + orjson.dumps(usage_event) + b"\n\n"
         await send_sse(send, tail + b"data: [DONE]\n\n", more=False)
 
+    def _headers(self) -> dict[str, str]:
+        return {"x-switchyard-orchestration": self.request_id}
+
     def _live(self) -> Any:
         live = self.gateway.live
         assert live is not None
         return live
+
+
+class FinalAnswerSniffer:
+    """The ``send`` of a streamed generalist turn: undecided until the first chunk that
+    carries content or tool calls. Content: the turn is the final answer, and everything
+    passes through to the client as it arrives (its response headers re-labelled with the
+    orchestrated request's id; the last message held back until the plan is stored).
+    Tool calls: the turn is kept, and its calls read back from the chunks."""
+
+    def __init__(self, send: Send, request_id: str, headers: dict[str, str]) -> None:
+        self._send = send
+        self._request_id = request_id.encode()
+        self._headers = headers
+        self._held: list[dict[str, Any]] = []
+        self._pending = b""
+        self.passing = False
+        self.kept = b""
+        self.last: dict[str, Any] | None = None
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            headers = [(k, v) for k, v in message.get("headers", []) if k != b"x-request-id"]
+            headers.append((b"x-request-id", self._request_id))
+            headers.extend((k.encode(), v.encode()) for k, v in self._headers.items())
+            message = {**message, "headers": headers}
+        if self.passing:
+            await self._forward(message)
+            return
+        self._held.append(message)
+        body = message.get("body", b"")
+        self.kept += body
+        self._pending += body
+        while b"\n\n" in self._pending:
+            event, self._pending = self._pending.split(b"\n\n", 1)
+            if _carries_content(event):
+                self.passing = True
+                held, self._held = self._held, []
+                for item in held:
+                    await self._forward(item)
+                return
+
+    async def _forward(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.last = message  # sent once the orchestration's trace is stored
+            return
+        await self._send(message)
+
+    async def finish(self) -> None:
+        if self.last is not None:
+            await self._send(self.last)
+            self.last = None
+
+
+def _carries_content(event: bytes) -> bool:
+    line = event.strip()
+    if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+        return False
+    try:
+        chunk = orjson.loads(line[5:])
+    except orjson.JSONDecodeError:
+        return False
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") or {}
+        if delta.get("tool_calls"):
+            return False
+        if delta.get("content"):
+            return True
+    return False
+
+
+def answer_from_stream(raw: bytes) -> dict[str, Any]:
+    """A streamed tool-calling turn, put back together as a chat completion."""
+    content: list[str] = []
+    calls: dict[int, dict[str, Any]] = {}
+    finish = None
+    usage: dict[str, Any] = {}
+    for line in raw.split(b"\n"):
+        line = line.strip()
+        if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+            continue
+        chunk = orjson.loads(line[5:])
+        if "error" in chunk:
+            raise UpstreamFailed(
+                f"the generalist's stream broke off: {chunk['error'].get('message', '')}"
+            )
+        usage = chunk.get("usage") or usage
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            finish = choice.get("finish_reason") or finish
+            if delta.get("content"):
+                content.append(delta["content"])
+            for part in delta.get("tool_calls") or ():
+                call = calls.setdefault(
+                    int(part.get("index", 0)),
+                    {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
+                )
+                call["id"] = part.get("id") or call["id"]
+                function = part.get("function") or {}
+                call["function"]["name"] += function.get("name") or ""
+                call["function"]["arguments"] += function.get("arguments") or ""
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(content) or None}
+    if calls:
+        message["tool_calls"] = [calls[i] for i in sorted(calls)]
+    return {"choices": [{"message": message, "finish_reason": finish}], "usage": usage}

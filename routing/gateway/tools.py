@@ -62,6 +62,7 @@ async def run_tool(
     *,
     provider: Any = None,
     request_id: str | None = None,
+    budget_lease: str = "",
 ) -> ToolRun:
     """Run tool ``name`` for ``key`` (billed to the key's organisation, under its limits).
 
@@ -75,6 +76,7 @@ async def run_tool(
     job = Job(
         kind="chat",
         request_id=request_id or f"gen-{uuid.uuid4().hex}",
+        budget_lease=budget_lease,
         key=key,
         body=body,
         model=request.model,
