@@ -191,16 +191,23 @@ class ToolCatalog:
     def build(cls, snapshot: Snapshot) -> ToolCatalog:
         chat = [e for e in snapshot.endpoints if e.kind == "chat" and e.tags]
         names = tool_names({tag for e in chat for tag in e.tags})
-        public = [e for e in chat if e.private_to is None]
+        tags = snapshot.tags
+        public = _serving(e for e in chat if e.private_to is None)
+        public_tools = {slug: _tool(names[slug], tags, slug, eps) for slug, eps in public.items()}
         owners: dict[int, list[EndpointView]] = defaultdict(list)
         for endpoint in chat:
             if endpoint.private_to is not None:
                 owners[endpoint.private_to].append(endpoint)
+        private = {}
+        for org, own in owners.items():
+            # Only the tags of the organisation's own endpoints differ from the public tools.
+            tools = dict(public_tools)
+            for slug, items in _serving(own).items():
+                tools[slug] = _tool(names[slug], tags, slug, [*public.get(slug, ()), *items])
+            private[org] = ToolSet.of(tools.values())
         return cls(
-            public=_tool_set(public, snapshot.tags, names),
-            private={
-                org: _tool_set(public + own, snapshot.tags, names) for org, own in owners.items()
-            },
+            public=ToolSet.of(public_tools.values()),
+            private=private,
             tags={name: slug for slug, name in names.items()},
         )
 
@@ -208,34 +215,20 @@ class ToolCatalog:
         return self.private.get(organization_id, self.public)
 
 
-def _tool_set(
-    endpoints: list[EndpointView], tags: Mapping[str, TagView], names: Mapping[str, str]
-) -> ToolSet:
+def _serving(endpoints: Iterable[EndpointView]) -> dict[str, list[EndpointView]]:
     serving: dict[str, list[EndpointView]] = defaultdict(list)
     for endpoint in endpoints:
         for tag in endpoint.tags:
             serving[tag].append(endpoint)
-    return ToolSet.of(
-        _tool(names[slug], tags.get(slug) or TagView(slug, slug, "task"), items, tags)
-        for slug, items in serving.items()
-    )
+    return serving
 
 
-def _tool(
-    name: str, tag: TagView, endpoints: list[EndpointView], tags: Mapping[str, TagView]
-) -> Tool:
+def _tool(name: str, tags: Mapping[str, TagView], slug: str, endpoints: list[EndpointView]) -> Tool:
+    tag = tags.get(slug) or TagView(slug, slug, "task")
     domains: tuple[str, ...] = ()
     if tag.kind != "domain":
-        domains = tuple(
-            sorted(
-                {
-                    other
-                    for e in endpoints
-                    for other in e.tags
-                    if other != tag.slug and (t := tags.get(other)) and t.kind == "domain"
-                }
-            )
-        )
+        carried = frozenset().union(*(e.tags for e in endpoints)) - {slug}
+        domains = tuple(sorted(t for t in carried if (v := tags.get(t)) and v.kind == "domain"))
     limit = max(e.context_length for e in endpoints)
     languages = sorted({language for e in endpoints for language in e.languages})
     cheapest_in = min(e.price_input for e in endpoints)
