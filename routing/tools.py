@@ -34,14 +34,15 @@ ARGUMENT_FIELDS = frozenset({"input", "instructions", "domain", "max_tokens"})
 TOOL_ERROR_CODE = "invalid_tool_arguments"
 
 
-def tool_names(slugs: Iterable[str]) -> dict[str, str]:
+def tool_names(slugs: Iterable[str], assigned: Mapping[str, str] | None = None) -> dict[str, str]:
     """``{tag slug: tool name}``, stable: a slug's name depends on that slug alone, except
     when two slugs collide (``a-b`` and ``a_b``): the one equal to the name keeps it, the
-    other gets a suffix derived from its own slug."""
-    names: dict[str, str] = {}
-    taken: set[str] = set()
+    other gets a suffix derived from its own slug. Names in ``assigned`` are kept as they
+    are (public tags are named first, so a private tag never renames a public tool)."""
+    names: dict[str, str] = dict(assigned or {})
+    taken: set[str] = set(names.values())
     # Slugs that are already valid names claim them first, in a fixed order.
-    for slug in sorted(slugs, key=lambda s: (s.replace("-", "_") != s, s)):
+    for slug in sorted(set(slugs) - set(names), key=lambda s: (s.replace("-", "_") != s, s)):
         name = slug.replace("-", "_").lower()[:64]
         if name in taken or not TOOL_NAME.match(name):
             digest = hashlib.sha256(slug.encode()).hexdigest()[:6]
@@ -64,6 +65,7 @@ class Tool:
     name: str
     tag: str
     kind: str
+    title: str
     description: str
     parameters: Mapping[str, Any]
     system_prompt: str
@@ -190,9 +192,9 @@ class ToolCatalog:
     @classmethod
     def build(cls, snapshot: Snapshot) -> ToolCatalog:
         chat = [e for e in snapshot.endpoints if e.kind == "chat" and e.tags]
-        names = tool_names({tag for e in chat for tag in e.tags})
         tags = snapshot.tags
         public = _serving(e for e in chat if e.private_to is None)
+        names = tool_names({tag for e in chat for tag in e.tags}, tool_names(public))
         public_tools = {slug: _tool(names[slug], tags, slug, eps) for slug, eps in public.items()}
         owners: dict[int, list[EndpointView]] = defaultdict(list)
         for endpoint in chat:
@@ -271,6 +273,7 @@ def _tool(name: str, tags: Mapping[str, TagView], slug: str, endpoints: list[End
         name=name,
         tag=tag.slug,
         kind=tag.kind,
+        title=tag.name,
         description=f"{tag.name}: {what} {served}",
         parameters={
             "type": "object",

@@ -109,7 +109,7 @@ class McpToolServer:
             tools=[
                 types.Tool(
                     name=tool.name,
-                    title=tool.tag,
+                    title=tool.title,
                     description=tool.description,
                     input_schema=dict(tool.parameters),
                 )
