@@ -34,14 +34,15 @@ ARGUMENT_FIELDS = frozenset({"input", "instructions", "domain", "max_tokens"})
 TOOL_ERROR_CODE = "invalid_tool_arguments"
 
 
-def tool_names(slugs: Iterable[str]) -> dict[str, str]:
+def tool_names(slugs: Iterable[str], assigned: Mapping[str, str] | None = None) -> dict[str, str]:
     """``{tag slug: tool name}``, stable: a slug's name depends on that slug alone, except
     when two slugs collide (``a-b`` and ``a_b``): the one equal to the name keeps it, the
-    other gets a suffix derived from its own slug."""
-    names: dict[str, str] = {}
-    taken: set[str] = set()
+    other gets a suffix derived from its own slug. Names in ``assigned`` are kept as they
+    are (public tags are named first, so a private tag never renames a public tool)."""
+    names: dict[str, str] = dict(assigned or {})
+    taken: set[str] = set(names.values())
     # Slugs that are already valid names claim them first, in a fixed order.
-    for slug in sorted(slugs, key=lambda s: (s.replace("-", "_") != s, s)):
+    for slug in sorted(set(slugs) - set(names), key=lambda s: (s.replace("-", "_") != s, s)):
         name = slug.replace("-", "_").lower()[:64]
         if name in taken or not TOOL_NAME.match(name):
             digest = hashlib.sha256(slug.encode()).hexdigest()[:6]
@@ -64,6 +65,7 @@ class Tool:
     name: str
     tag: str
     kind: str
+    title: str
     description: str
     parameters: Mapping[str, Any]
     system_prompt: str
@@ -190,17 +192,24 @@ class ToolCatalog:
     @classmethod
     def build(cls, snapshot: Snapshot) -> ToolCatalog:
         chat = [e for e in snapshot.endpoints if e.kind == "chat" and e.tags]
-        names = tool_names({tag for e in chat for tag in e.tags})
-        public = [e for e in chat if e.private_to is None]
+        tags = snapshot.tags
+        public = _serving(e for e in chat if e.private_to is None)
+        names = tool_names({tag for e in chat for tag in e.tags}, tool_names(public))
+        public_tools = {slug: _tool(names[slug], tags, slug, eps) for slug, eps in public.items()}
         owners: dict[int, list[EndpointView]] = defaultdict(list)
         for endpoint in chat:
             if endpoint.private_to is not None:
                 owners[endpoint.private_to].append(endpoint)
+        private = {}
+        for org, own in owners.items():
+            # Only the tags of the organisation's own endpoints differ from the public tools.
+            tools = dict(public_tools)
+            for slug, items in _serving(own).items():
+                tools[slug] = _tool(names[slug], tags, slug, [*public.get(slug, ()), *items])
+            private[org] = ToolSet.of(tools.values())
         return cls(
-            public=_tool_set(public, snapshot.tags, names),
-            private={
-                org: _tool_set(public + own, snapshot.tags, names) for org, own in owners.items()
-            },
+            public=ToolSet.of(public_tools.values()),
+            private=private,
             tags={name: slug for slug, name in names.items()},
         )
 
@@ -208,34 +217,20 @@ class ToolCatalog:
         return self.private.get(organization_id, self.public)
 
 
-def _tool_set(
-    endpoints: list[EndpointView], tags: Mapping[str, TagView], names: Mapping[str, str]
-) -> ToolSet:
+def _serving(endpoints: Iterable[EndpointView]) -> dict[str, list[EndpointView]]:
     serving: dict[str, list[EndpointView]] = defaultdict(list)
     for endpoint in endpoints:
         for tag in endpoint.tags:
             serving[tag].append(endpoint)
-    return ToolSet.of(
-        _tool(names[slug], tags.get(slug) or TagView(slug, slug, "task"), items, tags)
-        for slug, items in serving.items()
-    )
+    return serving
 
 
-def _tool(
-    name: str, tag: TagView, endpoints: list[EndpointView], tags: Mapping[str, TagView]
-) -> Tool:
+def _tool(name: str, tags: Mapping[str, TagView], slug: str, endpoints: list[EndpointView]) -> Tool:
+    tag = tags.get(slug) or TagView(slug, slug, "task")
     domains: tuple[str, ...] = ()
     if tag.kind != "domain":
-        domains = tuple(
-            sorted(
-                {
-                    other
-                    for e in endpoints
-                    for other in e.tags
-                    if other != tag.slug and (t := tags.get(other)) and t.kind == "domain"
-                }
-            )
-        )
+        carried = frozenset().union(*(e.tags for e in endpoints)) - {slug}
+        domains = tuple(sorted(t for t in carried if (v := tags.get(t)) and v.kind == "domain"))
     limit = max(e.context_length for e in endpoints)
     languages = sorted({language for e in endpoints for language in e.languages})
     cheapest_in = min(e.price_input for e in endpoints)
@@ -278,6 +273,7 @@ def _tool(
         name=name,
         tag=tag.slug,
         kind=tag.kind,
+        title=tag.name,
         description=f"{tag.name}: {what} {served}",
         parameters={
             "type": "object",

@@ -271,7 +271,8 @@ class GatewayApp:
         async with self._snapshot_lock:
             if self._snapshot is None or time.monotonic() - self._snapshot_at >= refresh:
                 try:
-                    self._snapshot = await off_loop(_load_snapshot)()
+                    self._snapshot, catalog = await off_loop(_load_snapshot)()
+                    self._tools = (self._snapshot, catalog)
                     if self.live_cache is not None:
                         self._rebuild_live_view(self.live_cache.numbers)
                 except Exception:
@@ -567,7 +568,8 @@ class GatewayApp:
     # --- tools (routing.tools, routing.gateway.tools) -------------------------------------
 
     async def tool_catalog(self) -> ToolCatalog:
-        """The tools of the current routing table, built once per snapshot."""
+        """The tools of the current routing table, built once per snapshot (with it, in the
+        loader's thread; here only for a snapshot that came another way)."""
         snapshot = await self.snapshot()
         catalog = self._tools
         if catalog is None or catalog[0] is not snapshot:
@@ -773,7 +775,7 @@ def _database_ping() -> None:
         cursor.execute("SELECT 1")
 
 
-def _load_snapshot() -> Snapshot:
+def _load_snapshot() -> tuple[Snapshot, ToolCatalog]:
     snapshot = load_snapshot()
     prepare_snapshot(snapshot)  # the router's arrays, built here rather than per request
-    return snapshot
+    return snapshot, ToolCatalog.build(snapshot)  # and the tools, off the loop too

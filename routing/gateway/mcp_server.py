@@ -20,6 +20,7 @@ import logging
 from typing import TYPE_CHECKING, Any, cast
 
 import mcp_types as types
+from django.conf import settings
 from mcp.server import Server, ServerRequestContext
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.shared.exceptions import MCPError
@@ -71,7 +72,10 @@ class McpToolServer:
             if self._task is None:
                 # A manager runs once: a new one per server (and per event loop).
                 self._manager = StreamableHTTPSessionManager(
-                    app=self.server, json_response=True, stateless=True
+                    app=self.server,
+                    json_response=True,
+                    stateless=True,
+                    max_request_body_size=settings.GATEWAY_MAX_BODY_BYTES,
                 )
                 self._task = asyncio.get_running_loop().create_task(self._serve(self._manager))
             await self._ready.wait()
@@ -105,7 +109,7 @@ class McpToolServer:
             tools=[
                 types.Tool(
                     name=tool.name,
-                    title=tool.tag,
+                    title=tool.title,
                     description=tool.description,
                     input_schema=dict(tool.parameters),
                 )

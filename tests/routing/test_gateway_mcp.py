@@ -22,19 +22,22 @@ from tests.conftest import ingest_all
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-async def _session_do(url: str, key: str | None, action: Any) -> Any:
+async def _session_do(url: str, key: str | None, action: Any, era: str) -> Any:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     async with (
         httpx2.AsyncClient(headers=headers, timeout=30) as http,
         streamable_http_client(f"{url}/mcp", http_client=http) as (read, write),
         ClientSession(read, write) as session,
     ):
-        await session.initialize()
+        if era == "modern":
+            await session.discover()  # 2026-07-28: no handshake, every request stands alone
+        else:
+            await session.initialize()
         return await action(session)
 
 
-def _run(url: str, key: str | None, action: Any) -> Any:
-    return asyncio.run(_session_do(url, key, action))
+def _run(url: str, key: str | None, action: Any, era: str = "handshake") -> Any:
+    return asyncio.run(_session_do(url, key, action, era))
 
 
 def test_the_sdk_client_lists_the_keys_tools(gateway_server, upstream):
@@ -60,7 +63,8 @@ def test_the_sdk_client_lists_the_keys_tools(gateway_server, upstream):
     assert tools["sql"].description == http_tools["sql"]["description"]
 
 
-def test_the_sdk_client_calls_a_tool_billed_to_the_key(gateway_server, upstream):
+@pytest.mark.parametrize("era", ["handshake", "modern"])
+def test_the_sdk_client_calls_a_tool_billed_to_the_key(gateway_server, upstream, era):
     endpoint = factories.endpoint(base_url=upstream.base_url, tags=("sql",))
     customer = factories.customer()
     before = organization_balance(customer.organization)
@@ -68,7 +72,7 @@ def test_the_sdk_client_calls_a_tool_billed_to_the_key(gateway_server, upstream)
     async def call(session: ClientSession) -> Any:
         return await session.call_tool("sql", {"input": "find duplicate emails"})
 
-    result = _run(gateway_server.url, customer.key, call)
+    result = _run(gateway_server.url, customer.key, call, era)
 
     assert not result.is_error
     assert result.content[0].text == "find duplicate emails"

@@ -52,6 +52,16 @@ def test_it_names_tools_stably_and_validly():
     assert names["a-b"].startswith("a_b_") and names["a-b"] != "a_b"
     assert tool_names(["a-b", "a_b"]) == {k: names[k] for k in ("a-b", "a_b")}
     assert all(TOOL_NAME.match(name) for name in names.values())
+    # Names already given (the public tags') are kept: a later slug takes the suffix.
+    assert tool_names(["a_b", "a-b"], {"a-b": "a_b"})["a_b"].startswith("a_b_")
+
+
+def test_a_private_tag_never_renames_a_public_tool():
+    catalog = ToolCatalog.build(Snapshot.build([view("a-b"), view("a_b", private_to=7)]))
+    assert [t.name for t in catalog.public.tools] == ["a_b"]
+    assert catalog.public.tools[0].tag == "a-b"
+    private = {t.tag: t.name for t in catalog.for_organization(7).tools}
+    assert private["a-b"] == "a_b" and private["a_b"].startswith("a_b_")
 
 
 def test_it_builds_one_tool_per_tag_of_chat_endpoints_and_private_tools_per_owner():
