@@ -170,7 +170,12 @@ CACHES = {
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "prefix": "sy:channels"},
+        "CONFIG": {
+            # redis-py 8 reads with a 5 s socket timeout by default, exactly channels_redis'
+            # 5 s BZPOPMIN: an idle consumer's read would time out and kill its socket.
+            "hosts": [{"address": REDIS_URL, "socket_timeout": 30, "health_check_interval": 30}],
+            "prefix": "sy:channels",
+        },
     }
 }
 

@@ -23,6 +23,8 @@ from marketplace.live.groups import (
     organization_group,
     vendor_group,
 )
+from vendors.models import Endpoint
+from vendors.selectors import routable_endpoints
 
 USAGE_BATCH = "usage.batch"  # the consumers' handler: ``usage_batch``
 SUCCESS = UsageRecord.Outcome.SUCCESS.value
@@ -126,10 +128,16 @@ def organization_today(organization_id: int) -> dict[str, int]:
     return _figures("", ORGANIZATION_FIGURES, records.aggregate(**_metrics()))
 
 
+def _zeros(endpoint_ids: Iterable[int], names: Iterable[str]) -> dict[str, int]:
+    return {f"ep.{ep}.today.{name}": 0 for ep in endpoint_ids for name in names}
+
+
 def vendor_today(vendor_id: int) -> dict[str, int]:
-    """Today's usage figures of one vendor, in total and per endpoint."""
+    """Today's usage figures of one vendor, in total and per endpoint (every endpoint)."""
     records = UsageRecord.objects.filter(vendor_id=vendor_id, occurred_at__gte=today_start())
     figures = _figures("", VENDOR_FIGURES, records.aggregate(**_metrics()))
+    endpoint_ids = Endpoint.objects.filter(vendor_id=vendor_id).values_list("pk", flat=True)
+    figures.update(_zeros(endpoint_ids, VENDOR_FIGURES))
     for row in records.values("endpoint_id").annotate(**_metrics()).order_by():
         if row["endpoint_id"] is not None:
             figures.update(_figures(f"ep.{row['endpoint_id']}.", VENDOR_FIGURES, row))
@@ -137,9 +145,12 @@ def vendor_today(vendor_id: int) -> dict[str, int]:
 
 
 def ops_today() -> dict[str, int]:
-    """Today's usage figures of the whole platform, in total and per endpoint."""
+    """Today's usage figures of the whole platform, in total and per endpoint (every
+    endpoint in rotation)."""
     records = UsageRecord.objects.filter(occurred_at__gte=today_start())
     figures = _figures("", OPS_FIGURES, records.aggregate(**_metrics()))
+    in_rotation = routable_endpoints().values_list("pk", flat=True)
+    figures.update(_zeros(in_rotation, ("requests", "errors")))
     for row in records.values("endpoint_id").annotate(**_metrics()).order_by():
         if row["endpoint_id"] is not None:
             figures.update(_figures(f"ep.{row['endpoint_id']}.", ("requests", "errors"), row))

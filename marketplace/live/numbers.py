@@ -96,7 +96,7 @@ def endpoints_live(endpoints: Iterable[Endpoint]) -> dict[str, Any]:
     tables, last = _read(sync_client())
     rates = last.get("rps") or {}
     now = time.time()
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = {"live.rps": round(sum(rates.values()), 2) if rates else None}
     for endpoint in endpoints:
         values.update(endpoint_values(endpoint, tables, now=now, rps=rates.get(str(endpoint.pk))))
     return values
