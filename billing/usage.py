@@ -7,6 +7,10 @@ unique in both tables, so an event delivered twice (a worker died after the comm
 before the acknowledgement, or an entry was claimed again) is skipped, never charged twice.
 Entries left pending by a dead consumer are claimed again after ``CLAIM_IDLE_MS``.
 
+After the commit, the batch's sums go to the live dashboards: one channel-layer message per
+organisation and vendor it touched, and one for the operations group
+(``marketplace.live``).
+
 Several consumers may ingest at once: inserts use ``ON CONFLICT DO NOTHING`` on those unique
 keys (a usage record is written only together with its own transaction's entries, in the
 same database transaction) and take their unique-index locks in request-id order.
@@ -31,6 +35,8 @@ from billing.credit import USAGE_GROUP, USAGE_STREAM
 from billing.ledger import account_for_organization, account_for_vendor, platform_account
 from billing.models import LedgerAccount, LedgerTransaction
 from billing.money import split_fee
+from marketplace.live.figures import usage_batch_messages
+from marketplace.live.groups import live_publish
 from marketplace.models import Organization
 from marketplace.redis_client import sync_client
 from vendors.models import Vendor
@@ -198,6 +204,7 @@ def record_events(events: list[dict[str, Any]]) -> tuple[int, int]:
             entry_account: list[int] = []
             entry_amount: list[int] = []
             columns: dict[str, list[Any]] = {name: [] for name in _RECORD_COLUMNS}
+            rows: list[dict[str, Any]] = []
             for event in fresh:
                 cost = int(event.get("cost") or 0)
                 vendor_id = int(event["vendor"]) if event.get("vendor") else None
@@ -242,6 +249,7 @@ def record_events(events: list[dict[str, Any]]) -> tuple[int, int]:
                     "transaction_id": txn,
                     "occurred_at": _occurred_at(event),
                 }
+                rows.append(row)
                 for name in _RECORD_COLUMNS:
                     columns[name].append(row[name])
             if entry_txn:
@@ -260,6 +268,11 @@ def record_events(events: list[dict[str, Any]]) -> tuple[int, int]:
             )
             inserted = {row[0] for row in cursor.fetchall()}
         _observe_quality([e for e in fresh if e["rid"] in inserted])
+        # Live dashboards: one message per organisation, vendor and the operations group with
+        # this batch's sums, sent once the batch is committed (never for a rolled-back one).
+        messages = usage_batch_messages(r for r in rows if r["request_id"] in inserted)
+        if messages:
+            transaction.on_commit(lambda: live_publish(messages))
     return len(inserted), len(events) - len(inserted)
 
 

@@ -15,10 +15,13 @@ import django
 
 django.setup()
 
+from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 from django.core.asgi import get_asgi_application  # noqa: E402
 
+from marketplace.live.routing import websocket_urlpatterns  # noqa: E402
 from routing.gateway.app import GatewayApp  # noqa: E402
 
 GATEWAY_PATHS = frozenset({"/readyz", "/metrics", "/mcp"})
@@ -30,7 +33,15 @@ def build_application(gateway: GatewayApp | None = None):  # type: ignore[no-unt
     # /static/ is served by the app itself (the pages' CSS and JS are small); a deployment
     # may put collectstatic's output behind its proxy instead.
     django_app = ASGIStaticFilesHandler(get_asgi_application())
-    websocket_app = ProtocolTypeRouter({"websocket": URLRouter([])})
+    # Live dashboards (/ws/...): the session user, and only pages of our own hosts may
+    # open a socket (a cross-site page would otherwise ride on the visitor's cookie).
+    websocket_app = ProtocolTypeRouter(
+        {
+            "websocket": AllowedHostsOriginValidator(
+                AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
+            )
+        }
+    )
 
     async def application(scope, receive, send):  # type: ignore[no-untyped-def]
         kind = scope["type"]

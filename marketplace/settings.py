@@ -170,7 +170,12 @@ CACHES = {
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "prefix": "sy:channels"},
+        "CONFIG": {
+            # redis-py 8 reads with a 5 s socket timeout by default, exactly channels_redis'
+            # 5 s BZPOPMIN: an idle consumer's read would time out and kill its socket.
+            "hosts": [{"address": REDIS_URL, "socket_timeout": 30, "health_check_interval": 30}],
+            "prefix": "sy:channels",
+        },
     }
 }
 
@@ -193,10 +198,17 @@ CELERY_TASK_ROUTES = {
     "billing.tasks.*": {"queue": "payments"},
 }
 CELERY_QUEUES_ALL = "ingest,probes,payments,default"
+LIVE_PUSH_INTERVAL_SECONDS = env_float("LIVE_PUSH_INTERVAL_SECONDS", 2.0)
 CELERY_BEAT_SCHEDULE = {
     "usage-ingest": {
         "task": "billing.tasks.usage_ingest",
         "schedule": env_float("USAGE_INGEST_INTERVAL_SECONDS", 1.0),
+    },
+    # Live dashboards: the gateway's live numbers to the vendor and operations pages.
+    "live-numbers-push": {
+        "task": "marketplace.tasks.live_numbers_push",
+        "schedule": LIVE_PUSH_INTERVAL_SECONDS,
+        "options": {"expires": LIVE_PUSH_INTERVAL_SECONDS},
     },
     **VENDORS_BEAT_SCHEDULE,
     **BILLING_BEAT_SCHEDULE,

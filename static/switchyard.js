@@ -1,4 +1,5 @@
-/* Switchyard pages: copy buttons, charts (Chart.js, served locally) and the pricing editor.
+/* Switchyard pages: copy buttons, charts (Chart.js, served locally), the pricing editor and
+ * live figures (WebSockets).
  * Everything here enhances server-rendered pages; they work without it. */
 (function () {
   "use strict";
@@ -288,9 +289,110 @@
     });
   }
 
+  /* --- live figures (Channels) ------------------------------------------------------- */
+
+  // Messages are {kind: "figures", mode: "add" | "set", values: {key: value}}; every element
+  // with data-live-key="key" shows the value in its data-live-format, formatted like the
+  // server's template filters (marketplace/templatetags/switchyard.py).
+  var DASH = "—";
+
+  function usd(nanos, places) {
+    // Integer arithmetic on nano-dollars (exact below 2^53), rounded half up like format_usd.
+    var unit = Math.pow(10, 9 - places);
+    var n = Math.abs(nanos);
+    var scaled = Math.floor(n / unit) + ((n % unit) * 2 >= unit ? 1 : 0);
+    var base = Math.pow(10, places);
+    var fraction = String(scaled % base);
+    while (fraction.length < places) fraction = "0" + fraction;
+    return (nanos < 0 ? "-$" : "$") + Math.floor(scaled / base) + "." + fraction;
+  }
+
+  var LIVE_FORMATS = {
+    usd: function (v) { return usd(Number(v), 6); },
+    price: function (v) { return usd(Number(v), 4); },
+    int: function (v) { return Math.round(Number(v)).toLocaleString("en-US"); },
+    percent: function (v) { return (Number(v) * 100).toFixed(1) + " %"; },
+    ms: function (v) { return Math.round(Number(v)).toLocaleString("en-US") + " ms"; },
+    rate: function (v) { return Number(v).toFixed(1) + "/s"; },
+    text: function (v) { return String(v); },
+  };
+
+  function showFigure(node, value) {
+    var format = LIVE_FORMATS[node.getAttribute("data-live-format")] || LIVE_FORMATS.text;
+    var text = value === null || value === undefined ? DASH : format(value);
+    node.setAttribute("data-live-value", value === null || value === undefined ? "" : String(value));
+    if (node.textContent === text) return;
+    node.textContent = text;
+    node.classList.remove("live-changed");
+    void node.offsetWidth; // restart the highlight
+    node.classList.add("live-changed");
+  }
+
+  function applyFigures(message) {
+    if (!message || message.kind !== "figures" || !message.values) return;
+    Object.keys(message.values).forEach(function (key) {
+      var nodes = document.querySelectorAll('[data-live-key="' + key.replace(/"/g, "") + '"]');
+      nodes.forEach(function (node) {
+        var value = message.values[key];
+        if (message.mode === "add") {
+          var current = Number(node.getAttribute("data-live-value") || 0);
+          value = (Number.isFinite(current) ? current : 0) + Number(value);
+        }
+        showFigure(node, value);
+      });
+    });
+  }
+
+  var liveSockets = {};
+
+  function liveStatus(path, state, text) {
+    document.querySelectorAll("[data-live-socket]").forEach(function (root) {
+      if (root.getAttribute("data-live-socket") !== path) return;
+      root.querySelectorAll("[data-live-status]").forEach(function (status) {
+        status.setAttribute("data-state", state);
+        status.textContent = text;
+      });
+    });
+  }
+
+  function openLive(path) {
+    var entry = liveSockets[path] || (liveSockets[path] = { attempts: 0, socket: null });
+    if (!("WebSocket" in window)) return;
+    var scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
+    var socket = new WebSocket(scheme + window.location.host + path);
+    entry.socket = socket;
+    socket.addEventListener("open", function () {
+      entry.attempts = 0;
+      liveStatus(path, "live", "Live");
+    });
+    socket.addEventListener("message", function (event) {
+      try {
+        applyFigures(JSON.parse(event.data));
+      } catch (err) {
+        /* a malformed message is ignored; the next one brings the figures */
+      }
+    });
+    socket.addEventListener("close", function () {
+      entry.socket = null;
+      // Back off (1 s, 2 s, 4 s ... 30 s, with jitter); the page keeps its last figures.
+      var delay = Math.min(30000, 1000 * Math.pow(2, entry.attempts)) * (0.75 + Math.random() / 2);
+      entry.attempts += 1;
+      liveStatus(path, "waiting", "Reconnecting…");
+      window.setTimeout(function () { openLive(path); }, delay);
+    });
+  }
+
+  function initLive(root) {
+    (root || document).querySelectorAll("[data-live-socket]").forEach(function (node) {
+      var path = node.getAttribute("data-live-socket");
+      if (!liveSockets[path]) openLive(path);
+      else if (liveSockets[path].socket && liveSockets[path].socket.readyState === 1) liveStatus(path, "live", "Live");
+    });
+  }
+
   /* --- start ------------------------------------------------------------------------- */
 
-  window.Switchyard = { surgeMultiplier: surgeMultiplier, curveProblem: curveProblem };
+  window.Switchyard = { surgeMultiplier: surgeMultiplier, curveProblem: curveProblem, usd: usd };
 
   document.addEventListener("click", onCopyClick);
   function revealCurrentTab() {
@@ -305,9 +407,11 @@
     revealCurrentTab();
     initCharts(document);
     initPricing(document);
+    initLive(document);
   });
   document.addEventListener("htmx:afterSettle", function (event) {
     initCharts(event.target);
     initPricing(event.target);
+    initLive(event.target);
   });
 })();

@@ -30,6 +30,16 @@ def redis_clean() -> Iterator[None]:
     yield
 
 
+@pytest.fixture(autouse=True)
+def fresh_channel_layer() -> Iterator[None]:
+    """Each test's servers get their own channel layer: the layer belongs to the event loop
+    that first receives on it, and a test server's loop ends with its test."""
+    from channels.layers import channel_layers
+
+    channel_layers.backends.clear()
+    yield
+
+
 @dataclass
 class RunningServer:
     url: str

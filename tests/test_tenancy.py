@@ -138,3 +138,28 @@ def test_the_admin_is_closed_to_non_staff(client, tenants):
     ):
         response = client.get(path)
         assert response.status_code == 302 and "/admin/login/" in response["Location"], path
+
+
+@pytest.mark.django_db(transaction=True)
+def test_another_tenant_joins_no_live_dashboard(client, tenants, gateway_server):
+    """Every WebSocket route (``marketplace.live.routing``), filled in with the first
+    tenant's identifiers, refuses the intruder's handshake."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    from marketplace.live.routing import websocket_urlpatterns
+
+    client.force_login(tenants["intruder"])
+    cookie = f"sessionid={client.cookies['sessionid'].value}"
+    routes = [str(pattern.pattern) for pattern in websocket_urlpatterns]
+    assert any(r.startswith("ws/console/") for r in routes)
+    joined = []
+    for route in routes:
+        for path in _fill(route, tenants):
+            url = gateway_server.url.replace("http://", "ws://") + path
+            try:
+                with connect(url, origin=gateway_server.url, additional_headers={"Cookie": cookie}):
+                    joined.append(path)
+            except InvalidStatus as exc:
+                assert exc.response.status_code == 403, path
+    assert not joined, f"another tenant's live figures are reachable: {joined}"

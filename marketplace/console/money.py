@@ -28,6 +28,7 @@ from marketplace.console.access import (
 )
 from marketplace.console.forms import BudgetForm, TopUpForm, UsageRangeForm
 from marketplace.console.views import service_message
+from marketplace.live.figures import organization_today
 from marketplace.services import ServiceError, organization_budget_update
 
 LEDGER_PAGE_SIZE = 25
@@ -136,6 +137,7 @@ def usage(request: AuthenticatedHttpRequest, ctx: OrgContext) -> HttpResponse:
             report=report,
             chart=report.chart_data(),
             savings=cost_savings(ctx.organization, *selectors.usage_window(start, end)),
+            live=organization_today(ctx.organization.pk),
         ),
     )
 

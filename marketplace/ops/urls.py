@@ -6,6 +6,7 @@ app_name = "ops"
 
 urlpatterns = [
     path("", views.queue, name="index"),
+    path("live/", views.live, name="live"),
     path("vendors/", views.vendors, name="vendors"),
     path("endpoints/", views.endpoints, name="endpoints"),
     path("endpoints/<int:pk>/", views.endpoint_detail, name="endpoint"),

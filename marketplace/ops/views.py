@@ -17,6 +17,8 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from marketplace.console.access import AuthenticatedHttpRequest
+from marketplace.live.figures import ops_today
+from marketplace.live.numbers import endpoints_live
 from marketplace.selectors import audit_entries
 from vendors import selectors as vendor_selectors
 from vendors.models import Endpoint, Vendor
@@ -65,6 +67,21 @@ def queue(request: AuthenticatedHttpRequest) -> HttpResponse:
                 v for v in vendor_selectors.ops_vendors() if v.status == Vendor.Status.PENDING
             ],
             "endpoints": vendor_selectors.ops_endpoints(status=Endpoint.Status.PENDING),
+        },
+    )
+
+
+@staff_view
+def live(request: AuthenticatedHttpRequest) -> HttpResponse:
+    """Requests per second, error rate, circuit state and current prices per endpoint, and
+    today's revenue; updated live over a WebSocket."""
+    endpoints = list(vendor_selectors.routable_endpoints())
+    return render(
+        request,
+        "ops/live.html",
+        {
+            "endpoints": [(endpoint, f"ep.{endpoint.pk}.") for endpoint in endpoints],
+            "live": {**ops_today(), **endpoints_live(endpoints)},
         },
     )
 

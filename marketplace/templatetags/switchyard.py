@@ -56,3 +56,41 @@ def score(value: float | None) -> str:
     if value is None:
         return DASH
     return f"{float(value):.2f}"
+
+
+# Formats of live figures; ``static/switchyard.js`` formats updates the same way.
+LIVE_FORMATS = {
+    "usd": lambda v: usd(v),
+    "price": lambda v: usd(v, 4),
+    "int": thousands,
+    "percent": percent,
+    "ms": ms,
+    "rate": lambda v: f"{float(v):.1f}/s",
+    "text": str,
+}
+
+
+@register.simple_tag
+def live_figure(
+    values: dict[str, Any], key: str, fmt: str = "int", testid: str = "", prefix: str = ""
+) -> str:
+    """A figure a live dashboard updates: ``<span data-live-key=…>formatted</span>``.
+
+    ``values`` maps flat keys (``today.spend``, ``ep.3.circuit``) to numbers or text, as the
+    WebSocket messages do (``marketplace.live``); ``prefix`` is put before ``key``
+    (``ep.3.``)."""
+    from django.utils.html import format_html
+
+    key = prefix + key
+    value = values.get(key)
+    text = DASH if value is None else LIVE_FORMATS[fmt](value)
+    raw = "" if value is None else str(value)
+    extra = format_html(' data-testid="{}"', testid) if testid else ""
+    return format_html(
+        '<span data-live-key="{}" data-live-format="{}" data-live-value="{}"{}>{}</span>',
+        key,
+        fmt,
+        raw,
+        extra,
+        text,
+    )

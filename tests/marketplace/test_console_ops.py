@@ -39,7 +39,7 @@ def passing_report(endpoint: Endpoint, passed: bool = True) -> ConformanceReport
 def test_only_staff_open_the_operations_pages(client):
     assert client.get(reverse("ops:index")).status_code == 302  # to log in
     client.force_login(factories.user())
-    for name in ("ops:index", "ops:vendors", "ops:endpoints", "ops:audit"):
+    for name in ("ops:index", "ops:live", "ops:vendors", "ops:endpoints", "ops:audit"):
         assert client.get(reverse(name)).status_code == 403
     vendor = factories.vendor(approved=False)
     assert client.post(reverse("ops:vendor-action", args=[vendor.pk, "approve"])).status_code == 403

@@ -16,6 +16,8 @@ from django.views.decorators.http import require_POST
 
 from billing.money import format_usd
 from marketplace.console.access import AuthenticatedHttpRequest
+from marketplace.live.figures import vendor_today
+from marketplace.live.numbers import endpoints_live
 from vendors import selectors
 from vendors.models import Endpoint, Vendor, VendorMembership
 from vendors.portal.forms import EndpointForm, PricingForm, VendorRegisterForm
@@ -160,6 +162,8 @@ def endpoint_detail(
             endpoint=endpoint,
             report=selectors.conformance_latest(endpoint),
             uptime=selectors.uptime(endpoint),
+            live={**vendor_today(ctx.vendor.pk), **endpoints_live([endpoint])},
+            ep=f"ep.{endpoint.pk}.",
         ),
     )
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,32 @@ def live_app(transactional_db) -> Iterator[RunningServer]:  # type: ignore[no-un
         running.server.should_exit = True
         running.thread.join(timeout=10)
         database["CONN_MAX_AGE"] = conn_max_age
+
+
+@pytest.fixture
+def ingest_worker(live_app) -> Iterator[threading.Thread]:  # type: ignore[no-untyped-def]
+    """Usage ingest running beside the server, as the Celery worker does in production: it
+    drains the usage stream in batches and publishes each batch to the live dashboards."""
+    from django.db import connection
+
+    from billing.usage import usage_ingest_batch
+
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            while not stop.is_set():
+                usage_ingest_batch(count=1000, block_ms=100)
+        finally:
+            connection.close()
+
+    worker = threading.Thread(target=run, name="ingest-worker", daemon=True)
+    worker.start()
+    try:
+        yield worker
+    finally:
+        stop.set()
+        worker.join(timeout=10)
 
 
 @dataclass

@@ -325,3 +325,87 @@ def test_the_browser_preview_uses_the_gateways_surge_formula(browsing, curve, ca
         [curve, cap, points],
     )
     assert in_browser == pytest.approx([surge_multiplier(curve, u, cap) for u in points])
+
+
+def test_a_request_made_with_the_sdk_appears_live_on_the_customers_and_the_vendors_dashboards(
+    browsing, shoot, upstream, settings, live_app, ingest_worker
+):
+    from marketplace.services import api_key_create, organization_create
+    from marketplace.tasks import live_numbers_push
+    from vendors.services import vendor_approve, vendor_create
+
+    settings.ACCOUNT_EMAIL_VERIFICATION = "none"
+    customer = factories.user(email="customer@example.test", password=PASSWORD)
+    org = organization_create(name="Acme Analytics", slug="acme-analytics", owner=customer)
+    credit_grant(organization=org, amount=usd_to_nanos("5"), reason="welcome credit")
+    key = api_key_create(organization=org, name="notebook").plaintext
+    seller = factories.user(email="seller@example.test", password=PASSWORD)
+    vendor = vendor_approve(vendor=vendor_create(name="Tiny Models", slug="tiny", owner=seller))
+    endpoint = factories.endpoint(
+        base_url=upstream.base_url, upstream_model="fake-small", vendor_obj=vendor, slug="chat-s"
+    )
+    staff = factories.user(email="admin@example.test", password=PASSWORD)
+    staff.is_staff = True
+    staff.save()
+
+    # Three people keep their dashboards open: the customer, the vendor and an operator.
+    usage = browsing.new_page()
+    log_in(usage, "customer@example.test")
+    usage.goto("/console/acme-analytics/usage/")
+    portal = browsing.new_page()
+    log_in(portal, "seller@example.test")
+    portal.goto("/vendor/tiny/endpoints/chat-s/")
+    ops = browsing.new_page()
+    log_in(ops, "admin@example.test")
+    ops.goto("/ops/live/")
+    for page in (usage, portal, ops):
+        expect(page.locator("[data-live-status]")).to_have_text("Live")
+    expect(usage.get_by_test_id("live-requests")).to_have_text("0")
+    expect(portal.get_by_test_id("live-requests")).to_have_text("0")
+    expect(portal.get_by_test_id("live-earnings")).to_have_text("$0.000000")
+    expect(ops.get_by_test_id("live-requests")).to_have_text("0")
+    before = usage.get_by_test_id("live-spend").inner_text()
+
+    # A request through the gateway with the official SDK...
+    client = openai.OpenAI(base_url=f"{live_app.url}/v1", api_key=key, max_retries=0)
+    completion = client.chat.completions.create(
+        model="tag:chat", messages=[{"role": "user", "content": "hello there switchyard"}]
+    )
+    assert completion.choices[0].message.content
+
+    # ...appears on every dashboard without a reload, once the ingest worker recorded it.
+    expect(usage.get_by_test_id("live-requests")).to_have_text("1")
+    expect(usage.get_by_test_id("live-spend")).not_to_have_text(before)
+    expect(usage.get_by_test_id("live-errors")).to_have_text("0")
+    tokens = completion.usage.prompt_tokens + completion.usage.completion_tokens
+    expect(usage.get_by_test_id("live-tokens")).to_have_text(f"{tokens:,}")
+    expect(portal.get_by_test_id("live-requests")).to_have_text("1")
+    expect(portal.get_by_test_id("live-earnings")).not_to_have_text("$0.000000")
+    expect(ops.get_by_test_id("live-requests")).to_have_text("1")
+    expect(ops.get_by_test_id("live-revenue")).not_to_have_text("$0.000000")
+    # The figures agree with what the server renders on a reload.
+    live_spend = usage.get_by_test_id("live-spend").inner_text()
+    shoot(usage, "live-console-usage")
+
+    # The beat task pushes the gateway's live numbers (utilisation, price, circuit).
+    assert live_numbers_push() >= 2  # the vendor's group and the operations group
+    expect(portal.get_by_test_id("live-circuit")).to_have_text("closed")
+    expect(portal.get_by_test_id("live-price-input")).to_have_text(endpoint.price_input_usd)
+    shoot(portal, "live-vendor-endpoint")
+    shoot(ops, "live-ops")
+    usage.reload()
+    expect(usage.get_by_test_id("live-spend")).to_have_text(live_spend)
+
+
+def test_the_browser_formats_money_like_the_server(browsing):
+    from billing.money import format_usd
+
+    page = browsing.new_page()
+    page.goto("/catalog/")
+    amounts = [0, 1, 499, 500, 1_500, 999_999_999, 1_000_000_000, 123_456_789_012, -2_500_000]
+    for places in (4, 6):
+        in_browser = page.evaluate(
+            "([amounts, places]) => amounts.map(n => Switchyard.usd(n, places))",
+            [amounts, places],
+        )
+        assert in_browser == [format_usd(n, places=places) for n in amounts]
