@@ -10,17 +10,11 @@ from django import forms
 from django.utils import timezone
 
 from billing.money import nanos_to_usd, usd_to_nanos
+from marketplace.keys import KEY_SCOPES
 from marketplace.models import ApiKey, Membership
 from marketplace.selectors import MAX_USAGE_DAYS
 
-# What a key may be used for; an empty selection means every API of the gateway.
-KEY_SCOPES = [
-    ("chat", "Chat completions (/v1/chat/completions)"),
-    ("embeddings", "Embeddings (/v1/embeddings)"),
-    ("models", "List models (/v1/models)"),
-    ("generation", "Read route traces (/v1/generation)"),
-    ("feedback", "Send feedback (/v1/feedback)"),
-]
+KEY_SCOPE_CHOICES = list(KEY_SCOPES.items())
 
 
 class OrganizationForm(forms.Form):
@@ -72,10 +66,10 @@ class ApiKeyForm(forms.Form):
     )
     scopes = forms.MultipleChoiceField(
         label="Scopes",
-        choices=KEY_SCOPES,
+        choices=KEY_SCOPE_CHOICES,
         required=False,
         widget=forms.CheckboxSelectMultiple,
-        help_text="Leave all unticked to allow every API.",
+        help_text="Which APIs the key may call. Leave all unticked to allow every API.",
     )
     credit_limit_usd = forms.DecimalField(
         label="Credit limit (USD)",
