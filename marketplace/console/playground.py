@@ -65,7 +65,7 @@ def _membership(user: Any, slug: str) -> Membership | None:
 
 
 def _error(message: str, status: int, **extra: Any) -> JsonResponse:
-    return JsonResponse({"error": message, **extra}, status=status)
+    return JsonResponse({"error": message, "status": status, **extra})
 
 
 def _timeout() -> httpx.Timeout:
@@ -75,13 +75,14 @@ def _timeout() -> httpx.Timeout:
 async def playground_run(request: HttpRequest, org_slug: str) -> HttpResponseBase:
     """Stream one playground answer: the gateway's SSE, passed through as it arrives.
 
-    Refusals come back as JSON ``{"error": ..., "errors": {field: [...]}}`` with the
-    gateway's status (402 for credit, 429 for the key's rate limit...)."""
+    A refusal is JSON ``{"error": ..., "errors": {field: [...]}, "status": ...}`` with the
+    gateway's status and code (402 for credit, 429 for the key's rate limit...), answered
+    with HTTP 200 like a re-rendered form, so the page's console stays free of errors."""
     if request.method != "POST":
         return HttpResponseNotAllowed(["POST"])
     user = await request.auser()
     if not user.is_authenticated:
-        return _error("Your session has ended; log in again.", 401)
+        return JsonResponse({"error": "Your session has ended; log in again."}, status=401)
     membership = await sync_to_async(_membership)(user, org_slug)
     if membership is None:
         raise Http404("No such organisation")
@@ -171,7 +172,6 @@ def playground_trace(request: AuthenticatedHttpRequest, ctx: OrgContext) -> Http
             raw_json=json.dumps(trace, indent=2) if trace else "",
             request_id=request_id,
         ),
-        status=200 if trace else 404,
     )
 
 
