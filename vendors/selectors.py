@@ -108,6 +108,7 @@ VENDOR_PERMISSIONS: dict[str, frozenset[str]] = {
     "endpoints.manage": frozenset(VendorRole.values),
     "endpoints.check": frozenset(VendorRole.values),
     "pricing.manage": frozenset({VendorRole.OWNER, VendorRole.ADMIN}),
+    "revenue.view": frozenset({VendorRole.OWNER, VendorRole.ADMIN}),
 }
 
 
