@@ -225,7 +225,7 @@ def month_bounds(month: date) -> tuple[date, date]:
 def vendor_revenue_periods(*, vendor: Vendor, today: date, months: int = 12) -> list[RevenuePeriod]:
     """The vendor's last ``months`` calendar months (newest first, the current one included,
     none before the vendor joined), each summed from its statement rows."""
-    periods = []
+    periods: list[RevenuePeriod] = []
     month = today.replace(day=1)
     first = vendor.created_at.date().replace(day=1)
     while len(periods) < months and month >= first:
