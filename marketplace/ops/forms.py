@@ -31,7 +31,7 @@ class PeriodRefundForm(forms.Form):
     organization = forms.SlugField(
         label="Organisation (slug)",
         max_length=64,
-        help_text="As in its console address: /console/<slug>/.",
+        help_text="The part after /console/ in its console address.",
     )
     start = forms.DateField(label="From (UTC)", widget=forms.DateInput(attrs={"type": "date"}))
     end = forms.DateField(

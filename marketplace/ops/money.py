@@ -26,6 +26,7 @@ from marketplace.ops.views import _message, staff_view
 from vendors.selectors import vendor_names
 
 QUIET_OUTCOMES = {"paid", "already_paid", "nothing_to_pay"}
+PERIOD_IDS = "id_period_%s"  # both refund forms are on one page: distinct element ids
 
 
 def _refunds_page(
@@ -40,7 +41,7 @@ def _refunds_page(
         "ops/refunds.html",
         {
             "request_form": request_form or RequestRefundForm(),
-            "period_form": period_form or PeriodRefundForm(),
+            "period_form": period_form or PeriodRefundForm(auto_id=PERIOD_IDS),
             "refunds": billing_selectors.recent_refunds(),
         },
         status=status,
@@ -88,7 +89,7 @@ def refund_request(request: AuthenticatedHttpRequest) -> HttpResponse:
 @staff_view
 def refund_period(request: AuthenticatedHttpRequest) -> HttpResponse:
     """Refund an organisation's period: confirm the count and amount first."""
-    form = PeriodRefundForm(request.POST)
+    form = PeriodRefundForm(request.POST, auto_id=PERIOD_IDS)
     if not form.is_valid():
         return _refunds_page(request, period_form=form)
     data: dict[str, Any] = form.cleaned_data
