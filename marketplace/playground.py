@@ -22,9 +22,10 @@ from django.http import HttpRequest
 from django.utils.crypto import salted_hmac
 
 from marketplace.keys import KEY_PREFIX, hash_key
-from marketplace.models import ApiKey, Organization
+from marketplace.models import ApiKey, Membership, Organization
+from marketplace.selectors import role_allows
 from marketplace.services import (
-    _require,
+    PermissionDeniedError,
     api_key_create,
     api_key_revoke,
     audit_record,
@@ -51,7 +52,9 @@ def playground_key_ensure(*, actor: User, organization: Organization) -> str:
     """The organisation's live playground key (its plaintext, for a server-side call),
     created on first use. Serialised per organisation by locking its row; a key whose
     secret can no longer be derived (``SECRET_KEY`` rotated) is revoked and replaced."""
-    _require(actor, organization, PLAYGROUND_PERMISSION)
+    membership = Membership.objects.filter(organization=organization, user=actor).first()
+    if membership is None or not role_allows(membership.role, PLAYGROUND_PERMISSION):
+        raise PermissionDeniedError("your role in this organisation may not spend its credit")
     Organization.objects.select_for_update().filter(pk=organization.pk).first()
     current = ApiKey.objects.filter(
         organization=organization, kind=ApiKey.Kind.PLAYGROUND, revoked_at__isnull=True
@@ -89,7 +92,9 @@ def gateway_base_url(request: HttpRequest) -> str:
     if settings.PLAYGROUND_GATEWAY_URL:
         return str(settings.PLAYGROUND_GATEWAY_URL).rstrip("/")
     host = request.META.get("SERVER_NAME") or "127.0.0.1"
-    port = request.META.get("SERVER_PORT") or "80"
+    port = str(request.META.get("SERVER_PORT") or "")
+    if not port.isdigit() or port == "0":  # a Unix socket or an unknown server address
+        return str(settings.SITE_URL).rstrip("/")
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     if ":" in host:
         host = f"[{host}]"
