@@ -185,10 +185,17 @@ def trace_view(trace: dict[str, Any]) -> dict[str, Any]:
             (t for t in cascade.get("tiers", []) if t.get("tier") == cascade.get("served_tier")),
             None,
         )
+    auto = routing.get("auto")
+    confidence = None
+    if served_tier is not None and served_tier.get("confidence") is not None:
+        confidence = ("cascade", served_tier["confidence"])
+    elif auto:
+        confidence = ("auto classification", auto.get("confidence"))
     return {
         **trace,
+        "confidence": confidence,
         "strategy": routing.get("strategy"),
-        "auto": routing.get("auto"),
+        "auto": auto,
         "cascade": cascade,
         "served_tier": served_tier,
         "endpoints": routing.get("endpoints") or routing.get("candidates") or [],

@@ -156,3 +156,43 @@ def test_a_billing_member_cannot_spend_through_the_playground(gateway_server, ow
     response = browser.http.post(f"/console/{org.slug}/playground/run/", data=run_form())
     assert response.status_code == 403
     assert not ApiKey.objects.filter(organization=org).exists()
+
+
+def test_a_cascade_run_shows_the_tiers_and_the_confidence_that_decided(
+    gateway_server, upstream, owner
+):
+    user, org = owner
+    from tests.support.upstream import FaultUpstream
+
+    with FaultUpstream() as strong:
+        weak = factories.endpoint(
+            base_url=upstream.base_url, tags=("qa",), price_input_usd="0.1", price_output_usd="0.1"
+        )
+        good = factories.endpoint(
+            base_url=strong.base_url, tags=("qa",), price_input_usd="2", price_output_usd="2"
+        )
+        upstream.configure(logprob_mean=-2.0)  # exp(-2) = 0.135: below the threshold
+        browser = Browser(gateway_server, user)
+        response = browser.post(
+            f"/console/{org.slug}/playground/run/",
+            run_form(route="cascade", tag="qa", cascade_threshold="0.6"),
+        )
+        assert response.status_code == 200, response.text
+        request_id = response.headers["x-switchyard-request-id"]
+        trace = browser.page(f"/console/{org.slug}/playground/trace/?id={request_id}")
+
+        upstream.configure(logprob_mean=-0.05)  # exp(-0.05) = 0.951: the cheap answer stands
+        confident = browser.post(
+            f"/console/{org.slug}/playground/run/",
+            run_form(route="cascade", tag="qa", cascade_threshold="0.6"),
+        )
+        cheap_id = confident.headers["x-switchyard-request-id"]
+        cheap_trace = browser.page(f"/console/{org.slug}/playground/trace/?id={cheap_id}")
+
+    assert cheap_id.endswith("-t0")
+    assert 'data-testid="trace-confidence">0.951<' in cheap_trace.text
+    assert request_id.endswith("-t1")  # the second tier's leg answered
+    html = trace.text
+    assert 'data-testid="trace-served-by"><code>' + good.full_slug in html
+    assert weak.full_slug in html and "escalated" in html and "final" in html
+    assert "0.135" in html  # the cheap tier's confidence, the reason it escalated
