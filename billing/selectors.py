@@ -6,12 +6,14 @@ from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING, Any
 
-from django.db.models import QuerySet, Sum
+from django.db.models import Count, Prefetch, QuerySet, Sum
 
 from billing.models import (
     Invoice,
     LedgerEntry,
     Payout,
+    Refund,
+    SettlementRun,
     TopUp,
     UsageRecord,
     UsageRollup,
@@ -111,3 +113,42 @@ def spend_since(
     if since is not None:
         records = records.filter(occurred_at__gte=since)
     return int(records.aggregate(total=Sum("cost"))["total"] or 0)
+
+
+def refundable_usage(
+    *, organization: Organization, start: datetime, end: datetime
+) -> tuple[int, int]:
+    """(requests, nano-USD) of the organisation's charged, unrefunded usage in [start, end)."""
+    totals = UsageRecord.objects.filter(
+        organization=organization,
+        occurred_at__gte=start,
+        occurred_at__lt=end,
+        transaction__isnull=False,
+        refund__isnull=True,
+    ).aggregate(requests=Count("id"), amount=Sum("cost"))
+    return totals["requests"] or 0, totals["amount"] or 0
+
+
+def usage_record_for_refund(*, request_id: str) -> UsageRecord | None:
+    """One usage record by request id (staff pages), with who made and served it."""
+    return (
+        UsageRecord.objects.select_related("organization", "endpoint__vendor", "refund")
+        .filter(request_id=request_id.strip())
+        .first()
+    )
+
+
+def settlement_runs() -> QuerySet[SettlementRun]:
+    """Settlement runs newest period first, with their payouts and vendors."""
+    return SettlementRun.objects.prefetch_related(
+        Prefetch("payouts", queryset=Payout.objects.select_related("vendor").order_by("pk"))
+    ).order_by("-period_end", "-period_start")
+
+
+def recent_refunds(*, limit: int = 20) -> list[Refund]:
+    """The latest refunds of every organisation (staff pages), newest first."""
+    return list(
+        Refund.objects.select_related("organization", "usage_record", "actor").order_by(
+            "-created_at", "-pk"
+        )[:limit]
+    )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 
 from django.db.models import Count, Sum
@@ -191,3 +192,63 @@ def vendor_statement_csv(*, vendor: Vendor, start: date, end: date) -> str:
             ["", "unexplained_difference", "", "", "", "", "", usd(closing - balance), ""]
         )
     return out.getvalue()
+
+
+@dataclass(frozen=True)
+class RevenuePeriod:
+    """One calendar month of a vendor's statement, summed (nano-USD)."""
+
+    start: date
+    end: date
+    requests: int
+    gross: int  # what customers were charged
+    fee: int  # the platform's share
+    net: int  # earned: gross - fee
+    refunds: int  # taken back by refunds (<= 0)
+    transfers: int  # paid out by Stripe transfers (>= 0)
+    adjustments: int
+    opening: int
+    closing: int  # owed at the end of the month
+
+    @property
+    def key(self) -> str:
+        return f"{self.start:%Y-%m}"
+
+
+def month_bounds(month: date) -> tuple[date, date]:
+    """The first and last day of ``month``'s calendar month."""
+    start = month.replace(day=1)
+    following = (start + timedelta(days=32)).replace(day=1)
+    return start, following - timedelta(days=1)
+
+
+def vendor_revenue_periods(*, vendor: Vendor, today: date, months: int = 12) -> list[RevenuePeriod]:
+    """The vendor's last ``months`` calendar months (newest first, the current one included,
+    none before the vendor joined), each summed from its statement rows."""
+    periods: list[RevenuePeriod] = []
+    month = today.replace(day=1)
+    first = vendor.created_at.date().replace(day=1)
+    while len(periods) < months and month >= first:
+        start, end = month_bounds(month)
+        opening, rows, closing = vendor_statement_rows(vendor=vendor, start=start, end=end)
+
+        def total(kind: str, column: str, rows: list[dict[str, object]] = rows) -> int:
+            return sum(int(r[column]) for r in rows if r["type"] == kind)  # type: ignore[call-overload]
+
+        periods.append(
+            RevenuePeriod(
+                start=start,
+                end=end,
+                requests=total("usage", "requests"),
+                gross=total("usage", "gross"),
+                fee=total("usage", "fee"),
+                net=total("usage", "net"),
+                refunds=total("refund", "net"),
+                transfers=-total("payout", "net"),
+                adjustments=total("adjustment", "net"),
+                opening=opening,
+                closing=closing,
+            )
+        )
+        month = (start - timedelta(days=1)).replace(day=1)
+    return periods

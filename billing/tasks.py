@@ -81,6 +81,23 @@ def settlement_daily() -> dict[str, int]:
     return counts
 
 
+@shared_task(name="billing.tasks.settlement_period", acks_late=True, ignore_result=True)
+def settlement_period(period_start: str, period_end: str) -> dict[str, int]:
+    """Settle vendors for a period of days (ISO dates, both included), as the operations
+    page asks; safe to repeat (one transfer per vendor and period)."""
+    from datetime import date
+
+    from billing.settlement import settlement_run
+
+    report = settlement_run(
+        period_start=date.fromisoformat(period_start), period_end=date.fromisoformat(period_end)
+    )
+    counts: dict[str, int] = {}
+    for outcome in report.outcomes:
+        counts[outcome.outcome] = counts.get(outcome.outcome, 0) + 1
+    return counts
+
+
 @shared_task(name="billing.tasks.rollups_recent", acks_late=True, ignore_result=True)
 def rollups_recent(hours: int = 3) -> int:
     """Rebuild the last ``hours`` hours of rollups (late-ingested usage included)."""

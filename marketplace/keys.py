@@ -18,6 +18,21 @@ KEY_PREFIX = "sy"
 PREFIX_LENGTH = 8
 MAX_KEY_LENGTH = 128
 
+# What a key may be used for, by the gateway's APIs. A key with no scopes may use every API;
+# a key with scopes is refused (403 ``insufficient_scope``) anywhere else, before routing.
+KEY_SCOPES: dict[str, str] = {
+    "chat": "Chat completions (/v1/chat/completions)",
+    "embeddings": "Embeddings (/v1/embeddings)",
+    "tools": "Specialist tools (/v1/tools, the MCP server)",
+    "models": "List models (/v1/models)",
+    "generation": "Read route traces (/v1/generation)",
+    "feedback": "Send feedback (/v1/feedback)",
+}
+
+
+def unknown_scopes(scopes: list[str]) -> list[str]:
+    return [scope for scope in scopes if scope not in KEY_SCOPES]
+
 
 @dataclass(frozen=True)
 class NewKey:

@@ -85,10 +85,17 @@ class ApiKey(models.Model):
         WEEKLY = "weekly", "Weekly"
         MONTHLY = "monthly", "Monthly"
 
+    class Kind(models.TextChoices):
+        STANDARD = "standard", "Standard"
+        # Managed by the platform for the console's playground: its plaintext never leaves
+        # the server (it is re-derived there, see ``marketplace/playground.py``).
+        PLAYGROUND = "playground", "Console playground"
+
     organization = models.ForeignKey(
         Organization, on_delete=models.CASCADE, related_name="api_keys"
     )
     name = models.CharField(max_length=100)
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.STANDARD)
     prefix = models.CharField(max_length=16, unique=True)
     key_hash = models.CharField(max_length=64, unique=True)
     scopes = models.JSONField(default=list, blank=True)
@@ -106,6 +113,15 @@ class ApiKey(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
     )
     created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization"],
+                condition=models.Q(kind="playground", revoked_at__isnull=True),
+                name="uniq_live_playground_key",
+            )
+        ]
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"

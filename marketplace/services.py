@@ -19,7 +19,7 @@ from django.utils import timezone
 from django.utils.text import slugify
 
 from marketplace import invalidation
-from marketplace.keys import generate_key
+from marketplace.keys import KEY_SCOPES, generate_key, unknown_scopes
 from marketplace.models import ApiKey, AuditLogEntry, Invitation, Membership, Organization
 from marketplace.selectors import invitation_token_hash, role_allows, user_emails
 
@@ -76,6 +76,9 @@ def api_key_create(
         raise ServiceError("a key needs a name")
     if credit_limit is not None and credit_limit < 0:
         raise ServiceError("a credit limit cannot be negative")
+    scopes = list(dict.fromkeys(scopes or []))
+    if unknown := unknown_scopes(scopes):
+        raise ServiceError(f"unknown scope {unknown[0]!r}; choose from {', '.join(KEY_SCOPES)}")
     if expires_at is not None and expires_at <= timezone.now():
         raise ServiceError("the expiry must be in the future")
     new = generate_key()

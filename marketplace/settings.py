@@ -269,6 +269,8 @@ GATEWAY_KEY_CACHE_SECONDS = env_float("GATEWAY_KEY_CACHE_SECONDS", 60.0)
 # Changes are pushed over pub/sub; this periodic reload only covers a lost message.
 GATEWAY_SNAPSHOT_REFRESH_SECONDS = env_float("GATEWAY_SNAPSHOT_REFRESH_SECONDS", 300.0)
 GATEWAY_REDIS_MAX_CONNECTIONS = env_int("GATEWAY_REDIS_MAX_CONNECTIONS", 512, minimum=4)
+# Where the console's playground calls the gateway; empty: this process's own address.
+PLAYGROUND_GATEWAY_URL = env_str("PLAYGROUND_GATEWAY_URL", "")
 GATEWAY_TRACE_TTL_SECONDS = env_int("GATEWAY_TRACE_TTL_SECONDS", 86_400, minimum=60)
 # Settlements Redis could not take (it was down after a vendor answered) wait here.
 SWITCHYARD_SPOOL_DIR = env_str("SWITCHYARD_SPOOL_DIR", str(VAR_DIR / "spool"))

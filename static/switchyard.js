@@ -390,6 +390,164 @@
     });
   }
 
+  /* --- playground: stream an answer through the console, then show its route trace ----- */
+
+  var ROUTE_FIELDS = {
+    auto: [], endpoint: ["endpoint"], tag: ["tag"], cheapest: ["tag"], fastest: ["tag"],
+    cascade: ["tag", "cascade_threshold"],
+  };
+
+  function fieldBox(form, name) {
+    var control = form.querySelector("[name='" + name + "']");
+    return control ? control.closest(".field") : null;
+  }
+
+  function showRouteFields(form) {
+    var checked = form.querySelector("input[name='route']:checked");
+    var wanted = ROUTE_FIELDS[checked ? checked.value : "auto"] || [];
+    ["tag", "endpoint", "cascade_threshold"].forEach(function (name) {
+      var box = fieldBox(form, name);
+      if (box) box.hidden = wanted.indexOf(name) < 0;
+    });
+  }
+
+  function clearErrors(form) {
+    form.querySelectorAll("ul.errorlist[data-client]").forEach(function (node) { node.remove(); });
+    form.querySelectorAll("[aria-invalid]").forEach(function (node) { node.removeAttribute("aria-invalid"); });
+    var banner = form.querySelector("[data-playground-error]");
+    banner.hidden = true;
+    banner.textContent = "";
+  }
+
+  function showErrors(form, message, errors) {
+    var banner = form.querySelector("[data-playground-error]");
+    banner.textContent = message;
+    banner.hidden = false;
+    Object.keys(errors || {}).forEach(function (name) {
+      var box = fieldBox(form, name);
+      if (!box) { banner.textContent += " " + errors[name].join(" "); return; }
+      box.hidden = false;
+      var list = document.createElement("ul");
+      list.className = "errorlist";
+      list.setAttribute("data-client", "1");
+      list.id = "id_" + name + "_client_error";
+      errors[name].forEach(function (text) {
+        var item = document.createElement("li");
+        item.textContent = text;
+        list.appendChild(item);
+      });
+      box.appendChild(list);
+      var control = box.querySelector("[name='" + name + "']");
+      if (control) {
+        control.setAttribute("aria-invalid", "true");
+        control.setAttribute("aria-describedby", list.id);
+      }
+    });
+  }
+
+  function setFact(root, name, text) {
+    var node = root.querySelector("[data-fact='" + name + "']");
+    if (node) node.textContent = text;
+  }
+
+  function loadTrace(form, requestId) {
+    var box = document.querySelector("[data-playground-trace]");
+    document.querySelector("[data-playground-trace-box]").hidden = false;
+    box.innerHTML = '<p class="muted">Loading the route trace…</p>';
+    return fetch(form.dataset.traceUrl + "?id=" + encodeURIComponent(requestId), { credentials: "same-origin" })
+      .then(function (response) { return response.text(); })
+      .then(function (html) { box.innerHTML = html; })
+      .catch(function () { box.innerHTML = '<p class="alert alert-warning">The route trace could not be loaded.</p>'; });
+  }
+
+  function runPlayground(form, event) {
+    event.preventDefault();
+    clearErrors(form);
+    var status = form.querySelector("[data-playground-status]");
+    var button = form.querySelector("[data-playground-send]");
+    var result = document.querySelector("[data-playground-result]");
+    var answer = result.querySelector("[data-playground-answer]");
+    var requestId = null;
+    var failed = false;
+    button.disabled = true;
+    status.textContent = "Sending…";
+    fetch(form.action, {
+      method: "POST",
+      body: new FormData(form),
+      credentials: "same-origin",
+      headers: { "X-CSRFToken": form.querySelector("[name='csrfmiddlewaretoken']").value },
+    }).then(function (response) {
+      var type = response.headers.get("content-type") || "";
+      if (!response.ok || type.indexOf("text/event-stream") < 0) {
+        return response.json().catch(function () { return { error: "The request failed (" + response.status + ")." }; })
+          .then(function (body) { failed = true; showErrors(form, body.error || "The request failed.", body.errors); });
+      }
+      requestId = response.headers.get("x-switchyard-request-id");
+      result.hidden = false;
+      answer.textContent = "";
+      ["endpoint", "vendor", "cost", "tokens"].forEach(function (name) { setFact(result, name, "…"); });
+      status.textContent = "Streaming…";
+      var reader = response.body.getReader();
+      var decoder = new TextDecoder();
+      var buffer = "";
+      function handle(data) {
+        if (data === "[DONE]") return;
+        var chunk;
+        try { chunk = JSON.parse(data); } catch (err) { return; }
+        if (chunk.error) {
+          failed = true;
+          showErrors(form, chunk.error.message || "The answer broke off.");
+          return;
+        }
+        (chunk.choices || []).forEach(function (choice) {
+          if (choice.delta && choice.delta.content) answer.textContent += choice.delta.content;
+        });
+        if (chunk.switchyard) {
+          setFact(result, "endpoint", chunk.switchyard.endpoint || "—");
+          setFact(result, "vendor", chunk.switchyard.vendor || "—");
+          requestId = chunk.switchyard.request_id || requestId;
+        }
+        if (chunk.usage && chunk.usage.cost_nanos !== undefined) {
+          setFact(result, "cost", "$" + (chunk.usage.cost_nanos / 1e9).toFixed(9).replace(/0+$/, "").replace(/\.$/, ""));
+          setFact(result, "tokens", chunk.usage.prompt_tokens + " in, " + chunk.usage.completion_tokens + " out");
+        }
+      }
+      function pump() {
+        return reader.read().then(function (step) {
+          if (step.done) return;
+          buffer += decoder.decode(step.value, { stream: true });
+          var events = buffer.split("\n\n");
+          buffer = events.pop();
+          events.forEach(function (event) {
+            event.split("\n").forEach(function (line) {
+              if (line.indexOf("data: ") === 0) handle(line.slice(6));
+            });
+          });
+          return pump();
+        });
+      }
+      return pump().then(function () {
+        if (requestId) return loadTrace(form, requestId);
+      });
+    }).catch(function () {
+      failed = true;
+      showErrors(form, "The connection broke; try again.");
+    }).then(function () {
+      button.disabled = false;
+      status.textContent = failed ? "" : "Done.";
+    });
+  }
+
+  function initPlayground(root) {
+    (root || document).querySelectorAll("form[data-playground]").forEach(function (form) {
+      if (form.dataset.ready) return;
+      form.dataset.ready = "1";
+      form.addEventListener("change", function () { showRouteFields(form); });
+      form.addEventListener("submit", function (event) { runPlayground(form, event); });
+      showRouteFields(form);
+    });
+  }
+
   /* --- start ------------------------------------------------------------------------- */
 
   window.Switchyard = { surgeMultiplier: surgeMultiplier, curveProblem: curveProblem, usd: usd };
@@ -408,6 +566,7 @@
     initCharts(document);
     initPricing(document);
     initLive(document);
+    initPlayground(document);
   });
   document.addEventListener("htmx:afterSettle", function (event) {
     initCharts(event.target);

@@ -108,6 +108,7 @@ VENDOR_PERMISSIONS: dict[str, frozenset[str]] = {
     "endpoints.manage": frozenset(VendorRole.values),
     "endpoints.check": frozenset(VendorRole.values),
     "pricing.manage": frozenset({VendorRole.OWNER, VendorRole.ADMIN}),
+    "revenue.view": frozenset({VendorRole.OWNER, VendorRole.ADMIN}),
 }
 
 
@@ -204,3 +205,8 @@ def ops_endpoint(pk: int) -> Endpoint | None:
     endpoint = Endpoint.objects.select_related("vendor").prefetch_related("tags").filter(pk=pk)
     found = endpoint.first()
     return _with_latest_reports([found])[0] if found else None
+
+
+def vendor_names(*, ids: set[int]) -> dict[int, str]:
+    """Vendor names by id (staff pages naming vendors in stored reports)."""
+    return dict(Vendor.objects.filter(pk__in=ids).values_list("pk", "name"))

@@ -10,17 +10,13 @@ from django import forms
 from django.utils import timezone
 
 from billing.money import nanos_to_usd, usd_to_nanos
+from marketplace.keys import KEY_SCOPES
 from marketplace.models import ApiKey, Membership
+from marketplace.playground import ROUTES as PLAYGROUND_ROUTES
+from marketplace.playground import PlaygroundRun
 from marketplace.selectors import MAX_USAGE_DAYS
 
-# What a key may be used for; an empty selection means every API of the gateway.
-KEY_SCOPES = [
-    ("chat", "Chat completions (/v1/chat/completions)"),
-    ("embeddings", "Embeddings (/v1/embeddings)"),
-    ("models", "List models (/v1/models)"),
-    ("generation", "Read route traces (/v1/generation)"),
-    ("feedback", "Send feedback (/v1/feedback)"),
-]
+KEY_SCOPE_CHOICES = list(KEY_SCOPES.items())
 
 
 class OrganizationForm(forms.Form):
@@ -72,10 +68,10 @@ class ApiKeyForm(forms.Form):
     )
     scopes = forms.MultipleChoiceField(
         label="Scopes",
-        choices=KEY_SCOPES,
+        choices=KEY_SCOPE_CHOICES,
         required=False,
         widget=forms.CheckboxSelectMultiple,
-        help_text="Leave all unticked to allow every API.",
+        help_text="Which APIs the key may call. Leave all unticked to allow every API.",
     )
     credit_limit_usd = forms.DecimalField(
         label="Credit limit (USD)",
@@ -290,3 +286,71 @@ class TopUpForm(forms.Form):
 
 def _cents_text(cents: int) -> str:
     return f"${cents // 100:,}.{cents % 100:02d}"
+
+
+class PlaygroundForm(forms.Form):
+    """One playground run; the tag and endpoint choices are what the catalog offers."""
+
+    prompt = forms.CharField(
+        label="Prompt",
+        max_length=8000,
+        widget=forms.Textarea(attrs={"rows": 5}),
+        error_messages={"required": "Type a prompt to send."},
+    )
+    route = forms.ChoiceField(
+        label="How to route",
+        choices=list(PLAYGROUND_ROUTES.items()),
+        initial="auto",
+        widget=forms.RadioSelect,
+    )
+    tag = forms.ChoiceField(
+        label="Capability tag",
+        required=False,
+        help_text="For a tag, the cheapest, the fastest or a cascade.",
+    )
+    endpoint = forms.ChoiceField(
+        label="Endpoint", required=False, help_text="For one vendor's endpoint."
+    )
+    max_tokens = forms.IntegerField(
+        label="Longest answer (tokens)", min_value=1, max_value=1024, initial=128
+    )
+    cascade_threshold = forms.DecimalField(
+        label="Cascade confidence threshold",
+        min_value=Decimal("0.01"),
+        max_value=Decimal("0.99"),
+        decimal_places=2,
+        initial=Decimal("0.6"),
+        help_text="Below this confidence the next, dearer tier answers.",
+        widget=forms.NumberInput(attrs={"step": "0.05", "inputmode": "decimal"}),
+    )
+
+    def __init__(
+        self, *args: Any, tags: list[str], endpoints: list[tuple[str, str]], **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        tag = self.fields["tag"]
+        endpoint = self.fields["endpoint"]
+        assert isinstance(tag, forms.ChoiceField) and isinstance(endpoint, forms.ChoiceField)
+        tag.choices = [(t, t) for t in tags]
+        tag.initial = "chat" if "chat" in tags else (tags[0] if tags else None)
+        endpoint.choices = [("", "Choose an endpoint"), *endpoints]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        route = data.get("route")
+        if route == "endpoint" and not data.get("endpoint"):
+            self.add_error("endpoint", "Choose the endpoint to send the prompt to.")
+        if route in {"tag", "cheapest", "fastest", "cascade"} and not data.get("tag"):
+            self.add_error("tag", "Choose a capability tag.")
+        return data
+
+    def run(self) -> PlaygroundRun:
+        data = self.cleaned_data
+        return PlaygroundRun(
+            prompt=data["prompt"],
+            route=data["route"],
+            tag=data.get("tag") or "chat",
+            endpoint=data.get("endpoint") or "",
+            max_tokens=data["max_tokens"],
+            cascade_threshold=float(data["cascade_threshold"]),
+        )

@@ -13,12 +13,10 @@ from marketplace.console.access import (
     org_template_context,
     org_view,
 )
-from marketplace.console.forms import KEY_SCOPES, ApiKeyForm
+from marketplace.console.forms import ApiKeyForm
 from marketplace.console.views import service_message
 from marketplace.models import ApiKey
 from marketplace.services import ServiceError, console_api_key_create, console_api_key_revoke
-
-SCOPE_LABELS = dict(KEY_SCOPES)
 
 
 @org_view("keys.view")

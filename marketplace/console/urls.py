@@ -1,6 +1,6 @@
 from django.urls import path
 
-from marketplace.console import keys, money, views
+from marketplace.console import keys, money, playground, views
 
 app_name = "console"
 
@@ -25,4 +25,7 @@ urlpatterns = [
     path("<slug:org_slug>/budget/", money.budget, name="budget"),
     path("<slug:org_slug>/usage.csv", money.usage_csv, name="usage-csv"),
     path("<slug:org_slug>/audit/", views.audit, name="audit"),
+    path("<slug:org_slug>/playground/", playground.playground, name="playground"),
+    path("<slug:org_slug>/playground/run/", playground.playground_run, name="playground-run"),
+    path("<slug:org_slug>/playground/trace/", playground.playground_trace, name="playground-trace"),
 ]

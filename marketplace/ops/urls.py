@@ -1,6 +1,6 @@
 from django.urls import path
 
-from marketplace.ops import views
+from marketplace.ops import money, views
 
 app_name = "ops"
 
@@ -18,4 +18,9 @@ urlpatterns = [
     path("endpoints/<int:pk>/<str:action>/", views.endpoint_action, name="endpoint-action"),
     path("vendors/<int:pk>/<str:action>/", views.vendor_action, name="vendor-action"),
     path("audit/", views.audit, name="audit"),
+    path("refunds/", money.refunds, name="refunds"),
+    path("refunds/request/", money.refund_request, name="refund-request"),
+    path("refunds/period/", money.refund_period, name="refund-period"),
+    path("settlements/", money.settlements, name="settlements"),
+    path("settlements/run/", money.settlement_run, name="settlement-run"),
 ]

@@ -321,7 +321,7 @@ class GatewayApp:
     async def _models(
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
     ) -> None:
-        key = await self.keys.authenticate(headers.get("authorization"))
+        key = await self.keys.authenticate(headers.get("authorization"), scope="models")
         snapshot = await self.snapshot()
         data: list[dict[str, Any]] = []
         tags: set[str] = set()
@@ -424,7 +424,7 @@ class GatewayApp:
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
     ) -> None:
         """``GET /v1/generation?id=...``: the route trace of one of the caller's requests."""
-        key = await self.keys.authenticate(headers.get("authorization"))
+        key = await self.keys.authenticate(headers.get("authorization"), scope="generation")
         from urllib.parse import parse_qs
 
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
@@ -446,7 +446,7 @@ class GatewayApp:
         Rates one of the caller's own answered requests; it feeds the serving endpoint's
         quality score. Rating again replaces the earlier rating.
         """
-        key = await self.keys.authenticate(headers.get("authorization"))
+        key = await self.keys.authenticate(headers.get("authorization"), scope="feedback")
         _check_content_type(headers)
         body = parse_json(await read_body(receive, headers, 65_536))
         rated = body.get("id", body.get("request_id"))
@@ -519,10 +519,11 @@ class GatewayApp:
         headers: dict[str, str],
         request_id: str,
         body_handler: Callable[[KeyInfo, bytes, Send, str], Awaitable[None]],
+        scope: str,
     ) -> None:
-        """Authenticate, read the JSON body, and run ``body_handler`` once per
-        Idempotency-Key (chat completions and embeddings)."""
-        key = await self.keys.authenticate(headers.get("authorization"))
+        """Authenticate (``scope``: the API called), read the JSON body, and run
+        ``body_handler`` once per Idempotency-Key (chat completions and embeddings)."""
+        key = await self.keys.authenticate(headers.get("authorization"), scope=scope)
         _check_content_type(headers)
         raw = await read_body(receive, headers, settings.GATEWAY_MAX_BODY_BYTES)
 
@@ -534,7 +535,7 @@ class GatewayApp:
     async def _chat(
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
     ) -> None:
-        await self._post(receive, send, headers, request_id, self._chat_body)
+        await self._post(receive, send, headers, request_id, self._chat_body, scope="chat")
 
     async def _chat_body(self, key: KeyInfo, raw: bytes, send: Send, request_id: str) -> None:
         body = parse_json(raw)
@@ -620,7 +621,9 @@ class GatewayApp:
     async def _embeddings(
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
     ) -> None:
-        await self._post(receive, send, headers, request_id, self._embeddings_body)
+        await self._post(
+            receive, send, headers, request_id, self._embeddings_body, scope="embeddings"
+        )
 
     async def _embeddings_body(self, key: KeyInfo, raw: bytes, send: Send, request_id: str) -> None:
         body = parse_json(raw)

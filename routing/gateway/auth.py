@@ -17,7 +17,7 @@ from datetime import datetime
 
 from marketplace.keys import hash_key, looks_like_key
 from marketplace.models import ApiKey
-from routing.errors import Unauthorized
+from routing.errors import Forbidden, Unauthorized
 from routing.gateway.db import off_loop
 
 logger = logging.getLogger("switchyard.gateway")
@@ -37,6 +37,19 @@ class KeyInfo:
     credit_limit_period: str = "never"
     scopes: tuple[str, ...] = ()
     org_budget: int | None = None  # the organisation's monthly budget (nano-USD)
+
+    def allows(self, scope: str) -> bool:
+        """A key without scopes may use every API."""
+        return not self.scopes or scope in self.scopes
+
+
+def require_scope(key: KeyInfo, scope: str) -> None:
+    """Refuse a call outside the key's scopes (403), before anything is routed or held."""
+    if not key.allows(scope):
+        raise Forbidden(
+            f"this API key may not use the `{scope}` API (its scopes: {', '.join(key.scopes)})",
+            code="insufficient_scope",
+        )
 
 
 def _query_key(key_hash: str) -> KeyInfo | None:
@@ -97,7 +110,8 @@ class KeyCache:
     def clear(self) -> None:
         self._entries.clear()
 
-    async def authenticate(self, authorization: str | None) -> KeyInfo:
+    async def authenticate(self, authorization: str | None, scope: str | None = None) -> KeyInfo:
+        """The key's cached facts; with ``scope``, also refuse a key not allowed that API."""
         if not authorization:
             raise Unauthorized(
                 "missing API key: send `Authorization: Bearer <key>`", code="missing_api_key"
@@ -132,4 +146,6 @@ class KeyCache:
             raise Unauthorized("this API key has been revoked", code="revoked_api_key")
         if info.expires_at is not None and info.expires_at <= time.time():
             raise Unauthorized("this API key has expired", code="expired_api_key")
+        if scope is not None:
+            require_scope(info, scope)
         return info

@@ -8,6 +8,8 @@ urlpatterns = [
     path("", views.index, name="index"),
     path("register/", views.register, name="register"),
     path("<slug:vendor_slug>/", views.dashboard, name="dashboard"),
+    path("<slug:vendor_slug>/revenue/", views.revenue, name="revenue"),
+    path("<slug:vendor_slug>/revenue/<str:month>.csv", views.revenue_csv, name="revenue-csv"),
     path("<slug:vendor_slug>/endpoints/new/", views.endpoint_create, name="endpoint-create"),
     path(
         "<slug:vendor_slug>/endpoints/<slug:endpoint_slug>/",

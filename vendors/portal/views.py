@@ -1,9 +1,11 @@
-"""Vendor portal pages: registration, endpoints, conformance checks and the pricing editor."""
+"""Vendor portal pages: registration, endpoints, conformance checks, the pricing editor and
+revenue statements."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from functools import wraps
 from typing import Any
 
@@ -12,9 +14,12 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
+from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from billing.money import format_usd
+from billing.selectors import vendor_payouts
+from billing.statements import month_bounds, vendor_revenue_periods, vendor_statement_csv
 from marketplace.console.access import AuthenticatedHttpRequest
 from marketplace.live.figures import vendor_today
 from marketplace.live.numbers import endpoints_live
@@ -251,3 +256,29 @@ def endpoint_pricing_check(
         for message in messages_
     ]
     return render(request, "portal/pricing_check.html", {"problems": problems, "preview": preview})
+
+
+@vendor_view("revenue.view")
+def revenue(request: AuthenticatedHttpRequest, ctx: VendorContext) -> HttpResponse:
+    """Revenue and payout statements per calendar month, from the ledger."""
+    periods = vendor_revenue_periods(vendor=ctx.vendor, today=timezone.now().date())
+    return render(
+        request,
+        "portal/revenue.html",
+        _context(ctx, periods=periods, payouts=vendor_payouts(vendor_id=ctx.vendor.pk)[:24]),
+    )
+
+
+@vendor_view("revenue.view")
+def revenue_csv(request: AuthenticatedHttpRequest, ctx: VendorContext, month: str) -> HttpResponse:
+    """One month's statement as CSV (``YYYY-MM``)."""
+    try:
+        start, end = month_bounds(datetime.strptime(month, "%Y-%m").date())
+    except ValueError:
+        raise Http404("Not a month (YYYY-MM)") from None
+    body = vendor_statement_csv(vendor=ctx.vendor, start=start, end=end)
+    response = HttpResponse(body, content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = (
+        f'attachment; filename="{ctx.vendor.slug}-statement-{month}.csv"'
+    )
+    return response
