@@ -581,7 +581,7 @@ class GatewayApp:
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
     ) -> None:
         """``GET /v1/tools``: one OpenAI function tool per capability the key may use."""
-        key = await self.keys.authenticate(headers.get("authorization"))
+        key = await self.keys.authenticate(headers.get("authorization"), scope="tools")
         tools = (await self.tool_catalog()).for_organization(key.organization_id)
         await send_json(send, 200, {"object": "list", "data": tools.definitions()}, request_id)
 
@@ -589,7 +589,7 @@ class GatewayApp:
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
     ) -> None:
         """``POST /v1/tools/<name>`` ``{"arguments": {...}, "provider": {...}}``."""
-        key = await self.keys.authenticate(headers.get("authorization"))
+        key = await self.keys.authenticate(headers.get("authorization"), scope="tools")
         name = scope["path"][len(TOOLS_PREFIX) :]
         _check_content_type(headers)
         raw = await read_body(receive, headers, settings.GATEWAY_MAX_BODY_BYTES)
@@ -610,7 +610,7 @@ class GatewayApp:
     ) -> None:
         """``/mcp``: the same tools over MCP (streamable HTTP), for the same API keys."""
         try:
-            key = await self.keys.authenticate(headers.get("authorization"))
+            key = await self.keys.authenticate(headers.get("authorization"), scope="tools")
         except Unauthorized as exc:
             exc.headers = {**exc.headers, "www-authenticate": 'Bearer realm="switchyard"'}
             raise

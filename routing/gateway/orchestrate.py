@@ -29,7 +29,7 @@ from django.conf import settings
 
 from billing.money import NANOS_PER_USD
 from routing.errors import GatewayError, InsufficientCredit, Unavailable, UpstreamFailed
-from routing.gateway.auth import KeyInfo
+from routing.gateway.auth import KeyInfo, require_scope
 from routing.gateway.http import Send, send_json, send_sse, start_sse
 from routing.gateway.proxy import Capture, Job
 from routing.gateway.tools import run_tool
@@ -79,6 +79,8 @@ class Orchestration:
     # --- the loop -----------------------------------------------------------------------
 
     async def run(self, send: Send) -> None:
+        # The generalist's turns are chat, its calls tool calls: the key needs both.
+        require_scope(self.key, "tools")
         catalog = await self.gateway.tool_catalog()
         tools = catalog.for_organization(self.key.organization_id)
         if self.spec.tools is not None:

@@ -71,3 +71,28 @@ def test_it_refuses_to_create_a_key_with_an_unknown_scope():
     with pytest.raises(ServiceError, match="unknown scope 'admin'"):
         _key(org, ["chat", "admin"])
     assert not org.api_keys.exists()
+
+
+def test_tools_mcp_and_orchestration_need_the_tools_scope(gateway_server, upstream):
+    factories.endpoint(base_url=upstream.base_url, tags=("sql",))
+    org = factories.organization()
+    key = _key(org, ["chat"])
+
+    with gateway_server.client(key) as client:
+        listed = client.get("/v1/tools")
+        called = client.post("/v1/tools/sql", json={"arguments": {"input": "count users"}})
+        mcp = client.post(
+            "/mcp",
+            json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+            headers={"Accept": "application/json, text/event-stream"},
+        )
+        orchestrated = client.post(
+            "/v1/chat/completions",
+            json={**CHAT, "model": "orchestrate", "orchestrator": {"model": "tag:sql"}},
+        )
+
+    for response in (listed, called, mcp, orchestrated):
+        assert response.status_code == 403, response.text
+        assert response.json()["error"]["code"] == "insufficient_scope"
+        assert "`tools`" in response.json()["error"]["message"]
+    assert upstream.stats()["total"] == 0
