@@ -32,7 +32,7 @@ from marketplace.services import (
 )
 
 PLAYGROUND_KEY_NAME = "Console playground"
-PLAYGROUND_SCOPES = ["chat", "generation"]
+PLAYGROUND_SCOPES = ["chat", "generation", "tools"]
 PLAYGROUND_RATE_LIMIT_RPM = 30
 PLAYGROUND_PERMISSION = "playground.use"
 _SALT = "switchyard.playground-key"
@@ -61,7 +61,11 @@ def playground_key_ensure(*, actor: User, organization: Organization) -> str:
     ).first()
     if current is not None:
         plaintext = _plaintext_for(current.prefix)
-        if hash_key(plaintext) == current.key_hash:
+        # A key made before the playground needed a scope (tools, for orchestration) is
+        # replaced like one whose secret can no longer be derived.
+        if hash_key(plaintext) == current.key_hash and set(current.scopes) == set(
+            PLAYGROUND_SCOPES
+        ):
             return plaintext
         api_key_revoke(api_key=current)
     created = api_key_create(
@@ -110,6 +114,7 @@ ROUTES = {
     "cheapest": "Cheapest with the tag",
     "fastest": "Fastest with the tag",
     "cascade": "Cascade: cheap first, escalate when unsure",
+    "orchestrate": "Orchestrate: a generalist calls specialists as tools",
 }
 
 
@@ -121,6 +126,7 @@ class PlaygroundRun:
     endpoint: str = ""
     max_tokens: int = 128
     cascade_threshold: float = 0.6
+    generalist: str = ""
 
     def gateway_body(self) -> dict[str, Any]:
         """The ``/v1/chat/completions`` body: streamed, with the usage (and cost) chunk."""
@@ -130,7 +136,10 @@ class PlaygroundRun:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        if self.route == "auto":
+        if self.route == "orchestrate":
+            body["model"] = "orchestrate"
+            body["orchestrator"] = {"model": self.generalist}
+        elif self.route == "auto":
             body["model"] = "auto"
         elif self.route == "endpoint":
             body["model"] = self.endpoint

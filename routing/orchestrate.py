@@ -205,6 +205,8 @@ class LegRecord:
     cost_nanos: int = 0
     latency_ms: int = 0
     error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -221,6 +223,7 @@ class LegRecord:
             "cost_nanos": self.cost_nanos,
             "latency_ms": self.latency_ms,
             "error": self.error,
+            "tokens": {"prompt": self.prompt_tokens, "completion": self.completion_tokens},
         }
 
 
@@ -242,6 +245,13 @@ class Plan:
 
     def cost(self) -> int:
         return sum(leg.cost_nanos for leg in self.legs)
+
+    def tokens(self) -> dict[str, int]:
+        legs = self.legs
+        return {
+            "prompt": sum(leg.prompt_tokens for leg in legs),
+            "completion": sum(leg.completion_tokens for leg in legs),
+        }
 
     def to_trace(self) -> dict[str, Any]:
         return {

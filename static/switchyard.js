@@ -394,7 +394,7 @@
 
   var ROUTE_FIELDS = {
     auto: [], endpoint: ["endpoint"], tag: ["tag"], cheapest: ["tag"], fastest: ["tag"],
-    cascade: ["tag", "cascade_threshold"],
+    cascade: ["tag", "cascade_threshold"], orchestrate: ["generalist"],
   };
 
   function fieldBox(form, name) {
@@ -405,7 +405,7 @@
   function showRouteFields(form) {
     var checked = form.querySelector("input[name='route']:checked");
     var wanted = ROUTE_FIELDS[checked ? checked.value : "auto"] || [];
-    ["tag", "endpoint", "cascade_threshold"].forEach(function (name) {
+    ["tag", "endpoint", "cascade_threshold", "generalist"].forEach(function (name) {
       var box = fieldBox(form, name);
       if (box) box.hidden = wanted.indexOf(name) < 0;
     });
@@ -483,6 +483,9 @@
           .then(function (body) { failed = true; showErrors(form, body.error || "The request failed.", body.errors); });
       }
       requestId = response.headers.get("x-switchyard-request-id");
+      // An orchestrated run streams its generalist's last turn: the plan's id is the one
+      // to trace, and its total cost is in the trace, not in that turn's usage.
+      var orchestrated = !!response.headers.get("x-switchyard-orchestration");
       result.hidden = false;
       answer.textContent = "";
       ["endpoint", "vendor", "cost", "tokens"].forEach(function (name) { setFact(result, name, "…"); });
@@ -505,9 +508,12 @@
         if (chunk.switchyard) {
           setFact(result, "endpoint", chunk.switchyard.endpoint || "—");
           setFact(result, "vendor", chunk.switchyard.vendor || "—");
-          requestId = chunk.switchyard.request_id || requestId;
+          if (!orchestrated) requestId = chunk.switchyard.request_id || requestId;
         }
-        if (chunk.usage && chunk.usage.cost_nanos !== undefined) {
+        if (orchestrated && chunk.usage) {
+          setFact(result, "cost", "every leg: see the plan below");
+          setFact(result, "tokens", "every leg: see the plan below");
+        } else if (chunk.usage && chunk.usage.cost_nanos !== undefined) {
           setFact(result, "cost", "$" + (chunk.usage.cost_nanos / 1e9).toFixed(9).replace(/0+$/, "").replace(/\.$/, ""));
           setFact(result, "tokens", chunk.usage.prompt_tokens + " in, " + chunk.usage.completion_tokens + " out");
         }

@@ -311,6 +311,11 @@ class PlaygroundForm(forms.Form):
     endpoint = forms.ChoiceField(
         label="Endpoint", required=False, help_text="For one vendor's endpoint."
     )
+    generalist = forms.ChoiceField(
+        label="Generalist",
+        required=False,
+        help_text="The model that plans and calls the specialists: an endpoint or a tag.",
+    )
     max_tokens = forms.IntegerField(
         label="Longest answer (tokens)", min_value=1, max_value=1024, initial=128
     )
@@ -334,6 +339,13 @@ class PlaygroundForm(forms.Form):
         tag.choices = [(t, t) for t in tags]
         tag.initial = "chat" if "chat" in tags else (tags[0] if tags else None)
         endpoint.choices = [("", "Choose an endpoint"), *endpoints]
+        generalist = self.fields["generalist"]
+        assert isinstance(generalist, forms.ChoiceField)
+        generalist.choices = [
+            ("", "Choose the generalist"),
+            *endpoints,
+            *((f"tag:{t}", f"Any endpoint with the tag {t}") for t in tags),
+        ]
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
@@ -342,6 +354,8 @@ class PlaygroundForm(forms.Form):
             self.add_error("endpoint", "Choose the endpoint to send the prompt to.")
         if route in {"tag", "cheapest", "fastest", "cascade"} and not data.get("tag"):
             self.add_error("tag", "Choose a capability tag.")
+        if route == "orchestrate" and not data.get("generalist"):
+            self.add_error("generalist", "Choose the generalist that calls the specialists.")
         return data
 
     def run(self) -> PlaygroundRun:
@@ -353,4 +367,5 @@ class PlaygroundForm(forms.Form):
             endpoint=data.get("endpoint") or "",
             max_tokens=data["max_tokens"],
             cascade_threshold=float(data["cascade_threshold"]),
+            generalist=data.get("generalist") or "",
         )

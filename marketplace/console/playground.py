@@ -134,6 +134,8 @@ async def playground_run(request: HttpRequest, org_slug: str) -> HttpResponseBas
     response["Cache-Control"] = "no-store"
     response["X-Accel-Buffering"] = "no"
     response["X-Switchyard-Request-Id"] = upstream.headers.get("x-request-id", "")
+    if upstream.headers.get("x-switchyard-orchestration"):
+        response["X-Switchyard-Orchestration"] = upstream.headers["x-switchyard-orchestration"]
     return response
 
 
@@ -202,4 +204,37 @@ def trace_view(trace: dict[str, Any]) -> dict[str, Any]:
         "filtered": routing.get("filtered") or {},
         "considered": routing.get("considered"),
         "eligible": routing.get("eligible"),
+        "timeline": orchestration_timeline(trace["orchestration"])
+        if trace.get("orchestration")
+        else None,
+    }
+
+
+def orchestration_timeline(plan: dict[str, Any]) -> dict[str, Any]:
+    """An orchestrated request's legs as a timeline: steps run one after another; in a
+    step the generalist's turn comes first, then its tool calls side by side. Each row has
+    its bar's offset and width in percent of the whole run."""
+    rows: list[dict[str, Any]] = []
+    clock = 0
+    for step in plan.get("steps") or []:
+        generalist = step["generalist"]
+        rows.append({**generalist, "step": step["step"], "start": clock})
+        clock += int(generalist.get("latency_ms") or 0)
+        longest = 0
+        for tool in step.get("tools") or []:
+            rows.append({**tool, "step": step["step"], "start": clock})
+            longest = max(longest, int(tool.get("latency_ms") or 0))
+        clock += longest
+    total = max(clock, 1)
+    for row in rows:
+        row["offset_pct"] = round(100 * row["start"] / total, 1)
+        row["width_pct"] = max(round(100 * int(row.get("latency_ms") or 0) / total, 1), 0.5)
+    return {
+        "rows": rows,
+        "total_ms": clock,
+        "stopped": plan.get("stopped"),
+        "cost_nanos": plan.get("cost_nanos", 0),
+        "legs": plan.get("legs", len(rows)),
+        "billed_legs": plan.get("billed_legs", 0),
+        "generalist": (plan.get("orchestrator") or {}).get("model"),
     }

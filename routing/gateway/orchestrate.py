@@ -230,7 +230,7 @@ class Orchestration:
         if isinstance(capture, FinalAnswerSniffer):
             if capture.passing:  # the final answer, already streaming to the client
                 self.plan.steps[-1]["final"] = True
-                record.output_bytes = record.output_bytes or 0
+                record.output_bytes = capture.forwarded
                 return {}, {}, []
             raw = capture.kept
             answer = answer_from_stream(raw)
@@ -329,6 +329,9 @@ class Orchestration:
         record.cost_nanos = int(trace.get("cost_nanos") or 0)
         record.latency_ms = int(trace.get("latency_ms") or 0)
         record.why = why_chosen(trace)
+        tokens = trace.get("tokens") or {}
+        record.prompt_tokens = int(tokens.get("prompt") or 0)
+        record.completion_tokens = int(tokens.get("completion") or 0)
         if not record.model:
             record.model = str(trace.get("model", ""))
 
@@ -346,7 +349,7 @@ class Orchestration:
             "outcome": outcome,
             "served_by": self.spec.model if outcome == "success" else None,
             "orchestration": self.plan.to_trace(),
-            "tokens": {"prompt": 0, "completion": 0},
+            "tokens": self.plan.tokens(),
             "cost_nanos": self.plan.cost(),
             "legs": [leg.leg for leg in legs],
             "latency_ms": int((time.monotonic() - self.started) * 1000),
@@ -367,10 +370,14 @@ class Orchestration:
             "cost_nanos": self.plan.cost(),
             "cost_usd": f"{self.plan.cost() / NANOS_PER_USD:.9f}",
         }
-        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-        generalist_usage = answer.get("usage") or {}
-        for name in usage:
-            usage[name] = int(generalist_usage.get(name) or 0)
+        # Every leg's tokens and cost: what the whole orchestrated request used.
+        tokens = self.plan.tokens()
+        usage = {
+            "prompt_tokens": tokens["prompt"],
+            "completion_tokens": tokens["completion"],
+            "total_tokens": tokens["prompt"] + tokens["completion"],
+            "cost_nanos": self.plan.cost(),
+        }
         choice = (answer.get("choices") or [{}])[0]
         message = choice.get("message") or {}
         content = message.get("content") or ""
@@ -450,6 +457,7 @@ class FinalAnswerSniffer:
         self._held: list[dict[str, Any]] = []
         self._pending = b""
         self.passing = False
+        self.forwarded = 0  # body bytes passed to the client
         self.kept = b""
         self.last: dict[str, Any] | None = None
 
@@ -476,6 +484,7 @@ class FinalAnswerSniffer:
                 return
 
     async def _forward(self, message: dict[str, Any]) -> None:
+        self.forwarded += len(message.get("body", b""))
         if message["type"] == "http.response.body" and not message.get("more_body", False):
             self.last = message  # sent once the orchestration's trace is stored
             return

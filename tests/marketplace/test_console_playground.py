@@ -93,7 +93,7 @@ def test_it_streams_an_answer_and_shows_the_route_trace(gateway_server, upstream
 
     # The vendor saw the platform's key only as the gateway's, never the browser.
     key = ApiKey.objects.get(organization=org, kind=ApiKey.Kind.PLAYGROUND)
-    assert key.scopes == ["chat", "generation"] and key.revoked_at is None
+    assert key.scopes == ["chat", "generation", "tools"] and key.revoked_at is None
     assert AuditLogEntry.objects.filter(action="api_key.create", target_id=str(key.pk)).exists()
 
     trace = browser.page(f"/console/{org.slug}/playground/trace/?id={request_id}")
@@ -196,3 +196,55 @@ def test_a_cascade_run_shows_the_tiers_and_the_confidence_that_decided(
     assert 'data-testid="trace-served-by"><code>' + good.full_slug in html
     assert weak.full_slug in html and "escalated" in html and "final" in html
     assert "0.135" in html  # the cheap tier's confidence, the reason it escalated
+
+
+def test_an_orchestrated_run_streams_and_lays_out_its_plan_as_a_timeline(
+    gateway_server, upstream, owner
+):
+    from tests.support.generalist import ScriptedGeneralist
+
+    user, org = owner
+    for tag in ("sql", "legal"):
+        factories.endpoint(base_url=upstream.base_url, tags=(tag,))
+    browser = Browser(gateway_server, user)
+    with ScriptedGeneralist() as generalist:
+        planner = factories.endpoint(base_url=generalist.base_url, tags=("general",))
+        generalist.plan(
+            [
+                [
+                    {"name": "sql", "arguments": {"input": "count the orders"}},
+                    {"name": "legal", "arguments": {"input": "is it binding"}},
+                ]
+            ]
+        )
+        response = browser.post(
+            f"/console/{org.slug}/playground/run/",
+            run_form(route="orchestrate", generalist=planner.full_slug, tag="sql"),
+        )
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"].startswith("text/event-stream"), response.text
+        request_id = response.headers["x-switchyard-request-id"]
+        assert response.headers["x-switchyard-orchestration"] == request_id
+        text = "".join(
+            (json.loads(e)["choices"] or [{}])[0].get("delta", {}).get("content") or ""
+            for e in sse_events(response.text)
+            if e != "[DONE]"
+        )
+        trace = browser.page(f"/console/{org.slug}/playground/trace/?id={request_id}")
+
+    assert text == "FINAL: [call_0_0] count the orders | [call_0_1] is it binding"
+    assert trace.status_code == 200
+    assert 'data-testid="plan-timeline"' in trace.text
+    # The generalist's two turns and the two specialist calls, each with its bar.
+    assert trace.text.count('class="timeline-row') == 4
+    assert trace.text.count("step 0 · sql") == 1 and trace.text.count("step 0 · legal") == 1
+    assert "answered" in trace.text
+
+
+def test_an_orchestrated_run_needs_a_generalist(gateway_server, owner):
+    user, org = owner
+    browser = Browser(gateway_server, user)
+    response = browser.post(f"/console/{org.slug}/playground/run/", run_form(route="orchestrate"))
+    assert response.json()["errors"]["generalist"] == [
+        "Choose the generalist that calls the specialists."
+    ]

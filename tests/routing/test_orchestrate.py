@@ -103,6 +103,7 @@ def test_three_specialist_calls_are_routed_billed_and_traced(gateway_server, mar
         + [(specialists[t].pk, True) for t in ("sql", "legal", "translate")]
     )
     assert sum(r.cost for r in legs) == plan["cost_nanos"] == body["switchyard"]["cost_nanos"]
+    assert body["usage"]["total_tokens"] == sum(r.prompt_tokens + r.completion_tokens for r in legs)
     out = _reconcile()
     assert "0 mismatch" in out or "no mismatch" in out.lower(), out
 
