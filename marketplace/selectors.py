@@ -248,10 +248,23 @@ class UsageRow:
 
 
 @dataclass
+class CacheAndPrivacy:
+    """Answers served from the response cache and prompts the privacy guard acted on."""
+
+    cache_hits: int = 0
+    semantic_hits: int = 0
+    cache_saved: int = 0  # nano-USD the cached answers cost when a vendor first answered
+    redacted: int = 0  # requests whose personal data was redacted
+    redacted_entities: int = 0
+    trusted_only: int = 0  # requests kept on trusted endpoints
+
+
+@dataclass
 class UsageReport:
     start: date
     end: date  # inclusive
     total: UsageRow
+    guard: CacheAndPrivacy = field(default_factory=CacheAndPrivacy)
     days: list[tuple[date, UsageRow]] = field(default_factory=list)
     by_key: list[UsageRow] = field(default_factory=list)
     by_endpoint: list[UsageRow] = field(default_factory=list)
@@ -310,6 +323,15 @@ def usage_report(*, organization: Organization, start: date, end: date) -> Usage
     records = _usage_records(organization=organization, start=start, end=end)
     metrics = _usage_metrics()
     report = UsageReport(start=start, end=end, total=_row("Total", records.aggregate(**metrics)))
+    guard = records.aggregate(
+        cache_hits=Count("id", filter=~Q(cache="")),
+        semantic_hits=Count("id", filter=Q(cache="semantic")),
+        cache_saved=Coalesce(Sum("cache_saved"), 0),
+        redacted=Count("id", filter=Q(privacy_action="redacted")),
+        redacted_entities=Coalesce(Sum("privacy_found", filter=Q(privacy_action="redacted")), 0),
+        trusted_only=Count("id", filter=Q(privacy_action="trusted_only")),
+    )
+    report.guard = CacheAndPrivacy(**{k: int(v) for k, v in guard.items()})
 
     per_day = {
         row["day"]: _row(row["day"].isoformat(), row)

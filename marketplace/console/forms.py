@@ -10,7 +10,7 @@ from django import forms
 from django.utils import timezone
 
 from billing.money import nanos_to_usd, usd_to_nanos
-from marketplace.models import ApiKey, Membership
+from marketplace.models import ApiKey, Membership, PrivacyPolicy
 from marketplace.selectors import MAX_USAGE_DAYS
 
 # What a key may be used for; an empty selection means every API of the gateway.
@@ -290,3 +290,52 @@ class TopUpForm(forms.Form):
 
 def _cents_text(cents: int) -> str:
     return f"${cents // 100:,}.{cents % 100:02d}"
+
+
+class DataPolicyForm(forms.Form):
+    """The organisation's privacy guard and response-cache defaults."""
+
+    privacy_policy = forms.ChoiceField(
+        label="Personal data in prompts",
+        choices=PrivacyPolicy.choices,
+        widget=forms.RadioSelect,
+        help_text="E-mail addresses, phone, card and bank numbers and names are detected "
+        "before a prompt leaves for a vendor. Traces record the kinds found, never the values.",
+    )
+    cache_ttl = forms.IntegerField(
+        label="Reuse cached answers for (seconds)",
+        min_value=0,
+        max_value=30 * 24 * 3600,
+        initial=0,
+        help_text="Deterministic requests (temperature 0 or a seed) repeated within this time "
+        "are answered from the cache, free. 0: only requests that ask for it are cached.",
+    )
+    cache_similarity = forms.DecimalField(
+        label="Semantic cache similarity (0.500 to 1.000)",
+        required=False,
+        min_value=Decimal("0.5"),
+        max_value=Decimal("1"),
+        decimal_places=3,
+        help_text="Also reuse the answer to a differently worded prompt this similar. "
+        "Empty: exact repeats only.",
+    )
+
+    @classmethod
+    def for_organization(cls, organization: Any) -> DataPolicyForm:
+        similarity = organization.cache_similarity
+        return cls(
+            initial={
+                "privacy_policy": organization.privacy_policy,
+                "cache_ttl": organization.cache_ttl,
+                "cache_similarity": Decimal(similarity) / 1000 if similarity is not None else None,
+            }
+        )
+
+    def service_arguments(self) -> dict[str, Any]:
+        data = self.cleaned_data
+        similarity = data.get("cache_similarity")
+        return {
+            "privacy_policy": data["privacy_policy"],
+            "cache_ttl": data["cache_ttl"],
+            "cache_similarity": int(similarity * 1000) if similarity is not None else None,
+        }

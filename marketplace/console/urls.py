@@ -1,6 +1,6 @@
 from django.urls import path
 
-from marketplace.console import keys, money, views
+from marketplace.console import data, keys, money, views
 
 app_name = "console"
 
@@ -23,6 +23,7 @@ urlpatterns = [
     path("<slug:org_slug>/credits/", money.credits, name="credits"),
     path("<slug:org_slug>/usage/", money.usage, name="usage"),
     path("<slug:org_slug>/budget/", money.budget, name="budget"),
+    path("<slug:org_slug>/data/", data.data_policy, name="data-policy"),
     path("<slug:org_slug>/usage.csv", money.usage_csv, name="usage-csv"),
     path("<slug:org_slug>/audit/", views.audit, name="audit"),
 ]
