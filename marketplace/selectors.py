@@ -346,14 +346,22 @@ def usage_report(*, organization: Organization, start: date, end: date) -> Usage
         label = row["api_key__name"] or "(deleted key)"
         prefix = f"sy-{row['api_key__prefix']}-…" if row["api_key__prefix"] else ""
         report.by_key.append(_row(label, row, prefix))
-    for row in _grouped(records, "endpoint_id", "endpoint__slug", "endpoint__vendor__slug"):
+    for row in _grouped(
+        records, "endpoint_id", "endpoint__slug", "endpoint__vendor__slug", "cache"
+    ):
         if row["endpoint__slug"]:
             label = f"{row['endpoint__vendor__slug']}/{row['endpoint__slug']}"
+        elif row["cache"]:
+            label = f"(response cache, {row['cache']})"
         else:
             label = "(no endpoint answered)"
         report.by_endpoint.append(_row(label, row))
-    for row in _grouped(records, "vendor_id", "vendor__name"):
-        report.by_vendor.append(_row(row["vendor__name"] or "(no vendor)", row))
+    for row in _grouped(records, "vendor_id", "vendor__name", "cache"):
+        if row["vendor__name"]:
+            label = row["vendor__name"]
+        else:
+            label = "(response cache)" if row["cache"] else "(no vendor)"
+        report.by_vendor.append(_row(label, row))
     return report
 
 

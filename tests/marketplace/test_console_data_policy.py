@@ -89,4 +89,5 @@ def test_the_usage_page_counts_cache_hits_savings_and_redactions(owner):
     assert saved == "$0.003000"
     redacted = page.split('data-testid="usage-redacted">')[1].split("</dd>")[0]
     assert redacted.startswith("1 ") and "3 items" in redacted
+    assert "(response cache, semantic)" in page and "(no endpoint answered)" in page
     assert page.split('data-testid="usage-trusted">')[1].startswith("1<")
