@@ -339,3 +339,49 @@ class DataPolicyForm(forms.Form):
             "cache_ttl": data["cache_ttl"],
             "cache_similarity": int(similarity * 1000) if similarity is not None else None,
         }
+
+
+class KeyDataPolicyForm(forms.Form):
+    """One key's overrides of the organisation's privacy and cache settings."""
+
+    privacy_policy = forms.ChoiceField(
+        label="Personal data in prompts",
+        choices=[("", "As the organisation"), *PrivacyPolicy.choices],
+        required=False,
+        widget=forms.RadioSelect,
+    )
+    cache_ttl = forms.IntegerField(
+        label="Reuse cached answers for (seconds)",
+        required=False,
+        min_value=0,
+        max_value=30 * 24 * 3600,
+        help_text="Empty: as the organisation. 0: no cache unless a request asks for it.",
+    )
+    cache_similarity = forms.DecimalField(
+        label="Semantic cache similarity (0.500 to 1.000)",
+        required=False,
+        min_value=Decimal("0.5"),
+        max_value=Decimal("1"),
+        decimal_places=3,
+        help_text="Empty: as the organisation.",
+    )
+
+    @classmethod
+    def for_key(cls, key: ApiKey) -> KeyDataPolicyForm:
+        similarity = key.cache_similarity
+        return cls(
+            initial={
+                "privacy_policy": key.privacy_policy,
+                "cache_ttl": key.cache_ttl,
+                "cache_similarity": Decimal(similarity) / 1000 if similarity is not None else None,
+            }
+        )
+
+    def service_arguments(self) -> dict[str, Any]:
+        data = self.cleaned_data
+        similarity = data.get("cache_similarity")
+        return {
+            "privacy_policy": data.get("privacy_policy") or "",
+            "cache_ttl": data.get("cache_ttl"),
+            "cache_similarity": int(similarity * 1000) if similarity is not None else None,
+        }

@@ -20,6 +20,7 @@ urlpatterns = [
     path("<slug:org_slug>/keys/", keys.key_list, name="keys"),
     path("<slug:org_slug>/keys/new/", keys.key_create, name="key-create"),
     path("<slug:org_slug>/keys/<int:pk>/revoke/", keys.key_revoke, name="key-revoke"),
+    path("<slug:org_slug>/keys/<int:pk>/data/", data.key_data_policy, name="key-data-policy"),
     path("<slug:org_slug>/credits/", money.credits, name="credits"),
     path("<slug:org_slug>/usage/", money.usage, name="usage"),
     path("<slug:org_slug>/budget/", money.budget, name="budget"),

@@ -91,3 +91,36 @@ def test_the_usage_page_counts_cache_hits_savings_and_redactions(owner):
     assert redacted.startswith("1 ") and "3 items" in redacted
     assert "(response cache, semantic)" in page and "(no endpoint answered)" in page
     assert page.split('data-testid="usage-trusted">')[1].startswith("1<")
+
+
+def test_an_owner_overrides_the_settings_of_one_key(owner):
+    from marketplace.models import ApiKey
+    from marketplace.services import api_key_create
+
+    key = api_key_create(organization=owner.org, name="batch").api_key
+    url = reverse("console:key-data-policy", args=[owner.org.slug, key.pk])
+    assert "As the organisation" in owner.get(url).content.decode()
+
+    response = owner.post(
+        url, {"privacy_policy": "trusted_only", "cache_ttl": "", "cache_similarity": ""}
+    )
+
+    assert response.status_code == 302
+    key = ApiKey.objects.get(pk=key.pk)
+    assert (key.privacy_policy, key.cache_ttl, key.cache_similarity) == ("trusted_only", None, None)
+    listing = owner.get(reverse("console:keys", args=[owner.org.slug])).content.decode()
+    assert "privacy: send prompts with personal data only to trusted endpoints" in listing
+
+
+def test_a_developer_cannot_override_a_key(client):  # type: ignore[no-untyped-def]
+    from marketplace.services import api_key_create
+
+    boss, dev = factories.user(), factories.user()
+    org = console_organization_create(actor=boss, name="Dev Key Co")
+    Membership.objects.create(organization=org, user=dev, role=Membership.Role.DEVELOPER)
+    key = api_key_create(organization=org, name="k").api_key
+    client.force_login(dev)
+    url = reverse("console:key-data-policy", args=[org.slug, key.pk])
+    assert client.post(url, {"privacy_policy": "off"}).status_code == 403
+    listing = client.get(reverse("console:keys", args=[org.slug])).content.decode()
+    assert "Privacy &amp; cache" not in listing

@@ -10,7 +10,7 @@ from playwright.sync_api import expect
 
 from billing.money import usd_to_nanos
 from billing.services import credit_grant
-from marketplace.models import Organization
+from marketplace.models import ApiKey, Organization
 from marketplace.services import api_key_create, console_organization_create
 from tests import factories
 from tests.conftest import ingest_all
@@ -63,3 +63,12 @@ def test_an_owner_turns_on_redaction_and_the_cache_and_sees_them_on_the_usage_pa
     expect(page.get_by_role("rowheader", name="(response cache, exact)")).to_be_visible()
     shoot(page, "console-usage-cache-privacy")
     assert Organization.objects.get(pk=org.pk).privacy_policy == "redact"
+
+    # One key can follow other rules than its organisation.
+    page.get_by_role("link", name="API keys").click()
+    page.get_by_role("link", name="Privacy & cache of app").click()
+    page.get_by_label("Send prompts with personal data only to trusted endpoints").check()
+    shoot(page, "console-key-privacy-cache")
+    page.get_by_role("button", name="Save").click()
+    page.get_by_text("Privacy and cache settings of “app” saved.").wait_for()
+    assert ApiKey.objects.get(organization=org).privacy_policy == "trusted_only"
