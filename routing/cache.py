@@ -5,6 +5,8 @@ Opt-in per key (``ApiKey.cache_ttl`` over ``Organization.cache_ttl``) or per req
 entry lives under its organisation's prefix in Redis (``sy:cache:<org>:...``): a lookup
 never reads another organisation's keys.
 
+``ttl`` is how long an answer is kept and, for a request, the oldest answer it accepts.
+
 * **Exact**: the key is a SHA-256 of the normalised routing policy and the normalised
   request (everything but transport fields: ``stream``, ``stream_options``, ``user``,
   ``session_id``, ``cache``, ``metadata``). Only deterministic requests are cached:
@@ -244,8 +246,12 @@ class ResponseCache:
         if keys.partition is not None:
             pipe.hgetall(keys.partition)
         results = await pipe.execute()
+        oldest = time.time_ns() // 1_000_000 - request.ttl * 1000
         if results[0] is not None:
-            return CacheHit("exact", orjson.loads(results[0])), None
+            entry = orjson.loads(results[0])
+            # A request's ttl is also the oldest answer it accepts.
+            if int(entry.get("at") or 0) >= oldest:
+                return CacheHit("exact", entry), None
         vectors: dict[bytes, bytes] = results[1] if keys.partition is not None else {}
         if not vectors or request.similarity is None:
             return None, None
@@ -264,7 +270,10 @@ class ResponseCache:
         raw = await self.client.get(f"{_prefix(keys.organization_id)}:sa:{names[best].decode()}")
         if raw is None:
             return None, vector
-        return CacheHit("semantic", orjson.loads(raw), similarity), vector
+        entry = orjson.loads(raw)
+        if int(entry.get("at") or 0) < oldest:
+            return None, vector
+        return CacheHit("semantic", entry, similarity), vector
 
     async def store(
         self,

@@ -740,7 +740,15 @@ class GatewayApp:
     async def _guard(self, job: Job, policy: RoutePolicy) -> RoutePolicy:
         """The privacy guard (only for organisations that turned it on): find personal data
         on the guard's thread; redact it, or keep the request on trusted endpoints."""
-        messages, redaction = await privacy.scan_async(job.body.get("messages"))
+        try:
+            messages, redaction = await privacy.scan_async(job.body.get("messages"))
+        except Exception:
+            # Fail closed: a prompt the guard could not read never leaves unguarded.
+            logger.exception("the privacy guard failed (request %s)", job.request_id)
+            raise Unavailable(
+                "the privacy guard is unavailable; the request was not sent to any vendor",
+                code="privacy_guard_unavailable",
+            ) from None
         action = ""
         if redaction.total:
             if job.key.privacy == "redact":

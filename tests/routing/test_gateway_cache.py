@@ -199,3 +199,25 @@ def test_it_reuses_an_answer_for_a_paraphrase_above_the_threshold(gateway_server
     assert paraphrase.json()["choices"] == first.json()["choices"]
     assert unrelated.headers["x-switchyard-cache"] == "miss"
     assert _vendor_calls(upstream) == 2
+
+
+def test_a_request_accepts_no_answer_older_than_its_ttl(gateway_server, upstream):
+    from marketplace.redis_client import sync_client
+
+    model = factories.endpoint(base_url=upstream.base_url).full_slug
+    customer = factories.customer()
+    with gateway_server.client(customer.key) as client:
+        client.post("/v1/chat/completions", json=_chat(model, cache={"ttl": 600}))
+        # Given the stored answer is two minutes old...
+        redis = sync_client()
+        (key,) = redis.keys(f"sy:cache:{customer.organization.pk}:x:*")
+        entry = orjson.loads(redis.get(key))
+        entry["at"] -= 120_000
+        redis.set(key, orjson.dumps(entry), ex=600)
+        # ...a request that accepts ten minutes takes it, one that accepts one minute does not.
+        older = client.post("/v1/chat/completions", json=_chat(model, cache={"ttl": 600}))
+        fresh = client.post("/v1/chat/completions", json=_chat(model, cache={"ttl": 60}))
+
+    assert older.headers["x-switchyard-cache"] == "hit"
+    assert fresh.headers["x-switchyard-cache"] == "miss"
+    assert _vendor_calls(upstream) == 2
