@@ -6,6 +6,7 @@ these settings with each API key, so every change tells the gateways to reload t
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from django.contrib.auth.models import User
@@ -16,6 +17,19 @@ from marketplace.models import ApiKey, Organization, PrivacyPolicy
 from marketplace.services import ServiceError, _require, audit_record
 
 MAX_CACHE_TTL = 30 * 24 * 3600
+_REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+
+
+def normalised_regions(text: str) -> str:
+    """``"EU, us-east"`` -> ``"eu,us-east"`` (sorted, unique); refuses what is not a region."""
+    regions = sorted({r.strip().lower() for r in re.split(r"[,\s]+", text) if r.strip()})
+    bad = [r for r in regions if not _REGION.match(r)]
+    if bad:
+        raise ServiceError(f"not a region code: {', '.join(bad)}")
+    joined = ",".join(regions)
+    if len(joined) > 200:
+        raise ServiceError("too many trusted regions")
+    return joined
 
 
 def _check(privacy_policy: str, cache_ttl: int | None, cache_similarity: int | None) -> None:
@@ -40,15 +54,19 @@ def organization_data_policy_update(
     privacy_policy: str,
     cache_ttl: int,
     cache_similarity: int | None,
+    trusted_regions: str = "",
 ) -> Organization:
-    """Set the organisation's privacy policy and cache defaults (owners and admins)."""
+    """Set the organisation's privacy policy, the regions ``trusted_only`` keeps personal
+    data in (empty: any) and the cache defaults (owners and admins)."""
     _require(actor, organization, "members.manage")
     _check(privacy_policy, cache_ttl, cache_similarity)
+    trusted_regions = normalised_regions(trusted_regions)
     locked = Organization.objects.select_for_update().get(pk=organization.pk)
     values = {
         "privacy_policy": privacy_policy,
         "cache_ttl": cache_ttl,
         "cache_similarity": cache_similarity,
+        "trusted_regions": trusted_regions,
     }
     changes = {
         name: {"from": getattr(locked, name), "to": value}

@@ -50,6 +50,12 @@ class Organization(models.Model):
         default=PrivacyPolicy.OFF,
         help_text="What to do when a prompt contains personal data.",
     )
+    trusted_regions = models.CharField(
+        max_length=200,
+        blank=True,
+        default="",
+        help_text="trusted_only: also keep such prompts in these regions (comma-separated).",
+    )
     cache_ttl = models.PositiveIntegerField(
         default=0, help_text="Seconds a cached answer is reused; 0: no cache unless asked."
     )

@@ -302,6 +302,13 @@ class DataPolicyForm(forms.Form):
         help_text="E-mail addresses, phone, card and bank numbers and names are detected "
         "before a prompt leaves for a vendor. Traces record the kinds found, never the values.",
     )
+    trusted_regions = forms.CharField(
+        label="Trusted regions",
+        required=False,
+        max_length=200,
+        help_text="With “trusted endpoints only”: also keep prompts with personal data in "
+        "these regions, comma-separated (for example <code>eu</code>). Empty: any region.",
+    )
     cache_ttl = forms.IntegerField(
         label="Reuse cached answers for (seconds)",
         min_value=0,
@@ -326,6 +333,7 @@ class DataPolicyForm(forms.Form):
         return cls(
             initial={
                 "privacy_policy": organization.privacy_policy,
+                "trusted_regions": organization.trusted_regions.replace(",", ", "),
                 "cache_ttl": organization.cache_ttl,
                 "cache_similarity": Decimal(similarity) / 1000 if similarity is not None else None,
             }
@@ -336,6 +344,7 @@ class DataPolicyForm(forms.Form):
         similarity = data.get("cache_similarity")
         return {
             "privacy_policy": data["privacy_policy"],
+            "trusted_regions": data.get("trusted_regions") or "",
             "cache_ttl": data["cache_ttl"],
             "cache_similarity": int(similarity * 1000) if similarity is not None else None,
         }

@@ -758,7 +758,10 @@ class GatewayApp:
                 job.prompt_bound += 16 * redaction.total
                 action = "redacted"
             else:
-                policy = dataclasses.replace(policy, trusted_only=True)
+                regions, trusted = policy.regions, job.key.trusted_regions
+                if trusted is not None:
+                    regions = trusted if regions is None else regions & trusted
+                policy = dataclasses.replace(policy, trusted_only=True, regions=regions)
                 action = "trusted_only"
             metrics.PRIVACY.labels(action=action).inc()
         job.privacy = {"policy": job.key.privacy, "action": action, "found": dict(redaction.found)}

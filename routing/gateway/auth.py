@@ -41,6 +41,7 @@ class KeyInfo:
     privacy: str = "off"  # "off" | "redact" | "trusted_only"
     cache_ttl: int = 0  # seconds a cached answer is reused by default; 0: only when asked
     cache_similarity: int | None = None  # semantic cache threshold, cosine x 1000
+    trusted_regions: frozenset[str] | None = None  # trusted_only: the allowed regions
 
 
 def _query_key(key_hash: str) -> KeyInfo | None:
@@ -64,6 +65,7 @@ def _query_key(key_hash: str) -> KeyInfo | None:
             "organization__privacy_policy",
             "organization__cache_ttl",
             "organization__cache_similarity",
+            "organization__trusted_regions",
         )
         .first()
     )
@@ -91,6 +93,11 @@ def _query_key(key_hash: str) -> KeyInfo | None:
             row["cache_similarity"]
             if row["cache_similarity"] is not None
             else row["organization__cache_similarity"]
+        ),
+        trusted_regions=(
+            frozenset(row["organization__trusted_regions"].split(","))
+            if row["organization__trusted_regions"]
+            else None
         ),
     )
 

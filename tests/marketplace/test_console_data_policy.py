@@ -34,12 +34,19 @@ def test_it_saves_the_privacy_policy_and_cache_defaults(owner):
     assert '<label for="id_cache_ttl"' in page and "Personal data in prompts" in page
 
     response = owner.post(
-        url, {"privacy_policy": "redact", "cache_ttl": "600", "cache_similarity": "0.92"}
+        url,
+        {
+            "privacy_policy": "redact",
+            "trusted_regions": "EU, us-east eu",
+            "cache_ttl": "600",
+            "cache_similarity": "0.92",
+        },
     )
 
     assert response.status_code == 302
     org = Organization.objects.get(pk=owner.org.pk)
     assert (org.privacy_policy, org.cache_ttl, org.cache_similarity) == ("redact", 600, 920)
+    assert org.trusted_regions == "eu,us-east"
     assert AuditLogEntry.objects.filter(action="organization.data_policy_update").exists()
 
 
@@ -50,6 +57,14 @@ def test_it_refuses_a_similarity_out_of_range(owner):
     )
     assert response.status_code == 200
     assert Organization.objects.get(pk=owner.org.pk).cache_similarity is None
+
+
+def test_it_refuses_a_region_that_is_not_a_code(owner):
+    url = reverse("console:data-policy", args=[owner.org.slug])
+    data = {"privacy_policy": "trusted_only", "trusted_regions": "eu; drop", "cache_ttl": "0"}
+    page = owner.post(url, data).content.decode()
+    assert "Not a region code: eu;" in page
+    assert Organization.objects.get(pk=owner.org.pk).privacy_policy == "off"
 
 
 def test_a_developer_cannot_change_it(client):  # type: ignore[no-untyped-def]

@@ -20,7 +20,7 @@ EMAIL, PHONE, CARD = "jane.doe@example.com", "+1 212-555-0199", "4111 1111 1111 
 PROMPT = f"Repeat after me: {EMAIL} {PHONE} card {CARD}"
 
 
-def _guarded(customer, policy: str) -> None:  # type: ignore[no-untyped-def]
+def _guarded(customer, policy: str, regions: str = "") -> None:  # type: ignore[no-untyped-def]
     owner = factories.user()
     Membership.objects.create(
         organization=customer.organization, user=owner, role=Membership.Role.OWNER
@@ -31,6 +31,7 @@ def _guarded(customer, policy: str) -> None:  # type: ignore[no-untyped-def]
         privacy_policy=policy,
         cache_ttl=0,
         cache_similarity=None,
+        trusted_regions=regions,
     )
 
 
@@ -135,6 +136,25 @@ def test_it_keeps_personal_data_on_trusted_endpoints_only(gateway_server, upstre
     assert trace["routing"]["policy"]["trusted_only"] is True
     # A prompt without personal data goes wherever the router sends it.
     assert plain.json()["switchyard"]["endpoint"] == keeps_data.full_slug
+
+
+def test_trusted_regions_narrow_where_personal_data_may_go(gateway_server, upstream):
+    customer = factories.customer()
+    _guarded(customer, "trusted_only", regions="EU")
+    elsewhere = factories.endpoint(base_url=upstream.base_url, tags=("chat", "pii"), region="us")
+    in_region = factories.endpoint(
+        base_url=upstream.base_url, tags=("chat", "pii"), region="eu", price_input_usd="7"
+    )
+
+    with gateway_server.client(customer.key) as client:
+        for _ in range(4):
+            response = client.post("/v1/chat/completions", json=_chat("tag:pii"))
+            assert response.json()["switchyard"]["endpoint"] == in_region.full_slug
+        plain = client.post(
+            "/v1/chat/completions",
+            json=_chat("tag:pii", "hello", provider={"order": [elsewhere.full_slug]}),
+        )
+    assert plain.json()["switchyard"]["endpoint"] == elsewhere.full_slug
 
 
 def test_a_key_can_override_its_organisation(gateway_server, upstream):
