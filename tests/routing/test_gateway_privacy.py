@@ -194,3 +194,10 @@ def test_a_stream_restorer_waits_for_a_split_placeholder():
     out = "".join(stream.feed(p) for p in pieces) + stream.flush()
     assert token == "<EMAIL_1>"
     assert out == f"write {EMAIL} now <3 is less"
+
+
+def test_it_finds_names_iban_and_phone_numbers_in_free_text():
+    text = "Hi, I'm John Smith; call +1 212-555-0199 or pay to DE89370400440532013000."
+    redacted, redaction = scan_messages([{"role": "user", "content": text}])
+    assert redacted[0]["content"] == "Hi, I'm <NAME_1>; call <PHONE_1> or pay to <IBAN_1>."
+    assert redaction.kinds() == "IBAN,NAME,PHONE"
