@@ -200,6 +200,17 @@ def main() -> None:
         "saved_share": round(cache_saved / (charged + cache_saved), 4) if charged else 0,
     }
 
+    import io
+
+    from django.core.management.base import CommandError
+
+    report = io.StringIO()
+    try:
+        call_command("reconcile", "--skip-stripe", stdout=report)
+        results["reconcile"] = "clean" if "no mismatch" in report.getvalue() else "see output"
+    except CommandError:
+        results["reconcile"] = "MISMATCH: " + report.getvalue()[-500:]
+
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = RESULTS_DIR / f"cache-{tag}.json"
     out.write_text(json.dumps(results, indent=2))
@@ -218,7 +229,7 @@ def main() -> None:
         f"{sem_result['paraphrases']} ({sem_result['hits_on_another_question']} on another "
         f"question); vendor calls {results['vendor_calls']}"
     )
-    print(f"ledger: {results['ledger']}")
+    print(f"ledger: {results['ledger']}; reconcile: {results['reconcile']}")
     print(f"written to {out}")
 
 
