@@ -134,6 +134,15 @@ class UsageRecord(models.Model):
     transaction = models.OneToOneField(
         LedgerTransaction, null=True, on_delete=models.PROTECT, related_name="usage_record"
     )
+    # Response cache: "" (not served from the cache), "exact" or "semantic"; a hit pays no
+    # vendor and ``cache_saved`` is what the original answer cost.
+    cache = models.CharField(max_length=8, blank=True, default="")
+    cache_saved = models.BigIntegerField(default=0)
+    # Privacy guard: what was done ("" none, "redacted", "trusted_only") and how many
+    # personal-data entities of which kinds were found (kinds only, never the values).
+    privacy_action = models.CharField(max_length=16, blank=True, default="")
+    privacy_found = models.PositiveIntegerField(default=0)
+    privacy_kinds = models.CharField(max_length=200, blank=True, default="")
     occurred_at = models.DateTimeField()
     ingested_at = models.DateTimeField(default=timezone.now)
 

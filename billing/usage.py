@@ -145,6 +145,11 @@ _RECORD_COLUMNS: dict[str, str] = {
     "stream": "boolean",
     "transaction_id": "bigint",
     "occurred_at": "timestamptz",
+    "cache": "text",
+    "cache_saved": "bigint",
+    "privacy_action": "text",
+    "privacy_found": "integer",
+    "privacy_kinds": "text",
 }
 
 
@@ -248,6 +253,11 @@ def record_events(events: list[dict[str, Any]]) -> tuple[int, int]:
                     "stream": bool(event.get("stream")),
                     "transaction_id": txn,
                     "occurred_at": _occurred_at(event),
+                    "cache": str(event.get("cache") or "")[:8],
+                    "cache_saved": int(event.get("saved") or 0),
+                    "privacy_action": str(event.get("priv") or "")[:16],
+                    "privacy_found": int(event.get("pfound") or 0),
+                    "privacy_kinds": str(event.get("pkinds") or "")[:200],
                 }
                 rows.append(row)
                 for name in _RECORD_COLUMNS:

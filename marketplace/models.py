@@ -8,6 +8,12 @@ from django.db import models
 from django.utils import timezone
 
 
+class PrivacyPolicy(models.TextChoices):
+    OFF = "off", "Off"
+    REDACT = "redact", "Redact personal data before it leaves for a vendor"
+    TRUSTED_ONLY = "trusted_only", "Send prompts with personal data only to trusted endpoints"
+
+
 class Organization(models.Model):
     class BillingMode(models.TextChoices):
         PREPAID = "prepaid", "Prepaid credits"
@@ -36,6 +42,28 @@ class Organization(models.Model):
     )
     reference_price_output = models.BigIntegerField(
         null=True, blank=True, help_text="Reference model: nano-USD per million output tokens."
+    )
+    # Privacy guard and response cache defaults (the console's data & cache page).
+    privacy_policy = models.CharField(
+        max_length=16,
+        choices=PrivacyPolicy.choices,
+        default=PrivacyPolicy.OFF,
+        help_text="What to do when a prompt contains personal data.",
+    )
+    trusted_regions = models.CharField(
+        max_length=200,
+        blank=True,
+        default="",
+        help_text="trusted_only: also keep such prompts in these regions (comma-separated).",
+    )
+    cache_ttl = models.PositiveIntegerField(
+        default=0, help_text="Seconds a cached answer is reused; 0: no cache unless asked."
+    )
+    cache_similarity = models.PositiveSmallIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(500), MaxValueValidator(1000)],
+        help_text="Semantic cache: cosine similarity x 1000 to reuse an answer; empty: exact only.",
     )
 
     class Meta:
@@ -107,6 +135,14 @@ class ApiKey(models.Model):
     )
     rate_limit_rpm = models.PositiveIntegerField(null=True, blank=True)
     rate_limit_tpm = models.PositiveIntegerField(null=True, blank=True)
+    # Overrides of the organisation's privacy and cache settings; empty: inherit.
+    privacy_policy = models.CharField(
+        max_length=16, choices=PrivacyPolicy.choices, blank=True, default=""
+    )
+    cache_ttl = models.PositiveIntegerField(null=True, blank=True)
+    cache_similarity = models.PositiveSmallIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(500), MaxValueValidator(1000)]
+    )
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     created_by = models.ForeignKey(

@@ -250,10 +250,23 @@ class UsageRow:
 
 
 @dataclass
+class CacheAndPrivacy:
+    """Answers served from the response cache and prompts the privacy guard acted on."""
+
+    cache_hits: int = 0
+    semantic_hits: int = 0
+    cache_saved: int = 0  # nano-USD the cached answers cost when a vendor first answered
+    redacted: int = 0  # requests whose personal data was redacted
+    redacted_entities: int = 0
+    trusted_only: int = 0  # requests kept on trusted endpoints
+
+
+@dataclass
 class UsageReport:
     start: date
     end: date  # inclusive
     total: UsageRow
+    guard: CacheAndPrivacy = field(default_factory=CacheAndPrivacy)
     days: list[tuple[date, UsageRow]] = field(default_factory=list)
     by_key: list[UsageRow] = field(default_factory=list)
     by_endpoint: list[UsageRow] = field(default_factory=list)
@@ -312,6 +325,15 @@ def usage_report(*, organization: Organization, start: date, end: date) -> Usage
     records = _usage_records(organization=organization, start=start, end=end)
     metrics = _usage_metrics()
     report = UsageReport(start=start, end=end, total=_row("Total", records.aggregate(**metrics)))
+    guard = records.aggregate(
+        cache_hits=Count("id", filter=~Q(cache="")),
+        semantic_hits=Count("id", filter=Q(cache="semantic")),
+        cache_saved=Coalesce(Sum("cache_saved"), 0),
+        redacted=Count("id", filter=Q(privacy_action="redacted")),
+        redacted_entities=Coalesce(Sum("privacy_found", filter=Q(privacy_action="redacted")), 0),
+        trusted_only=Count("id", filter=Q(privacy_action="trusted_only")),
+    )
+    report.guard = CacheAndPrivacy(**{k: int(v) for k, v in guard.items()})
 
     per_day = {
         row["day"]: _row(row["day"].isoformat(), row)
@@ -326,14 +348,22 @@ def usage_report(*, organization: Organization, start: date, end: date) -> Usage
         label = row["api_key__name"] or "(deleted key)"
         prefix = f"sy-{row['api_key__prefix']}-…" if row["api_key__prefix"] else ""
         report.by_key.append(_row(label, row, prefix))
-    for row in _grouped(records, "endpoint_id", "endpoint__slug", "endpoint__vendor__slug"):
+    for row in _grouped(
+        records, "endpoint_id", "endpoint__slug", "endpoint__vendor__slug", "cache"
+    ):
         if row["endpoint__slug"]:
             label = f"{row['endpoint__vendor__slug']}/{row['endpoint__slug']}"
+        elif row["cache"]:
+            label = f"(response cache, {row['cache']})"
         else:
             label = "(no endpoint answered)"
         report.by_endpoint.append(_row(label, row))
-    for row in _grouped(records, "vendor_id", "vendor__name"):
-        report.by_vendor.append(_row(row["vendor__name"] or "(no vendor)", row))
+    for row in _grouped(records, "vendor_id", "vendor__name", "cache"):
+        if row["vendor__name"]:
+            label = row["vendor__name"]
+        else:
+            label = "(response cache)" if row["cache"] else "(no vendor)"
+        report.by_vendor.append(_row(label, row))
     return report
 
 

@@ -280,6 +280,11 @@ GATEWAY_CIRCUIT_COOLDOWN_SECONDS = env_float("GATEWAY_CIRCUIT_COOLDOWN_SECONDS",
 # Fallback retries in flight across all replicas: at most max(MIN, RATIO x requests in flight).
 GATEWAY_RETRY_BUDGET_RATIO = env_float("GATEWAY_RETRY_BUDGET_RATIO", 0.2)
 GATEWAY_RETRY_BUDGET_MIN = env_int("GATEWAY_RETRY_BUDGET_MIN", 3, minimum=0)
+# Response cache (opt-in per key or request): the longest TTL a request may ask for, the
+# largest answer kept, and how many semantic-cache entries each organisation keeps.
+GATEWAY_CACHE_MAX_TTL_SECONDS = env_int("GATEWAY_CACHE_MAX_TTL_SECONDS", 86_400, minimum=1)
+GATEWAY_CACHE_MAX_ANSWER_BYTES = env_int("GATEWAY_CACHE_MAX_ANSWER_BYTES", 262_144, minimum=1024)
+GATEWAY_CACHE_SEMANTIC_ENTRIES = env_int("GATEWAY_CACHE_SEMANTIC_ENTRIES", 256, minimum=1)
 # Networks that vendor URLs may point into although they are private or loopback
 # (self-hosted vendors, the demo and the tests). Empty in production by default.
 OUTBOUND_ALLOWED_NETWORKS = env_list("OUTBOUND_ALLOWED_NETWORKS", [])

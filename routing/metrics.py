@@ -33,6 +33,14 @@ REQUESTS = Counter(
 LATENCY = Histogram(
     "switchyard_request_seconds", "Whole request time", ["kind"], buckets=LATENCY_BUCKETS
 )
+CACHE_HITS = Counter(
+    "switchyard_cache_hits_total", "Requests answered from the response cache", ["kind"]
+)
+PRIVACY = Counter(
+    "switchyard_privacy_actions_total",
+    "Requests whose prompt held personal data, by what the privacy guard did",
+    ["action"],
+)
 TTFT = Histogram(
     "switchyard_time_to_first_token_seconds",
     "Time to the vendor's first byte",

@@ -125,6 +125,8 @@ class RoutePolicy:
     regions: frozenset[str] | None = None
     require_parameters: bool = False
     min_quality: float | None = None
+    # Privacy guard: only the organisation's private endpoints and zero-retention ones.
+    trusted_only: bool = False
 
     @property
     def auto(self) -> bool:
@@ -158,6 +160,7 @@ class RoutePolicy:
             "regions": sorted(self.regions) if self.regions is not None else None,
             "require_parameters": self.require_parameters,
             "min_quality": self.min_quality,
+            "trusted_only": self.trusted_only,
         }
 
 

@@ -397,6 +397,11 @@ def plan_route(
         mark(~_matches(index, positions, policy.only), _NOT_IN_ONLY)
     if policy.zero_retention:
         mark(index.retention[positions] > 0, _DATA)
+    if policy.trusted_only:
+        untrusted = (index.retention[positions] > 0) & (
+            index.private_to[positions] != organization_id
+        )
+        mark(untrusted, _DATA)
     if policy.regions is not None:
         allowed = np.zeros(len(index.region_codes) + 1, np.bool_)
         for region in policy.regions:

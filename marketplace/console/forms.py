@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from billing.money import nanos_to_usd, usd_to_nanos
 from marketplace.keys import KEY_SCOPES
-from marketplace.models import ApiKey, Membership
+from marketplace.models import ApiKey, Membership, PrivacyPolicy
 from marketplace.playground import ROUTES as PLAYGROUND_ROUTES
 from marketplace.playground import PlaygroundRun
 from marketplace.selectors import MAX_USAGE_DAYS
@@ -369,3 +369,107 @@ class PlaygroundForm(forms.Form):
             cascade_threshold=float(data["cascade_threshold"]),
             generalist=data.get("generalist") or "",
         )
+
+
+class DataPolicyForm(forms.Form):
+    """The organisation's privacy guard and response-cache defaults."""
+
+    privacy_policy = forms.ChoiceField(
+        label="Personal data in prompts",
+        choices=PrivacyPolicy.choices,
+        widget=forms.RadioSelect,
+        help_text="E-mail addresses, phone, card and bank numbers and names are detected "
+        "before a prompt leaves for a vendor. Traces record the kinds found, never the values.",
+    )
+    trusted_regions = forms.CharField(
+        label="Trusted regions",
+        required=False,
+        max_length=200,
+        help_text="With “trusted endpoints only”: also keep prompts with personal data in "
+        "these regions, comma-separated (for example <code>eu</code>). Empty: any region.",
+    )
+    cache_ttl = forms.IntegerField(
+        label="Reuse cached answers for (seconds)",
+        min_value=0,
+        max_value=30 * 24 * 3600,
+        initial=0,
+        help_text="Deterministic requests (temperature 0 or a seed) repeated within this time "
+        "are answered from the cache, free. 0: only requests that ask for it are cached.",
+    )
+    cache_similarity = forms.DecimalField(
+        label="Semantic cache similarity (0.500 to 1.000)",
+        required=False,
+        min_value=Decimal("0.5"),
+        max_value=Decimal("1"),
+        decimal_places=3,
+        help_text="Also reuse the answer to a differently worded prompt this similar. "
+        "Empty: exact repeats only.",
+    )
+
+    @classmethod
+    def for_organization(cls, organization: Any) -> DataPolicyForm:
+        similarity = organization.cache_similarity
+        return cls(
+            initial={
+                "privacy_policy": organization.privacy_policy,
+                "trusted_regions": organization.trusted_regions.replace(",", ", "),
+                "cache_ttl": organization.cache_ttl,
+                "cache_similarity": Decimal(similarity) / 1000 if similarity is not None else None,
+            }
+        )
+
+    def service_arguments(self) -> dict[str, Any]:
+        data = self.cleaned_data
+        similarity = data.get("cache_similarity")
+        return {
+            "privacy_policy": data["privacy_policy"],
+            "trusted_regions": data.get("trusted_regions") or "",
+            "cache_ttl": data["cache_ttl"],
+            "cache_similarity": int(similarity * 1000) if similarity is not None else None,
+        }
+
+
+class KeyDataPolicyForm(forms.Form):
+    """One key's overrides of the organisation's privacy and cache settings."""
+
+    privacy_policy = forms.ChoiceField(
+        label="Personal data in prompts",
+        choices=[("", "As the organisation"), *PrivacyPolicy.choices],
+        required=False,
+        widget=forms.RadioSelect,
+    )
+    cache_ttl = forms.IntegerField(
+        label="Reuse cached answers for (seconds)",
+        required=False,
+        min_value=0,
+        max_value=30 * 24 * 3600,
+        help_text="Empty: as the organisation. 0: no cache unless a request asks for it.",
+    )
+    cache_similarity = forms.DecimalField(
+        label="Semantic cache similarity (0.500 to 1.000)",
+        required=False,
+        min_value=Decimal("0.5"),
+        max_value=Decimal("1"),
+        decimal_places=3,
+        help_text="Empty: as the organisation.",
+    )
+
+    @classmethod
+    def for_key(cls, key: ApiKey) -> KeyDataPolicyForm:
+        similarity = key.cache_similarity
+        return cls(
+            initial={
+                "privacy_policy": key.privacy_policy,
+                "cache_ttl": key.cache_ttl,
+                "cache_similarity": Decimal(similarity) / 1000 if similarity is not None else None,
+            }
+        )
+
+    def service_arguments(self) -> dict[str, Any]:
+        data = self.cleaned_data
+        similarity = data.get("cache_similarity")
+        return {
+            "privacy_policy": data.get("privacy_policy") or "",
+            "cache_ttl": data.get("cache_ttl"),
+            "cache_similarity": int(similarity * 1000) if similarity is not None else None,
+        }

@@ -164,6 +164,10 @@ CSV_COLUMNS = [
     "cost_usd",
     "latency_ms",
     "attempts",
+    "cache",
+    "cache_saved_usd",
+    "privacy_action",
+    "privacy_found",
 ]
 
 
@@ -193,6 +197,10 @@ def usage_csv(request: AuthenticatedHttpRequest, ctx: OrgContext) -> StreamingHt
                     format_usd_plain(r.cost),
                     r.latency_ms,
                     r.attempts,
+                    r.cache,
+                    format_usd_plain(r.cache_saved),
+                    r.privacy_action,
+                    r.privacy_found,
                 ]
             )
 

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from marketplace.console import keys, money, playground, views
+from marketplace.console import data, keys, money, playground, views
 
 app_name = "console"
 
@@ -20,9 +20,11 @@ urlpatterns = [
     path("<slug:org_slug>/keys/", keys.key_list, name="keys"),
     path("<slug:org_slug>/keys/new/", keys.key_create, name="key-create"),
     path("<slug:org_slug>/keys/<int:pk>/revoke/", keys.key_revoke, name="key-revoke"),
+    path("<slug:org_slug>/keys/<int:pk>/data/", data.key_data_policy, name="key-data-policy"),
     path("<slug:org_slug>/credits/", money.credits, name="credits"),
     path("<slug:org_slug>/usage/", money.usage, name="usage"),
     path("<slug:org_slug>/budget/", money.budget, name="budget"),
+    path("<slug:org_slug>/data/", data.data_policy, name="data-policy"),
     path("<slug:org_slug>/usage.csv", money.usage_csv, name="usage-csv"),
     path("<slug:org_slug>/audit/", views.audit, name="audit"),
     path("<slug:org_slug>/playground/", playground.playground, name="playground"),

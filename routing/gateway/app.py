@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -28,8 +29,16 @@ from billing.credit import USAGE_STREAM
 from billing.selectors import organization_balance_by_id, spend_since
 from marketplace import invalidation
 from marketplace.logs import accept_request_id, request_id_var
-from routing import metrics
+from routing import metrics, privacy
 from routing.auto import Classification, TagClassifier, classifier_from_db, prompt_text
+from routing.cache import (
+    CacheHit,
+    CacheKeys,
+    CacheRequest,
+    ResponseCache,
+    cache_request,
+    deterministic,
+)
 from routing.cascade import CascadeTrace, parse_cascade, plan_tiers, without_cascade
 from routing.errors import (
     BadRequest,
@@ -40,6 +49,7 @@ from routing.errors import (
     Unavailable,
 )
 from routing.gateway.auth import KeyCache, KeyInfo
+from routing.gateway.cached import AnswerTee, entry_from_answer, send_hit
 from routing.gateway.db import off_loop
 from routing.gateway.http import (
     ClientGone,
@@ -91,6 +101,7 @@ class GatewayApp:
         self.live_cache: LiveCache | None = None
         self.proxy: Proxy | None = None
         self.idempotency: Idempotency | None = None
+        self.cache: ResponseCache | None = None
         self.live_view = LiveView()
         # Route decisions shared by identical requests within one live-numbers epoch.
         self._decisions: dict[Any, tuple[RouteDecision, dict[str, Any]]] = {}
@@ -152,6 +163,9 @@ class GatewayApp:
         self.spool_replayer = SpoolReplayer(self.spool, self._redis)
         self.spool_replayer.start()
         self.idempotency = Idempotency(self._redis)
+        self.cache = ResponseCache(
+            self._redis, semantic_entries=settings.GATEWAY_CACHE_SEMANTIC_ENTRIES
+        )
         self._snapshot_lock = asyncio.Lock()
         self._listener = loop.create_task(self._listen_for_invalidations())
         self._sweeper = loop.create_task(self._sweep_holds())
@@ -645,6 +659,19 @@ class GatewayApp:
         assert self.proxy is not None
         cascade = parse_cascade(job.body) if job.kind == "chat" else None
         policy = route_policy(without_cascade(job.body) if cascade else job.body)
+        cache_trace: dict[str, Any] | None = None
+        cached = None
+        vector = None
+        if job.kind == "chat" and cascade is None:
+            cached, cache_trace = self._cache_plan(job, policy)
+        if cached is not None:
+            hit, vector = await self._cache_lookup(*cached)
+            if hit is not None:
+                await self._answer_hit(job, hit, cached[0], send)
+                return
+            job.cache_status = "miss"
+        if job.key.privacy != "off" and job.kind == "chat":
+            policy = await self._guard(job, policy)
         auto_trace = None
         if policy.auto:
             classification = await self._classify(job.body.get("messages"))
@@ -669,12 +696,166 @@ class GatewayApp:
         job.decision_trace = dict(decision_trace)
         if auto_trace is not None:
             job.decision_trace["auto"] = auto_trace
+        if cache_trace is not None:
+            job.decision_trace["cache"] = cache_trace
         if cascade is not None:
             tiers = plan_tiers(decision.candidates, cascade.max_tiers)
             if len(tiers) > 1:
                 await self.proxy.run_cascade(job, tiers, CascadeTrace(cascade, tiers), send)
                 return
-        await self.proxy.run(job, candidates, send)
+        if cached is None:
+            await self.proxy.run(job, candidates, send)
+            return
+        tee = AnswerTee(send, settings.GATEWAY_CACHE_MAX_ANSWER_BYTES)
+        await self.proxy.run(job, candidates, tee)
+        await self._cache_store(job, cached, tee, vector)
+
+    # --- response cache and privacy guard ---------------------------------------------------
+
+    def _cache_plan(
+        self, job: Job, policy: RoutePolicy
+    ) -> tuple[tuple[CacheKeys, CacheRequest] | None, dict[str, Any] | None]:
+        """Whether and where this request's answer is cached (no I/O)."""
+        request = cache_request(
+            job.body,
+            default_ttl=job.key.cache_ttl,
+            default_similarity=job.key.cache_similarity,
+            max_ttl=settings.GATEWAY_CACHE_MAX_TTL_SECONDS,
+        )
+        if request is None:
+            return None, None
+        if not deterministic(job.body, explicit=request.explicit):
+            return None, {"lookup": "skipped", "reason": "not deterministic (temperature > 0)"}
+        keys = CacheKeys.for_request(
+            job.key.organization_id, policy, job.body, semantic=request.similarity is not None
+        )
+        trace = {"lookup": "miss", "ttl": request.ttl}
+        if request.similarity is not None:
+            trace["semantic_threshold"] = request.similarity / 1000
+        return (keys, request), trace
+
+    async def _cache_lookup(
+        self, keys: CacheKeys, request: CacheRequest
+    ) -> tuple[CacheHit | None, Any]:
+        assert self.cache is not None
+        try:
+            return await self.cache.lookup(keys, request)
+        except aioredis.RedisError:
+            logger.warning("cache lookup failed; calling a vendor", exc_info=True)
+            return None, None
+
+    async def _cache_store(
+        self, job: Job, cached: tuple[CacheKeys, CacheRequest], tee: AnswerTee, vector: Any
+    ) -> None:
+        served = job.served
+        if served is None or served.outcome != "success":
+            return
+        entry = entry_from_answer(
+            tee, stream=job.stream, cost=served.cost, request_id=job.request_id
+        )
+        if entry is None:
+            return
+        assert self.cache is not None
+        try:
+            await self.cache.store(cached[0], cached[1], entry, vector)
+        except aioredis.RedisError:
+            logger.warning("cache store failed", exc_info=True)
+
+    async def _answer_hit(self, job: Job, hit: CacheHit, keys: CacheKeys, send: Send) -> None:
+        """Answer from the cache: no vendor, no hold; metered (free) with what it saved."""
+        assert self.live is not None
+        entry = hit.entry
+        saved = int(entry.get("cost") or 0)
+        elapsed = int((time.monotonic() - job.started) * 1000)
+        event = {
+            "rid": job.request_id,
+            "org": job.key.organization_id,
+            "key": job.key.key_id,
+            "ep": None,
+            "vendor": None,
+            "model": job.model,
+            "kind": job.kind,
+            "pt": int(entry.get("prompt_tokens") or 0),
+            "ct": int(entry.get("completion_tokens") or 0),
+            "pin": 0,
+            "pout": 0,
+            "cost": 0,
+            "ms": elapsed,
+            "att": 0,
+            "out": "success",
+            "stream": job.stream,
+            "cache": hit.kind,
+            "saved": saved,
+            "at": time.time_ns() // 1_000_000,
+        }
+        cache_trace: dict[str, Any] = {
+            "lookup": "hit",
+            "kind": hit.kind,
+            "source_request_id": entry.get("rid"),
+            "saved_nanos": saved,
+        }
+        if hit.similarity is not None:
+            cache_trace["similarity"] = hit.similarity / 1000
+        trace = {
+            "id": job.request_id,
+            "organization_id": job.key.organization_id,
+            "key_prefix": job.key.prefix,
+            "kind": job.kind,
+            "model": job.model,
+            "tags": [],
+            "stream": job.stream,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+            "routing": {"cache": cache_trace},
+            "attempts": [],
+            "outcome": "success",
+            "served_by": None,
+            "cache": cache_trace,
+            "tokens": {"prompt": event["pt"], "completion": event["ct"]},
+            "cost_nanos": 0,
+            "latency_ms": elapsed,
+        }
+        with contextlib.suppress(aioredis.RedisError):
+            await self.live.emit(event=event, request_id=job.request_id, trace=trace)
+        metrics.CACHE_HITS.labels(kind=hit.kind).inc()
+        await send_hit(
+            send,
+            request_id=job.request_id,
+            entry=entry,
+            kind=hit.kind,
+            stream=job.stream,
+            include_usage=job.include_usage,
+            similarity=hit.similarity,
+        )
+
+    async def _guard(self, job: Job, policy: RoutePolicy) -> RoutePolicy:
+        """The privacy guard (only for organisations that turned it on): find personal data
+        on the guard's thread; redact it, or keep the request on trusted endpoints."""
+        try:
+            messages, redaction = await privacy.scan_async(job.body.get("messages"))
+        except Exception:
+            # Fail closed: a prompt the guard could not read never leaves unguarded.
+            logger.exception("the privacy guard failed (request %s)", job.request_id)
+            raise Unavailable(
+                "the privacy guard is unavailable; the request was not sent to any vendor",
+                code="privacy_guard_unavailable",
+            ) from None
+        action = ""
+        if redaction.total:
+            if job.key.privacy == "redact":
+                job.body = {**job.body, "messages": messages}
+                job.redaction = redaction
+                # A placeholder may be longer than the value it replaces: widen the hold.
+                job.prompt_bound += 16 * redaction.total
+                action = "redacted"
+            else:
+                regions, trusted = policy.regions, job.key.trusted_regions
+                if trusted is not None:
+                    regions = trusted if regions is None else regions & trusted
+                policy = dataclasses.replace(policy, trusted_only=True, regions=regions)
+                action = "trusted_only"
+            metrics.PRIVACY.labels(action=action).inc()
+        job.privacy = {"policy": job.key.privacy, "action": action, "found": dict(redaction.found)}
+        return policy
 
     def _decide(
         self, snapshot: Snapshot, policy: RoutePolicy, job: Job

@@ -37,6 +37,11 @@ class KeyInfo:
     credit_limit_period: str = "never"
     scopes: tuple[str, ...] = ()
     org_budget: int | None = None  # the organisation's monthly budget (nano-USD)
+    # The key's settings over its organisation's: privacy guard and response cache.
+    privacy: str = "off"  # "off" | "redact" | "trusted_only"
+    cache_ttl: int = 0  # seconds a cached answer is reused by default; 0: only when asked
+    cache_similarity: int | None = None  # semantic cache threshold, cosine x 1000
+    trusted_regions: frozenset[str] | None = None  # trusted_only: the allowed regions
 
     def allows(self, scope: str) -> bool:
         """A key without scopes may use every API."""
@@ -67,6 +72,13 @@ def _query_key(key_hash: str) -> KeyInfo | None:
             "credit_limit_period",
             "scopes",
             "organization__monthly_budget",
+            "privacy_policy",
+            "cache_ttl",
+            "cache_similarity",
+            "organization__privacy_policy",
+            "organization__cache_ttl",
+            "organization__cache_similarity",
+            "organization__trusted_regions",
         )
         .first()
     )
@@ -86,6 +98,20 @@ def _query_key(key_hash: str) -> KeyInfo | None:
         credit_limit_period=row["credit_limit_period"],
         scopes=tuple(row["scopes"] or ()),
         org_budget=row["organization__monthly_budget"],
+        privacy=row["privacy_policy"] or row["organization__privacy_policy"] or "off",
+        cache_ttl=(
+            row["cache_ttl"] if row["cache_ttl"] is not None else row["organization__cache_ttl"]
+        ),
+        cache_similarity=(
+            row["cache_similarity"]
+            if row["cache_similarity"] is not None
+            else row["organization__cache_similarity"]
+        ),
+        trusted_regions=(
+            frozenset(row["organization__trusted_regions"].split(","))
+            if row["organization__trusted_regions"]
+            else None
+        ),
     )
 
 

@@ -47,6 +47,7 @@ from routing.gateway.auth import KeyInfo
 from routing.gateway.http import Send, send_json, send_sse, start_sse
 from routing.gateway.upstream import UpstreamPool, check_literal, upstream_headers
 from routing.live import LiveState, Reservation, Verdict
+from routing.privacy import Redaction, StreamRestorer, restore_answer
 from routing.router import Candidate
 from routing.spool import Spool
 from vendors.ssrf import UnsafeURLError
@@ -76,6 +77,22 @@ class Job:
     decision_trace: dict[str, Any] = field(default_factory=dict)
     tool: str | None = None  # the tool this request runs (POST /v1/tools/<name>, MCP)
     trace: dict[str, Any] | None = None  # the route trace, once the request is settled
+    # Privacy guard: the placeholders to put back in the answer, and what to record.
+    redaction: Redaction | None = None
+    privacy: dict[str, Any] | None = None  # {"action": ..., "found": {kind: count}}
+    served: Served | None = None  # set once an answer was delivered and settled
+    cache_status: str | None = None  # "miss" when the answer may be cached (a header)
+
+    def event_extras(self) -> dict[str, Any]:
+        """The usage event's privacy fields (kinds and counts only, never values)."""
+        if not self.privacy:
+            return {}
+        found = self.privacy.get("found") or {}
+        return {
+            "priv": self.privacy.get("action", ""),
+            "pfound": sum(found.values()),
+            "pkinds": ",".join(sorted(found)),
+        }
 
 
 @dataclass
@@ -324,6 +341,7 @@ class Proxy:
                 await asyncio.shield(self._finish(job, served, attempts, vendor_failed=False))
                 raise
             await self._finish(job, served, attempts, vendor_failed=served.outcome != "success")
+            job.served = served
             if served.final is not None:
                 await served.final()
             endpoint = candidate.endpoint
@@ -445,6 +463,7 @@ class Proxy:
             },
             "cost_nanos": served.cost if served else 0,
             "latency_ms": int((time.monotonic() - job.started) * 1000),
+            "privacy": job.privacy,
         }
         if job.tool is not None:
             trace["tool"] = job.tool
@@ -480,6 +499,7 @@ class Proxy:
                 "tag": _first_tag(job.model),
                 "fail_eps": _failed_endpoints(attempts),
                 "at": time.time_ns() // 1_000_000,  # epoch milliseconds, an integer
+                **job.event_extras(),
             }
         last = attempts[-1] if attempts else None
         try:
@@ -537,6 +557,7 @@ class Proxy:
             "tag": _first_tag(job.model),
             "fail_eps": _failed_endpoints(attempts),
             "at": time.time_ns() // 1_000_000,  # epoch milliseconds, an integer
+            **job.event_extras(),
         }
         with contextlib.suppress(aioredis.RedisError):
             # Nothing was charged; losing a failure record is acceptable.
@@ -552,7 +573,7 @@ class Proxy:
         endpoint = served.candidate.endpoint
         body = dict(job.body)
         body["model"] = endpoint.upstream_model
-        for routing_only in ("provider", "models", "route", "cascade", "session_id"):
+        for routing_only in ("provider", "models", "route", "cascade", "session_id", "cache"):
             body.pop(routing_only, None)
         if job.kind == "chat":
             body.pop("max_completion_tokens", None)
@@ -657,6 +678,8 @@ class Proxy:
         attempt.outcome = "success"
         attempt.latency_ms = int((time.monotonic() - t0) * 1000)
         attempts.append(attempt)
+        if job.redaction is not None and job.kind == "chat" and job.privacy is not None:
+            job.privacy["restored"] = restore_answer(body, job.redaction)
         served.prompt_tokens, served.completion_tokens = prompt_tokens, completion_tokens
         cost = served.charge()
         endpoint = served.candidate.endpoint
@@ -696,6 +719,8 @@ class Proxy:
         content = response.content
         line_limit = settings.GATEWAY_MAX_UPSTREAM_BODY_BYTES
         received = 0
+        restorer = job.redaction.stream() if job.redaction is not None else None
+        last_chunk: dict[str, Any] | None = None
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):
                 while True:
@@ -719,6 +744,9 @@ class Proxy:
                         if isinstance(chunk.get("usage"), dict) and not chunk.get("choices"):
                             usage_chunk = chunk
                             continue
+                    if restorer is not None:
+                        chunk = chunk or orjson.loads(data)
+                        data, last_chunk = _restore_chunk(chunk, restorer), chunk
                     if not started_client:
                         if chunk is None:  # the first chunk must be JSON before we commit
                             orjson.loads(data)
@@ -762,6 +790,13 @@ class Proxy:
         if not started_client:
             await start_sse(send, job.request_id, route_headers(job, served, attempts))
         tail = b""
+        if restorer is not None and restorer.pending:
+            # A held-back tail that never became a placeholder: send it as it was.
+            rest = {
+                **(last_chunk or {"object": "chat.completion.chunk"}),
+                "choices": [{"index": 0, "delta": {"content": restorer.flush()}}],
+            }
+            tail += b"data: " + orjson.dumps(rest) + b"\n\n"
         if job.include_usage:
             endpoint = served.candidate.endpoint
             final = usage_chunk or {"object": "chat.completion.chunk", "choices": [], "usage": {}}
@@ -779,7 +814,7 @@ class Proxy:
                 "vendor": endpoint.vendor_slug,
                 "endpoint": endpoint.full_slug,
             }
-            tail = b"data: " + orjson.dumps(final) + b"\n\n"
+            tail += b"data: " + orjson.dumps(final) + b"\n\n"
 
         async def send_tail() -> None:
             await send_sse(send, tail + b"data: [DONE]\n\n", more=False)
@@ -841,6 +876,15 @@ def _usage_chunk(answer: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _restore_chunk(chunk: dict[str, Any], restorer: StreamRestorer) -> bytes:
+    """A stream chunk with the redacted values put back in its text."""
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+            delta["content"] = restorer.feed(delta["content"])
+    return orjson.dumps(chunk)
+
+
 def _first_tag(model: str) -> str | None:
     tags = _requested_tags(model)
     return tags[0] if tags else None
@@ -886,6 +930,8 @@ def route_headers(job: Job, served: Served, attempts: list[Attempt]) -> dict[str
             len([a for a in attempts if not a.outcome.startswith("skipped")])
         ),
     }
+    if job.cache_status is not None:
+        headers["x-switchyard-cache"] = job.cache_status
     if job.key.rate_limit_rpm:
         headers["x-ratelimit-limit-requests"] = str(job.key.rate_limit_rpm)
         headers["x-ratelimit-remaining-requests"] = str(

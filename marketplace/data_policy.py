@@ -1,0 +1,125 @@
+"""Write path of an organisation's (and a key's) privacy guard and response-cache settings.
+
+Kept beside ``marketplace.services`` (which is near its size limit); the gateway caches
+these settings with each API key, so every change tells the gateways to reload the keys.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from django.contrib.auth.models import User
+from django.db import transaction
+
+from marketplace import invalidation
+from marketplace.models import ApiKey, Organization, PrivacyPolicy
+from marketplace.services import ServiceError, _require, audit_record
+
+MAX_CACHE_TTL = 30 * 24 * 3600
+_REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+
+
+def normalised_regions(text: str) -> str:
+    """``"EU, us-east"`` -> ``"eu,us-east"`` (sorted, unique); refuses what is not a region."""
+    regions = sorted({r.strip().lower() for r in re.split(r"[,\s]+", text) if r.strip()})
+    bad = [r for r in regions if not _REGION.match(r)]
+    if bad:
+        raise ServiceError(f"not a region code: {', '.join(bad)}")
+    joined = ",".join(regions)
+    if len(joined) > 200:
+        raise ServiceError("too many trusted regions")
+    return joined
+
+
+def _check(privacy_policy: str, cache_ttl: int | None, cache_similarity: int | None) -> None:
+    if privacy_policy not in PrivacyPolicy.values:
+        raise ServiceError("the privacy policy is off, redact or trusted_only")
+    if cache_ttl is not None and not 0 <= cache_ttl <= MAX_CACHE_TTL:
+        raise ServiceError("the cache time is between 0 seconds and 30 days")
+    if cache_similarity is not None and not 500 <= cache_similarity <= 1000:
+        raise ServiceError("the similarity threshold is between 0.500 and 1.000")
+
+
+def _forget_keys(keys: Any) -> None:
+    for key_hash in keys.values_list("key_hash", flat=True):
+        invalidation.publish_after_commit(invalidation.key_message(key_hash))
+
+
+@transaction.atomic
+def organization_data_policy_update(
+    *,
+    actor: User,
+    organization: Organization,
+    privacy_policy: str,
+    cache_ttl: int,
+    cache_similarity: int | None,
+    trusted_regions: str = "",
+) -> Organization:
+    """Set the organisation's privacy policy, the regions ``trusted_only`` keeps personal
+    data in (empty: any) and the cache defaults (owners and admins)."""
+    _require(actor, organization, "members.manage")
+    _check(privacy_policy, cache_ttl, cache_similarity)
+    trusted_regions = normalised_regions(trusted_regions)
+    locked = Organization.objects.select_for_update().get(pk=organization.pk)
+    values = {
+        "privacy_policy": privacy_policy,
+        "cache_ttl": cache_ttl,
+        "cache_similarity": cache_similarity,
+        "trusted_regions": trusted_regions,
+    }
+    changes = {
+        name: {"from": getattr(locked, name), "to": value}
+        for name, value in values.items()
+        if getattr(locked, name) != value
+    }
+    if changes:
+        for name, value in values.items():
+            setattr(locked, name, value)
+        locked.save(update_fields=list(values))
+        audit_record(
+            actor=actor,
+            action="organization.data_policy_update",
+            target=locked,
+            organization=locked,
+            details=changes,
+        )
+        _forget_keys(ApiKey.objects.filter(organization=locked))
+    for name in values:
+        setattr(organization, name, getattr(locked, name))
+    return organization
+
+
+@transaction.atomic
+def api_key_data_policy_update(
+    *,
+    actor: User,
+    api_key: ApiKey,
+    privacy_policy: str,
+    cache_ttl: int | None,
+    cache_similarity: int | None,
+) -> ApiKey:
+    """Override the organisation's settings for one key ("" / None: inherit)."""
+    _require(actor, api_key.organization, "members.manage")
+    if privacy_policy:
+        _check(privacy_policy, cache_ttl, cache_similarity)
+    else:
+        _check(PrivacyPolicy.OFF, cache_ttl, cache_similarity)
+    locked = ApiKey.objects.select_for_update().get(pk=api_key.pk)
+    locked.privacy_policy = privacy_policy
+    locked.cache_ttl = cache_ttl
+    locked.cache_similarity = cache_similarity
+    locked.save(update_fields=["privacy_policy", "cache_ttl", "cache_similarity"])
+    audit_record(
+        actor=actor,
+        action="api_key.data_policy_update",
+        target=locked,
+        organization=locked.organization,
+        details={
+            "privacy_policy": privacy_policy,
+            "cache_ttl": cache_ttl,
+            "cache_similarity": cache_similarity,
+        },
+    )
+    _forget_keys(ApiKey.objects.filter(pk=locked.pk))
+    return locked

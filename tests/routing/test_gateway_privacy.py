@@ -1,0 +1,203 @@
+"""The privacy guard through the real gateway: the vendor never sees the personal data of a
+redacting organisation, the answer gets it back, ``trusted_only`` keeps such prompts on
+private and zero-retention endpoints, and the trace and usage record kinds, never values."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from billing.models import UsageRecord
+from marketplace.data_policy import api_key_data_policy_update, organization_data_policy_update
+from marketplace.models import ApiKey, Membership
+from routing.privacy import Redaction, scan_messages
+from tests import factories
+from tests.conftest import ingest_all
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+EMAIL, PHONE, CARD = "jane.doe@example.com", "+1 212-555-0199", "4111 1111 1111 1111"
+PROMPT = f"Repeat after me: {EMAIL} {PHONE} card {CARD}"
+
+
+def _guarded(customer, policy: str, regions: str = "") -> None:  # type: ignore[no-untyped-def]
+    owner = factories.user()
+    Membership.objects.create(
+        organization=customer.organization, user=owner, role=Membership.Role.OWNER
+    )
+    organization_data_policy_update(
+        actor=owner,
+        organization=customer.organization,
+        privacy_policy=policy,
+        cache_ttl=0,
+        cache_similarity=None,
+        trusted_regions=regions,
+    )
+
+
+def _chat(model: str, text: str = PROMPT, **extra: object) -> dict:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": 64,
+        **extra,
+    }
+
+
+def test_it_redacts_personal_data_before_the_vendor_and_restores_it(gateway_server, upstream):
+    endpoint = factories.endpoint(base_url=upstream.base_url)
+    customer = factories.customer()
+    _guarded(customer, "redact")
+
+    with gateway_server.client(customer.key) as client:
+        response = client.post("/v1/chat/completions", json=_chat(endpoint.full_slug))
+        trace = client.get("/v1/generation", params={"id": response.json()["id"]}).json()["data"]
+
+    assert response.status_code == 200, response.text
+    seen = orjson.dumps(upstream.last_request("/v1/chat/completions")["body"]).decode()
+    for value in (EMAIL, PHONE, CARD, "4111"):
+        assert value not in seen
+    assert "<EMAIL_1>" in seen and "<CARD_1>" in seen
+    # The upstream echoes the prompt: the client gets the original values back.
+    answer = response.json()["choices"][0]["message"]["content"]
+    assert EMAIL in answer and "<EMAIL_1>" not in answer
+    assert trace["privacy"]["action"] == "redacted"
+    assert trace["privacy"]["found"]["EMAIL"] == 1 and trace["privacy"]["found"]["CARD"] == 1
+    assert EMAIL not in orjson.dumps(trace).decode()
+
+    ingest_all()
+    record = UsageRecord.objects.get(request_id=response.json()["id"])
+    assert record.privacy_action == "redacted" and record.privacy_found >= 3
+    assert "EMAIL" in record.privacy_kinds.split(",")
+
+
+def test_it_restores_placeholders_split_across_stream_chunks(gateway_server, upstream):
+    endpoint = factories.endpoint(base_url=upstream.base_url)
+    customer = factories.customer()
+    _guarded(customer, "redact")
+
+    with gateway_server.client(customer.key) as client:
+        response = client.post(
+            "/v1/chat/completions",
+            json=_chat(endpoint.full_slug, f"write to {EMAIL} today", stream=True),
+        )
+
+    events = [e[6:] for e in response.text.splitlines() if e.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    text = "".join(
+        c["choices"][0]["delta"].get("content") or ""
+        for c in map(orjson.loads, events[:-1])
+        if c.get("choices")
+    )
+    assert EMAIL in text and "<EMAIL" not in text
+    assert EMAIL not in orjson.dumps(upstream.last_request("/v1/chat/completions")).decode()
+
+
+def test_it_leaves_prompts_of_organisations_without_a_policy_alone(gateway_server, upstream):
+    endpoint = factories.endpoint(base_url=upstream.base_url)
+    customer = factories.customer()
+    with gateway_server.client(customer.key) as client:
+        response = client.post("/v1/chat/completions", json=_chat(endpoint.full_slug))
+    assert response.status_code == 200
+    assert EMAIL in orjson.dumps(upstream.last_request("/v1/chat/completions")["body"]).decode()
+
+
+def test_it_keeps_personal_data_on_trusted_endpoints_only(gateway_server, upstream):
+    customer = factories.customer()
+    _guarded(customer, "trusted_only")
+    keeps_data = factories.endpoint(
+        base_url=upstream.base_url, tags=("chat", "pii"), data_retention_days=30
+    )
+    zero_retention = factories.endpoint(
+        base_url=upstream.base_url, tags=("chat", "pii"), price_input_usd="5"
+    )
+    own = factories.endpoint(
+        base_url=upstream.base_url,
+        tags=("chat", "pii"),
+        data_retention_days=30,
+        private_to=customer.organization,
+        price_input_usd="9",
+    )
+
+    served = set()
+    with gateway_server.client(customer.key) as client:
+        for _ in range(6):
+            response = client.post("/v1/chat/completions", json=_chat("tag:pii"))
+            assert response.status_code == 200, response.text
+            served.add(response.json()["switchyard"]["endpoint"])
+        trace = client.get("/v1/generation", params={"id": response.json()["id"]}).json()["data"]
+        plain = client.post(
+            "/v1/chat/completions",
+            json=_chat("tag:pii", "hello there", provider={"order": [keeps_data.full_slug]}),
+        )
+
+    assert served <= {zero_retention.full_slug, own.full_slug}
+    assert trace["privacy"]["action"] == "trusted_only"
+    assert trace["routing"]["policy"]["trusted_only"] is True
+    # A prompt without personal data goes wherever the router sends it.
+    assert plain.json()["switchyard"]["endpoint"] == keeps_data.full_slug
+
+
+def test_trusted_regions_narrow_where_personal_data_may_go(gateway_server, upstream):
+    customer = factories.customer()
+    _guarded(customer, "trusted_only", regions="EU")
+    elsewhere = factories.endpoint(base_url=upstream.base_url, tags=("chat", "pii"), region="us")
+    in_region = factories.endpoint(
+        base_url=upstream.base_url, tags=("chat", "pii"), region="eu", price_input_usd="7"
+    )
+
+    with gateway_server.client(customer.key) as client:
+        for _ in range(4):
+            response = client.post("/v1/chat/completions", json=_chat("tag:pii"))
+            assert response.json()["switchyard"]["endpoint"] == in_region.full_slug
+        plain = client.post(
+            "/v1/chat/completions",
+            json=_chat("tag:pii", "hello", provider={"order": [elsewhere.full_slug]}),
+        )
+    assert plain.json()["switchyard"]["endpoint"] == elsewhere.full_slug
+
+
+def test_a_key_can_override_its_organisation(gateway_server, upstream):
+    endpoint = factories.endpoint(base_url=upstream.base_url)
+    customer = factories.customer()
+    _guarded(customer, "off")
+    owner = Membership.objects.get(organization=customer.organization).user
+    api_key_data_policy_update(
+        actor=owner,
+        api_key=ApiKey.objects.get(organization=customer.organization),
+        privacy_policy="redact",
+        cache_ttl=None,
+        cache_similarity=None,
+    )
+    with gateway_server.client(customer.key) as client:
+        assert client.post("/v1/chat/completions", json=_chat(endpoint.full_slug)).is_success
+    assert EMAIL not in orjson.dumps(upstream.last_request("/v1/chat/completions")).decode()
+
+
+def test_the_same_value_gets_the_same_placeholder_across_messages():
+    messages = [
+        {"role": "system", "content": f"The user is {EMAIL}."},
+        {"role": "user", "content": [{"type": "text", "text": f"Mail {EMAIL} and b@example.org"}]},
+    ]
+    redacted, redaction = scan_messages(messages)
+    assert redacted[0]["content"] == "The user is <EMAIL_1>."
+    assert redacted[1]["content"][0]["text"] == "Mail <EMAIL_1> and <EMAIL_2>"
+    assert messages[0]["content"] == f"The user is {EMAIL}."  # the caller's body is untouched
+    assert redaction.found == {"EMAIL": 3}
+
+
+def test_a_stream_restorer_waits_for_a_split_placeholder():
+    redaction = Redaction()
+    token = redaction.placeholder("EMAIL", EMAIL)
+    stream = redaction.stream()
+    pieces = ["write <EM", "AIL_", "1> now <", "3 is less"]
+    out = "".join(stream.feed(p) for p in pieces) + stream.flush()
+    assert token == "<EMAIL_1>"
+    assert out == f"write {EMAIL} now <3 is less"
+
+
+def test_it_finds_names_iban_and_phone_numbers_in_free_text():
+    text = "Hi, I'm John Smith; call +1 212-555-0199 or pay to DE89370400440532013000."
+    redacted, redaction = scan_messages([{"role": "user", "content": text}])
+    assert redacted[0]["content"] == "Hi, I'm <NAME_1>; call <PHONE_1> or pay to <IBAN_1>."
+    assert redaction.kinds() == "IBAN,NAME,PHONE"
