@@ -210,3 +210,28 @@ def ops_endpoint(pk: int) -> Endpoint | None:
 def vendor_names(*, ids: set[int]) -> dict[int, str]:
     """Vendor names by id (staff pages naming vendors in stored reports)."""
     return dict(Vendor.objects.filter(pk__in=ids).values_list("pk", "name"))
+
+
+# --- an organisation's private endpoints (the customer console) ---------------------------
+
+
+def _private_endpoints_of(organization: Any) -> QuerySet[Endpoint]:
+    return (
+        Endpoint.objects.filter(private_to=organization)
+        .select_related("vendor")
+        .prefetch_related("tags")
+    )
+
+
+def private_endpoints(*, organization: Any, kind: str | None = None) -> list[Endpoint]:
+    """The organisation's private endpoints by name, each with ``latest_report``."""
+    endpoints = _private_endpoints_of(organization)
+    if kind is not None:
+        endpoints = endpoints.filter(kind=kind)
+    return _with_latest_reports(list(endpoints.order_by("slug", "pk")))
+
+
+def private_endpoint(*, organization: Any, pk: int) -> Endpoint | None:
+    """One private endpoint of the organisation (None: not one of its own)."""
+    found = _private_endpoints_of(organization).filter(pk=pk).first()
+    return _with_latest_reports([found])[0] if found else None
