@@ -280,3 +280,29 @@ def test_settlement_never_pays_a_private_vendor(owner):
     report = settlement_run(period_start=today, period_end=today)
 
     assert vendor.pk not in [outcome.vendor_id for outcome in report.outcomes]
+
+
+@pytest.mark.django_db
+def test_another_organisation_reaches_none_of_them_through_its_own_console(upstream, owner):
+    user, org = owner
+    endpoint = private_endpoint_register(
+        actor=user,
+        organization=org,
+        slug="ours",
+        base_url=upstream.base_url,
+        upstream_model="m",
+        price_input=0,
+        price_output=0,
+    )
+    intruder = factories.user()
+    theirs = console_organization_create(actor=intruder, name="Intruders")
+    browser = signed_in(intruder)
+
+    listing = browser.get(reverse("console:endpoints", args=[theirs.slug])).content.decode()
+    assert endpoint.full_slug not in listing
+    for name in ("endpoint", "endpoint-check", "endpoint-disable", "endpoint-delete"):
+        url = reverse(f"console:{name}", args=[theirs.slug, endpoint.pk])
+        assert browser.get(url).status_code in (404, 405)
+        assert browser.post(url).status_code == 404, name
+    assert Endpoint.objects.get(pk=endpoint.pk).status == Endpoint.Status.PENDING
+    assert not ConformanceReport.objects.exists()
