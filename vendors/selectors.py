@@ -193,11 +193,14 @@ def ops_vendors() -> list[Vendor]:
     return sorted(vendors, key=lambda v: order.get(v.status, 3))
 
 
-def ops_endpoints(*, status: str | None = None) -> list[Endpoint]:
-    """Endpoints (of one status when given), oldest first, with ``latest_report``."""
+def ops_endpoints(*, status: str | None = None, include_private: bool = True) -> list[Endpoint]:
+    """Endpoints (of one status when given; organisations' private ones unless left out),
+    oldest first, with ``latest_report``."""
     endpoints = Endpoint.objects.select_related("vendor").prefetch_related("tags")
     if status is not None:
         endpoints = endpoints.filter(status=status)
+    if not include_private:
+        endpoints = endpoints.filter(private_to__isnull=True)
     return _with_latest_reports(list(endpoints.order_by("created_at", "pk")))
 
 

@@ -306,3 +306,28 @@ def test_another_organisation_reaches_none_of_them_through_its_own_console(upstr
         assert browser.post(url).status_code == 404, name
     assert Endpoint.objects.get(pk=endpoint.pk).status == Endpoint.Status.PENDING
     assert not ConformanceReport.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_private_endpoint_waits_in_no_approval_queue(client, upstream, owner):
+    user, org = owner
+    private = private_endpoint_register(
+        actor=user,
+        organization=org,
+        slug="ours",
+        base_url=upstream.base_url,
+        upstream_model="m",
+        price_input=0,
+        price_output=0,
+    )
+    public = factories.endpoint(base_url=upstream.base_url, approved=False)
+    staff = factories.user()
+    staff.is_staff = True
+    staff.save()
+    client.force_login(staff)
+
+    queue = client.get(reverse("ops:index")).content.decode()
+    listing = client.get(reverse("ops:endpoints")).content.decode()
+
+    assert public.full_slug in queue and private.full_slug not in queue
+    assert private.full_slug in listing and "Private" in listing
