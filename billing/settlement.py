@@ -259,7 +259,10 @@ def settlement_run(*, period_start: date, period_end: date) -> SettlementReport:
         .order_by("vendor_id")
         .values_list("vendor_id", flat=True)
     )
-    for vendor in Vendor.objects.filter(pk__in=list(vendor_ids)).order_by("pk"):
+    # An organisation's private vendor is never paid out: it earns nothing (fee 100 %) and
+    # has no Stripe account; leaving it out keeps it off every settlement report.
+    vendors = Vendor.objects.filter(pk__in=list(vendor_ids), private_to__isnull=True)
+    for vendor in vendors.order_by("pk"):
         try:
             report.outcomes.append(payout_settle(run=run, vendor=vendor))
         except Exception as exc:  # one vendor's surprise must not stop the others' payouts

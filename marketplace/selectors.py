@@ -47,6 +47,9 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "billing.view": frozenset({Role.OWNER, Role.ADMIN, Role.BILLING}),
     "billing.manage": frozenset({Role.OWNER, Role.BILLING}),
     "audit.view": frozenset({Role.OWNER, Role.ADMIN}),
+    # The organisation's private model endpoints (register, check, disable, delete).
+    "endpoints.view": frozenset(Role.values),
+    "endpoints.manage": frozenset({Role.OWNER, Role.ADMIN}),
     # Spends the organisation's credit through its platform-managed playground key.
     "playground.use": frozenset({Role.OWNER, Role.ADMIN, Role.DEVELOPER}),
 }

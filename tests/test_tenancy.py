@@ -19,6 +19,7 @@ from marketplace.models import ApiKey, Membership, Organization
 from marketplace.services import api_key_create, organization_create
 from tests import factories
 from vendors.models import Endpoint, Vendor
+from vendors.private import private_endpoint_register
 from vendors.services import endpoint_create, vendor_create
 
 pytestmark = pytest.mark.django_db
@@ -62,16 +63,34 @@ def tenants(settings, upstream):  # type: ignore[no-untyped-def]
         price_input=1,
         price_output=1,
     )
+    private_a = private_endpoint_register(
+        actor=owner_a,
+        organization=org_a,
+        slug="alpha-private",
+        base_url=upstream.base_url,
+        upstream_model="m",
+        price_input=0,
+        price_output=0,
+    )
     intruder = factories.user("intruder@beta.test")
     organization_create(name="Beta", slug="beta", owner=intruder)
     vendor_create(name="Beta Vendor", slug="beta-vendor", owner=intruder)
-    ids = {membership.pk, key_a.pk, endpoint_a.pk, vendor_a.pk, org_a.pk, owner_a.pk}
+    ids = {
+        membership.pk,
+        key_a.pk,
+        endpoint_a.pk,
+        vendor_a.pk,
+        org_a.pk,
+        owner_a.pk,
+        private_a.pk,
+    }
     return {
         "intruder": intruder,
         "org": org_a,
         "key": key_a,
         "vendor": vendor_a,
         "endpoint": endpoint_a,
+        "private_endpoint": private_a,
         "membership": membership,
         "ids": sorted(ids),
     }
@@ -124,6 +143,9 @@ def test_another_tenant_reaches_nothing_through_any_url(client, tenants):
     assert ApiKey.objects.get(pk=tenants["key"].pk).revoked_at is None
     assert Membership.objects.get(pk=tenants["membership"].pk).role == "developer"
     assert Endpoint.objects.get(pk=tenants["endpoint"].pk).status == Endpoint.Status.PENDING
+    private = Endpoint.objects.get(pk=tenants["private_endpoint"].pk)
+    assert private.status == Endpoint.Status.PENDING
+    assert not private.conformance_reports.exists()
     assert Vendor.objects.get(pk=tenants["vendor"].pk).status == Vendor.Status.PENDING
     assert Organization.objects.filter(slug="alpha").exists()
 

@@ -23,6 +23,15 @@ class Vendor(models.Model):
     fee_bps = models.PositiveIntegerField(
         null=True, blank=True, help_text="Platform fee in basis points; empty: the default."
     )
+    private_to = models.OneToOneField(
+        "marketplace.Organization",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="private_vendor",
+        help_text="Set for the vendor row that owns an organisation's private endpoints: "
+        "never listed, never paid out (see docs/design.md).",
+    )
     created_at = models.DateTimeField(default=timezone.now)
 
     def __str__(self) -> str:

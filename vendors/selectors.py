@@ -193,11 +193,14 @@ def ops_vendors() -> list[Vendor]:
     return sorted(vendors, key=lambda v: order.get(v.status, 3))
 
 
-def ops_endpoints(*, status: str | None = None) -> list[Endpoint]:
-    """Endpoints (of one status when given), oldest first, with ``latest_report``."""
+def ops_endpoints(*, status: str | None = None, include_private: bool = True) -> list[Endpoint]:
+    """Endpoints (of one status when given; organisations' private ones unless left out),
+    oldest first, with ``latest_report``."""
     endpoints = Endpoint.objects.select_related("vendor").prefetch_related("tags")
     if status is not None:
         endpoints = endpoints.filter(status=status)
+    if not include_private:
+        endpoints = endpoints.filter(private_to__isnull=True)
     return _with_latest_reports(list(endpoints.order_by("created_at", "pk")))
 
 
@@ -210,3 +213,28 @@ def ops_endpoint(pk: int) -> Endpoint | None:
 def vendor_names(*, ids: set[int]) -> dict[int, str]:
     """Vendor names by id (staff pages naming vendors in stored reports)."""
     return dict(Vendor.objects.filter(pk__in=ids).values_list("pk", "name"))
+
+
+# --- an organisation's private endpoints (the customer console) ---------------------------
+
+
+def _private_endpoints_of(organization: Any) -> QuerySet[Endpoint]:
+    return (
+        Endpoint.objects.filter(private_to=organization)
+        .select_related("vendor")
+        .prefetch_related("tags")
+    )
+
+
+def private_endpoints(*, organization: Any, kind: str | None = None) -> list[Endpoint]:
+    """The organisation's private endpoints by name, each with ``latest_report``."""
+    endpoints = _private_endpoints_of(organization)
+    if kind is not None:
+        endpoints = endpoints.filter(kind=kind)
+    return _with_latest_reports(list(endpoints.order_by("slug", "pk")))
+
+
+def private_endpoint(*, organization: Any, pk: int) -> Endpoint | None:
+    """One private endpoint of the organisation (None: not one of its own)."""
+    found = _private_endpoints_of(organization).filter(pk=pk).first()
+    return _with_latest_reports([found])[0] if found else None

@@ -566,7 +566,9 @@ RESERVED_VENDOR_SLUGS = frozenset({"register"})
 @transaction.atomic
 def portal_vendor_register(*, actor: User, name: str) -> Vendor:
     """Register a vendor owned by ``actor``; it stays pending until staff approve it."""
-    if slugify(name)[:64] in RESERVED_VENDOR_SLUGS:
+    slug = slugify(name)[:64]
+    # "private-<org>" names the vendor row of an organisation's private endpoints.
+    if slug in RESERVED_VENDOR_SLUGS or slug.startswith("private-"):
         raise VendorError(f"{name.strip()!r} is reserved; choose another name")
     vendor = vendor_create(name=name, owner=actor)
     _audit(

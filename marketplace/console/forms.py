@@ -15,6 +15,7 @@ from marketplace.models import ApiKey, Membership, PrivacyPolicy
 from marketplace.playground import ROUTES as PLAYGROUND_ROUTES
 from marketplace.playground import PlaygroundRun
 from marketplace.selectors import MAX_USAGE_DAYS
+from vendors.portal.forms import EndpointForm
 
 KEY_SCOPE_CHOICES = list(KEY_SCOPES.items())
 
@@ -473,3 +474,43 @@ class KeyDataPolicyForm(forms.Form):
             "cache_ttl": data.get("cache_ttl"),
             "cache_similarity": int(similarity * 1000) if similarity is not None else None,
         }
+
+
+class PrivateEndpointForm(EndpointForm):
+    """The vendor portal's endpoint form (the same fields, checks and placement of the
+    service's errors) without what only a public listing needs; prices start at 0."""
+
+    OMITTED = ("domains", "languages", "region", "data_retention_days")
+    DEFAULTS: dict[str, Any] = {"domains": [], "languages": [], "region": "eu"}
+
+    def __init__(self, *args: Any, vendor_slug: str = "private-organisation", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        for name in self.OMITTED:
+            del self.fields[name]
+        self.fields[
+            "slug"
+        ].help_text = (
+            f"Lowercase letters, digits and dashes; your keys call it as {vendor_slug}/name."
+        )
+        self.fields["base_url"].help_text = (
+            "Your model server's OpenAI-compatible base, e.g. https://llm.example.com/v1. "
+            "It must be reachable from the internet."
+        )
+        self.fields[
+            "tags"
+        ].help_text = (
+            "Comma-separated, e.g. sql, chat: your requests for tag:sql can be routed to it."
+        )
+        for name in ("price_input_usd", "price_output_usd"):
+            self.fields[name].initial = 0
+            self.fields[name].help_text = (
+                "US dollars per million tokens, charged to your credit when you use it; "
+                "0: you pay your own vendor directly."
+            )
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        for name, value in self.DEFAULTS.items():
+            data.setdefault(name, value)
+        data.setdefault("data_retention_days", 0)
+        return data

@@ -35,8 +35,9 @@ from marketplace.console.access import (
     org_view,
 )
 from marketplace.console.forms import PlaygroundForm
-from marketplace.models import Membership
+from marketplace.models import Membership, Organization
 from marketplace.playground import PLAYGROUND_PERMISSION, gateway_base_url, playground_key_ensure
+from vendors.selectors import private_endpoints
 
 REQUEST_ID = re.compile(r"^gen-[0-9a-f]{32}(-t[0-9]+)?$")
 BROKEN_STREAM = (
@@ -45,19 +46,30 @@ BROKEN_STREAM = (
 )
 
 
-def _form(data: Any = None) -> PlaygroundForm:
+def _form(organization: Organization, data: Any = None) -> PlaygroundForm:
+    """The form with the public chat endpoints and the organisation's own live private ones."""
     entries, tags = selectors.catalog()
     endpoints = [
         (e.endpoint.full_slug, f"{e.endpoint.full_slug} ({e.endpoint.vendor.name})")
         for e in entries
         if e.endpoint.kind == "chat"
     ]
-    return PlaygroundForm(data, tags=[t.slug for t in tags], endpoints=endpoints)
+    private = [
+        e
+        for e in private_endpoints(organization=organization, kind="chat")
+        if e.status == "approved"
+    ]
+    endpoints += [(e.full_slug, f"{e.full_slug} (private)") for e in private]
+    tag_slugs = [t.slug for t in tags]
+    tag_slugs += sorted({t.slug for e in private for t in e.tags.all()} - set(tag_slugs))
+    return PlaygroundForm(data, tags=tag_slugs, endpoints=endpoints)
 
 
 @org_view(PLAYGROUND_PERMISSION)
 def playground(request: AuthenticatedHttpRequest, ctx: OrgContext) -> HttpResponse:
-    return render(request, "console/playground.html", org_template_context(ctx, form=_form()))
+    return render(
+        request, "console/playground.html", org_template_context(ctx, form=_form(ctx.organization))
+    )
 
 
 def _membership(user: Any, slug: str) -> Membership | None:
@@ -90,7 +102,7 @@ async def playground_run(request: HttpRequest, org_slug: str) -> HttpResponseBas
         raise PermissionDenied(
             f"Your role ({membership.get_role_display()}) does not allow spending credit."
         )
-    form = await sync_to_async(_form)(request.POST)
+    form = await sync_to_async(_form)(membership.organization, request.POST)
     if not await sync_to_async(form.is_valid)():
         errors = {
             field: [e["message"] for e in items]

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from marketplace.console import data, keys, money, playground, views
+from marketplace.console import data, endpoints, keys, money, playground, views
 
 app_name = "console"
 
@@ -21,6 +21,24 @@ urlpatterns = [
     path("<slug:org_slug>/keys/new/", keys.key_create, name="key-create"),
     path("<slug:org_slug>/keys/<int:pk>/revoke/", keys.key_revoke, name="key-revoke"),
     path("<slug:org_slug>/keys/<int:pk>/data/", data.key_data_policy, name="key-data-policy"),
+    path("<slug:org_slug>/endpoints/", endpoints.endpoint_list, name="endpoints"),
+    path("<slug:org_slug>/endpoints/new/", endpoints.endpoint_create, name="endpoint-create"),
+    path("<slug:org_slug>/endpoints/<int:pk>/", endpoints.endpoint_detail, name="endpoint"),
+    path(
+        "<slug:org_slug>/endpoints/<int:pk>/check/",
+        endpoints.endpoint_check,
+        name="endpoint-check",
+    ),
+    path(
+        "<slug:org_slug>/endpoints/<int:pk>/disable/",
+        endpoints.endpoint_disable,
+        name="endpoint-disable",
+    ),
+    path(
+        "<slug:org_slug>/endpoints/<int:pk>/delete/",
+        endpoints.endpoint_delete,
+        name="endpoint-delete",
+    ),
     path("<slug:org_slug>/credits/", money.credits, name="credits"),
     path("<slug:org_slug>/usage/", money.usage, name="usage"),
     path("<slug:org_slug>/budget/", money.budget, name="budget"),

@@ -66,7 +66,10 @@ def queue(request: AuthenticatedHttpRequest) -> HttpResponse:
             "vendors": [
                 v for v in vendor_selectors.ops_vendors() if v.status == Vendor.Status.PENDING
             ],
-            "endpoints": vendor_selectors.ops_endpoints(status=Endpoint.Status.PENDING),
+            # Private endpoints go live on a passing conformance check, without staff.
+            "endpoints": vendor_selectors.ops_endpoints(
+                status=Endpoint.Status.PENDING, include_private=False
+            ),
         },
     )
 

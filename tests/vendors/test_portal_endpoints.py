@@ -64,7 +64,8 @@ def test_it_registers_a_vendor_pending_approval(client):
 
 
 @pytest.mark.parametrize(
-    ("name", "message"), [("", "This field is required."), ("Register", "is reserved")]
+    ("name", "message"),
+    [("", "This field is required."), ("Register", "is reserved"), ("Private Acme", "is reserved")],
 )
 def test_it_explains_a_refused_vendor_name(client, name, message):
     client.force_login(factories.user())
