@@ -37,6 +37,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from billing.credit import USAGE_STREAM, credit_key
+from routing.resp import RespClient
 
 logger = logging.getLogger("switchyard.live")
 
@@ -416,9 +417,18 @@ class ReserveResult:
 class LiveState:
     """The gateway's Redis scripts (one client per event loop)."""
 
-    def __init__(self, client: aioredis.Redis, config: LiveConfig | None = None) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        config: LiveConfig | None = None,
+        *,
+        fast: RespClient | None = None,
+    ) -> None:
         self.client = client
         self.config = config or LiveConfig()
+        # The hot path's scripts (reserve, release, settle) go through ``fast`` when given:
+        # one pipelined connection, a fraction of redis-py's CPU per call.
+        self.fast = fast
         self._reserve = client.register_script(_RESERVE)
         self._release = client.register_script(_RELEASE)
         self._settle = client.register_script(_SETTLE)
@@ -426,6 +436,11 @@ class LiveState:
         self._sweep = client.register_script(_SWEEP)
         self._budget_open = client.register_script(_BUDGET_OPEN)
         self._budget_close = client.register_script(_BUDGET_CLOSE)
+
+    async def _hot(self, script: Any, keys: list[Any], args: list[Any]) -> Any:
+        if self.fast is not None:
+            return await self.fast.evalsha(script.sha, script.script, keys, args)
+        return await script(keys=keys, args=args)
 
     async def init_credit(self, organization_id: int, balance: int, version: bytes | None) -> None:
         from billing.credit import credit_version_key
@@ -471,7 +486,8 @@ class LiveState:
         now = time.time()
         window = int(now // 60)
         keyspend = keyspend_key(key_id, key_period) if key_credit_limit is not None else ""
-        result = await self._reserve(
+        result = await self._hot(
+            self._reserve,
             keys=[
                 credit_key(organization_id),
                 slots_key(endpoint_id),
@@ -532,7 +548,8 @@ class LiveState:
         self, reservation: Reservation, *, vendor_failed: bool | None, retry_until: float = 0.0
     ) -> None:
         """Give a whole hold back; ``vendor_failed`` feeds the circuit breaker (None: neutral)."""
-        await self._release(
+        await self._hot(
+            self._release,
             keys=[
                 credit_key(reservation.organization_id),
                 slots_key(reservation.endpoint_id),
@@ -568,7 +585,8 @@ class LiveState:
     ) -> None:
         """Charge ``cost`` (never more than the hold), free the slot, emit event and trace;
         ``tokens`` count towards the key's tokens-per-minute limit."""
-        await self._settle(
+        await self._hot(
+            self._settle,
             keys=[
                 credit_key(reservation.organization_id),
                 slots_key(reservation.endpoint_id),

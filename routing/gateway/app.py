@@ -75,6 +75,7 @@ from routing.gateway.validate import (
 from routing.live import EndpointNumbers, LiveCache, LiveConfig, LiveState, affinity_key
 from routing.orchestrate import ORCHESTRATE
 from routing.policy import RoutePolicy, request_parameters, route_policy
+from routing.resp import RespClient
 from routing.router import EXPLORE_SHARE, RouteDecision, plan_route, prepare_snapshot
 from routing.scoring import EndpointLive, LiveView
 from routing.snapshot import Snapshot, load_snapshot
@@ -116,6 +117,7 @@ class GatewayApp:
         self._listener: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._resp: RespClient | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -135,6 +137,7 @@ class GatewayApp:
             health_check_interval=30,
         )
         self._redis = aioredis.Redis(connection_pool=pool)
+        self._resp = RespClient(settings.REDIS_URL, connect_timeout=2)
         self.live = LiveState(
             self._redis,
             LiveConfig(
@@ -145,6 +148,7 @@ class GatewayApp:
                 lease_ttl=settings.GATEWAY_LEASE_SECONDS,
                 trace_ttl=settings.GATEWAY_TRACE_TTL_SECONDS,
             ),
+            fast=self._resp,
         )
         self.live_cache = LiveCache(
             self._redis,
@@ -201,6 +205,8 @@ class GatewayApp:
         await self.upstreams.close()
         if self._redis is not None:
             await self._redis.aclose()
+        if self._resp is not None:
+            await self._resp.aclose()
         self._loop = None
 
     async def _listen_for_invalidations(self) -> None:

@@ -1,0 +1,143 @@
+"""The gateway's pipelined Redis client, against the real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from django.conf import settings
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from marketplace.redis_client import sync_client
+from routing.resp import RespClient, pack
+
+SCRIPT = "return {redis.call('INCRBY', KEYS[1], ARGV[1]), ARGV[2]}"
+
+
+def _sha(script: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(script.encode()).hexdigest()
+
+
+def _run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def test_it_packs_commands_as_resp():
+    assert (
+        pack("SET", "k", 10, b"\x00v")
+        == b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n10\r\n$2\r\n\x00v\r\n"
+    )
+    with pytest.raises(TypeError):
+        pack("SET", "k", True)
+
+
+def test_it_loads_a_script_redis_does_not_know_and_runs_it():
+    sync_client().script_flush()
+
+    async def main():  # type: ignore[no-untyped-def]
+        client = RespClient(settings.REDIS_URL)
+        try:
+            first = await client.evalsha(_sha(SCRIPT), SCRIPT, ["sy:test:n"], [5, "a"])
+            second = await client.evalsha(_sha(SCRIPT), SCRIPT, ["sy:test:n"], [2, "b"])
+            return first, second
+        finally:
+            await client.aclose()
+
+    assert _run(main()) == ([5, b"a"], [7, b"b"])
+
+
+def test_concurrent_commands_on_one_connection_get_their_own_replies():
+    async def main():  # type: ignore[no-untyped-def]
+        client = RespClient(settings.REDIS_URL)
+        try:
+            await client.execute("DEL", "sy:test:c")
+            replies = await asyncio.gather(
+                *(client.execute("RPUSH", "sy:test:c", i) for i in range(200))
+            )
+            stored = await client.execute("LRANGE", "sy:test:c", 0, -1)
+            return replies, stored
+        finally:
+            await client.aclose()
+
+    replies, stored = _run(main())
+    # Each caller got the list length right after its own push: replies are matched in order.
+    assert sorted(replies) == list(range(1, 201))
+    assert [int(v) for v in stored] == [replies.index(n + 1) for n in range(200)]
+
+
+def test_an_error_reply_raises_for_its_caller_only():
+    async def main():  # type: ignore[no-untyped-def]
+        client = RespClient(settings.REDIS_URL)
+        try:
+            await client.execute("SET", "sy:test:s", "text")
+            bad = client.execute("INCR", "sy:test:s")
+            good = client.execute("GET", "sy:test:s")
+            results = await asyncio.gather(bad, good, return_exceptions=True)
+            return results
+        finally:
+            await client.aclose()
+
+    bad, good = _run(main())
+    assert isinstance(bad, ResponseError) and good == b"text"
+
+
+def test_a_cancelled_caller_does_not_shift_the_replies_of_the_others():
+    async def main():  # type: ignore[no-untyped-def]
+        client = RespClient(settings.REDIS_URL)
+        try:
+            await client.execute("SET", "sy:test:a", "A")
+            await client.execute("SET", "sy:test:b", "B")
+            slow = asyncio.ensure_future(client.execute("GET", "sy:test:a"))
+            await asyncio.sleep(0)  # written, not yet answered
+            slow.cancel()
+            return await client.execute("GET", "sy:test:b")
+        finally:
+            await client.aclose()
+
+    assert _run(main()) == b"B"
+
+
+def test_a_killed_connection_fails_its_commands_and_the_next_one_reconnects():
+    async def main():  # type: ignore[no-untyped-def]
+        client = RespClient(settings.REDIS_URL)
+        try:
+            await client.execute("CLIENT", "SETNAME", "resp-under-test")
+            hang = asyncio.ensure_future(client.execute("BLPOP", "sy:test:never", 5))
+            await asyncio.sleep(0.05)
+            sync_client().client_kill_filter(_type="normal", skipme=True)
+            with pytest.raises(RedisConnectionError):
+                await hang
+            return await client.execute("PING")
+        finally:
+            await client.aclose()
+
+    assert _run(main()) == b"PONG"
+
+
+def test_it_selects_the_database_of_its_url():
+    base = settings.REDIS_URL.rsplit("/", 1)[0]
+
+    async def main():  # type: ignore[no-untyped-def]
+        client = RespClient(f"{base}/7")
+        try:
+            await client.execute("SET", "sy:test:db", "seven")
+        finally:
+            await client.aclose()
+
+    _run(main())
+    import redis
+
+    assert redis.Redis.from_url(f"{base}/7").get("sy:test:db") == b"seven"
+    assert sync_client().get("sy:test:db") is None
+
+
+def test_it_says_clearly_when_redis_cannot_be_reached():
+    async def main():  # type: ignore[no-untyped-def]
+        client = RespClient("redis://127.0.0.1:1/0", connect_timeout=1)
+        await client.execute("PING")
+
+    with pytest.raises(RedisConnectionError, match="cannot connect"):
+        _run(main())
