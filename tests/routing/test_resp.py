@@ -141,3 +141,16 @@ def test_it_says_clearly_when_redis_cannot_be_reached():
 
     with pytest.raises(RedisConnectionError, match="cannot connect"):
         _run(main())
+
+
+def test_it_runs_on_uvloop_the_servers_event_loop():
+    import uvloop
+
+    async def main():  # type: ignore[no-untyped-def]
+        client = RespClient(settings.REDIS_URL)
+        try:
+            return await client.evalsha(_sha(SCRIPT), SCRIPT, ["sy:test:u"], [3, "u"])
+        finally:
+            await client.aclose()
+
+    assert uvloop.run(main()) == [3, b"u"]
