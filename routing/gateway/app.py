@@ -27,12 +27,21 @@ from django.db import connection
 from billing.credit import USAGE_STREAM
 from billing.selectors import organization_balance_by_id, spend_since
 from marketplace import invalidation
+from marketplace.client_ip import client_ip
 from marketplace.logs import accept_request_id, request_id_var
 from routing import metrics
 from routing.auto import Classification, TagClassifier, classifier_from_db, prompt_text
 from routing.cascade import CascadeTrace, parse_cascade, plan_tiers, without_cascade
-from routing.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, Unavailable
+from routing.errors import (
+    BadRequest,
+    GatewayError,
+    MethodNotAllowed,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+)
 from routing.gateway.auth import KeyCache, KeyInfo
+from routing.gateway.auth_limit import AuthFailureLimiter
 from routing.gateway.db import off_loop
 from routing.gateway.http import (
     ClientGone,
@@ -74,6 +83,7 @@ class GatewayApp:
         self.live_cache: LiveCache | None = None
         self.proxy: Proxy | None = None
         self.idempotency: Idempotency | None = None
+        self.auth_limiter: AuthFailureLimiter | None = None
         self.live_view = LiveView()
         # Route decisions shared by identical requests within one live-numbers epoch.
         self._decisions: dict[Any, tuple[RouteDecision, dict[str, Any]]] = {}
@@ -132,6 +142,7 @@ class GatewayApp:
         self.spool_replayer = SpoolReplayer(self.spool, self._redis)
         self.spool_replayer.start()
         self.idempotency = Idempotency(self._redis)
+        self.auth_limiter = AuthFailureLimiter(self._redis)
         self._snapshot_lock = asyncio.Lock()
         self._listener = loop.create_task(self._listen_for_invalidations())
         self._sweeper = loop.create_task(self._sweep_holds())
@@ -259,6 +270,18 @@ class GatewayApp:
                 self._snapshot_at = time.monotonic()
         return self._snapshot
 
+    async def authenticate(self, scope: Scope, headers: dict[str, str]) -> KeyInfo:
+        """The caller's key; a client IP with too many failures is refused (429) first."""
+        assert self.auth_limiter is not None
+        client = scope.get("client")
+        ip = client_ip(client[0] if client else None, headers.get("x-forwarded-for"))
+        self.auth_limiter.check(ip)
+        try:
+            return await self.keys.authenticate(headers.get("authorization"))
+        except Unauthorized:
+            await self.auth_limiter.failed(ip)
+            raise
+
     # --- ASGI -----------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -294,7 +317,7 @@ class GatewayApp:
     async def _models(
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
     ) -> None:
-        key = await self.keys.authenticate(headers.get("authorization"))
+        key = await self.authenticate(scope, headers)
         snapshot = await self.snapshot()
         data: list[dict[str, Any]] = []
         tags: set[str] = set()
@@ -335,7 +358,7 @@ class GatewayApp:
         except Exception as exc:
             checks["redis"] = f"error: {type(exc).__name__}"
         try:
-            await off_loop(_database_ping)()
+            await off_loop(_database_ping, probe=True)()
             checks["database"] = "ok"
         except Exception as exc:
             checks["database"] = f"error: {type(exc).__name__}"
@@ -397,7 +420,7 @@ class GatewayApp:
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
     ) -> None:
         """``GET /v1/generation?id=...``: the route trace of one of the caller's requests."""
-        key = await self.keys.authenticate(headers.get("authorization"))
+        key = await self.authenticate(scope, headers)
         from urllib.parse import parse_qs
 
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
@@ -419,7 +442,7 @@ class GatewayApp:
         Rates one of the caller's own answered requests; it feeds the serving endpoint's
         quality score. Rating again replaces the earlier rating.
         """
-        key = await self.keys.authenticate(headers.get("authorization"))
+        key = await self.authenticate(scope, headers)
         _check_content_type(headers)
         body = parse_json(await read_body(receive, headers, 65_536))
         rated = body.get("id", body.get("request_id"))
@@ -487,6 +510,7 @@ class GatewayApp:
 
     async def _post(
         self,
+        scope: Scope,
         receive: Receive,
         send: Send,
         headers: dict[str, str],
@@ -495,7 +519,7 @@ class GatewayApp:
     ) -> None:
         """Authenticate, read the JSON body, and run ``body_handler`` once per
         Idempotency-Key (chat completions and embeddings)."""
-        key = await self.keys.authenticate(headers.get("authorization"))
+        key = await self.authenticate(scope, headers)
         _check_content_type(headers)
         raw = await read_body(receive, headers, settings.GATEWAY_MAX_BODY_BYTES)
 
@@ -507,7 +531,7 @@ class GatewayApp:
     async def _chat(
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
     ) -> None:
-        await self._post(receive, send, headers, request_id, self._chat_body)
+        await self._post(scope, receive, send, headers, request_id, self._chat_body)
 
     async def _chat_body(self, key: KeyInfo, raw: bytes, send: Send, request_id: str) -> None:
         body = parse_json(raw)
@@ -534,7 +558,7 @@ class GatewayApp:
     async def _embeddings(
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
     ) -> None:
-        await self._post(receive, send, headers, request_id, self._embeddings_body)
+        await self._post(scope, receive, send, headers, request_id, self._embeddings_body)
 
     async def _embeddings_body(self, key: KeyInfo, raw: bytes, send: Send, request_id: str) -> None:
         body = parse_json(raw)

@@ -121,6 +121,9 @@ class KeyCache:
                 # arrives through Redis pub/sub) rather than refusing every customer.
                 logger.warning("key lookup failed; serving the cached answer", exc_info=True)
                 info = cached[1]
+                # A failed lookup can take the pool's timeout: count the TTL from now, or
+                # every request during the outage would wait for it again.
+                now = time.monotonic()
             ttl = self._ttl if info is not None else self._negative_ttl
             self._entries[key_hash] = (now + ttl, info)
             self._entries.move_to_end(key_hash)
