@@ -78,6 +78,7 @@ class GatewayApp:
         self._snapshot: Snapshot | None = None
         self._snapshot_at = 0.0
         self._snapshot_lock: asyncio.Lock | None = None
+        self._snapshot_reload: asyncio.Task[None] | None = None
         self._redis: aioredis.Redis | None = None
         self.live: LiveState | None = None
         self.live_cache: LiveCache | None = None
@@ -163,7 +164,7 @@ class GatewayApp:
                 return
 
     async def aclose(self) -> None:
-        for task in (self._listener, self._sweeper):
+        for task in (self._listener, self._sweeper, self._snapshot_reload):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -255,6 +256,21 @@ class GatewayApp:
         refresh = settings.GATEWAY_SNAPSHOT_REFRESH_SECONDS
         if self._snapshot is not None and time.monotonic() - self._snapshot_at < refresh:
             return self._snapshot
+        if self._snapshot is not None and self._snapshot_at:
+            # Only the periodic refresh is due (an announced change zeroes _snapshot_at and
+            # is loaded before answering): keep routing on this table while it reloads, so
+            # no request waits for the database, nor for its timeout while it is away.
+            if self._snapshot_reload is None or self._snapshot_reload.done():
+                self._snapshot_reload = asyncio.get_running_loop().create_task(
+                    self._reload_snapshot()
+                )
+            return self._snapshot
+        await self._reload_snapshot()
+        assert self._snapshot is not None
+        return self._snapshot
+
+    async def _reload_snapshot(self) -> None:
+        refresh = settings.GATEWAY_SNAPSHOT_REFRESH_SECONDS
         assert self._snapshot_lock is not None
         async with self._snapshot_lock:
             if self._snapshot is None or time.monotonic() - self._snapshot_at >= refresh:
@@ -268,7 +284,6 @@ class GatewayApp:
                     # The database is away: keep serving the last routing table.
                     logger.warning("snapshot refresh failed; serving the cached one", exc_info=True)
                 self._snapshot_at = time.monotonic()
-        return self._snapshot
 
     async def authenticate(self, scope: Scope, headers: dict[str, str]) -> KeyInfo:
         """The caller's key; a client IP with too many failures is refused (429) first."""

