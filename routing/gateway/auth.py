@@ -2,7 +2,9 @@
 
 Keys are looked up by their keyed hash: first in a small in-process cache, then once in
 the database. A revoked key is dropped from every replica's cache through the
-invalidation channel; the cache's TTL bounds staleness should a message be lost.
+invalidation channel; the cache's TTL bounds staleness should a message be lost. A known key
+past its TTL is answered from the cache while it is re-read in the background, so no request
+waits for the database, and while PostgreSQL is away the last answer is kept.
 Unknown keys are remembered briefly too, so guessing keys cannot hammer the database.
 """
 
