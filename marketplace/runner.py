@@ -154,6 +154,8 @@ def run_all(env: dict[str, str], extra_args: list[str]) -> int:
             "--http",
             "httptools",
             "--no-access-log",
+            # The client IP is found by marketplace.client_ip (TRUSTED_PROXIES), not uvicorn.
+            "--no-proxy-headers",
             "--timeout-graceful-shutdown",
             "30",
             *extra_args,

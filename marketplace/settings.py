@@ -14,6 +14,7 @@ from django.core.exceptions import ImproperlyConfigured
 from psycopg.conninfo import conninfo_to_dict
 
 from billing.schedule import BILLING_BEAT_SCHEDULE
+from marketplace.client_ip import parse_networks
 from marketplace.env import env_bool, env_float, env_int, env_list, env_str
 from vendors.schedule import VENDORS_BEAT_SCHEDULE
 
@@ -139,7 +140,15 @@ def _database_from_url(url: str) -> dict[str, object]:
     if pool_size:
         # psycopg 3's connection pool (Django >= 5.1): workers and the gateway's rare
         # cache-miss queries borrow a connection instead of opening one.
-        options["pool"] = {"min_size": 1, "max_size": pool_size, "timeout": 10}
+        options["pool"] = {
+            "min_size": 1,
+            "max_size": pool_size,
+            "timeout": 10,
+            # A failed connection attempt is retried with exponential backoff for this long,
+            # then the next request starts afresh: so after a PostgreSQL outage the pool
+            # reconnects within seconds, not after a backoff grown to minutes.
+            "reconnect_timeout": env_int("DATABASE_POOL_RECONNECT_SECONDS", 10, minimum=1),
+        }
     return {
         "ENGINE": "django.db.backends.postgresql",
         "NAME": info.get("dbname", "postgres"),
@@ -203,6 +212,9 @@ CELERY_BEAT_SCHEDULE = {
     "usage-ingest": {
         "task": "billing.tasks.usage_ingest",
         "schedule": env_float("USAGE_INGEST_INTERVAL_SECONDS", 1.0),
+        # Each run drains the whole stream, so runs queued while the workers were stuck (a
+        # PostgreSQL outage) are dropped rather than worked off one by one afterwards.
+        "options": {"expires": 30},
     },
     # Live dashboards: the gateway's live numbers to the vendor and operations pages.
     "live-numbers-push": {
@@ -227,6 +239,17 @@ AUTHENTICATION_BACKENDS = [
 ACCOUNT_LOGIN_METHODS = {"email"}
 ACCOUNT_SIGNUP_FIELDS = ["email*", "password1*", "password2*"]
 ACCOUNT_EMAIL_VERIFICATION = env_str("ACCOUNT_EMAIL_VERIFICATION", "mandatory")
+# allauth's limits on the unauthenticated account pages, counted in the Redis cache per client
+# IP (marketplace.client_ip, through the adapter) and per e-mail address ("key").
+ACCOUNT_ADAPTER = "marketplace.adapters.AccountAdapter"
+ACCOUNT_RATE_LIMITS = {
+    "login": "30/m/ip",
+    "login_failed": "10/m/ip,5/300s/key",
+    "signup": "20/m/ip",
+    "reset_password": "20/m/ip,5/m/key",
+    "reset_password_from_key": "20/m/ip",
+    "request_login_code": "20/m/ip,3/m/key",
+}
 LOGIN_REDIRECT_URL = "/"
 EMAIL_BACKEND = env_str("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "switchyard@localhost")
@@ -266,6 +289,9 @@ if GATEWAY_LEASE_SECONDS <= GATEWAY_TOTAL_TIMEOUT and not env_bool(
     raise ImproperlyConfigured("GATEWAY_LEASE_SECONDS must exceed GATEWAY_TOTAL_TIMEOUT")
 GATEWAY_MAX_UPSTREAM_BODY_BYTES = env_int("GATEWAY_MAX_UPSTREAM_BODY_BYTES", 8_388_608)
 GATEWAY_KEY_CACHE_SECONDS = env_float("GATEWAY_KEY_CACHE_SECONDS", 60.0)
+# After a failed database read the gateway serves from its caches without trying the
+# database again for this long (each try may wait for the pool's timeout).
+GATEWAY_DB_RETRY_SECONDS = env_float("GATEWAY_DB_RETRY_SECONDS", 5.0)
 # Changes are pushed over pub/sub; this periodic reload only covers a lost message.
 GATEWAY_SNAPSHOT_REFRESH_SECONDS = env_float("GATEWAY_SNAPSHOT_REFRESH_SECONDS", 300.0)
 GATEWAY_REDIS_MAX_CONNECTIONS = env_int("GATEWAY_REDIS_MAX_CONNECTIONS", 512, minimum=4)
@@ -288,6 +314,9 @@ GATEWAY_CACHE_SEMANTIC_ENTRIES = env_int("GATEWAY_CACHE_SEMANTIC_ENTRIES", 256, 
 # Networks that vendor URLs may point into although they are private or loopback
 # (self-hosted vendors, the demo and the tests). Empty in production by default.
 OUTBOUND_ALLOWED_NETWORKS = env_list("OUTBOUND_ALLOWED_NETWORKS", [])
+# Failed authentications (bad, revoked or expired keys) one client IP may make per minute
+# across all replicas before it is refused with 429 until the minute ends; 0 turns it off.
+GATEWAY_AUTH_FAILURES_PER_MINUTE = env_int("GATEWAY_AUTH_FAILURES_PER_MINUTE", 20, minimum=0)
 
 # --- money (billing/) ----------------------------------------------------------------
 PLATFORM_FEE_BPS = env_int("PLATFORM_FEE_BPS", 2000, minimum=0)  # 20.00 %
@@ -302,6 +331,10 @@ TOPUP_MIN_CENTS = env_int("TOPUP_MIN_CENTS", 500, minimum=50)
 TOPUP_MAX_CENTS = env_int("TOPUP_MAX_CENTS", 1_000_000, minimum=100)
 INVOICE_DAYS_UNTIL_DUE = env_int("INVOICE_DAYS_UNTIL_DUE", 30, minimum=1)
 
+# Addresses or networks of our own reverse proxies / load balancers. Only a connection from
+# one of them has its X-Forwarded-For read for the client IP (marketplace/client_ip.py).
+TRUSTED_PROXIES = env_list("TRUSTED_PROXIES", [])
+parse_networks(TRUSTED_PROXIES)  # fails early on a typo
 # Accept a client's X-Request-ID (only behind a proxy that sets or sanitises it).
 TRUST_REQUEST_ID_HEADER = env_bool("TRUST_REQUEST_ID_HEADER", False)
 LOG_FORMAT = env_str("LOG_FORMAT", "json")

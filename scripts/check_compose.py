@@ -13,7 +13,10 @@ Checks, after Compose-style ``${VAR:-default}`` interpolation:
 * every ``python -m X``, ``python FILE``, ``uvicorn X:Y`` and ``celery -A X`` in a command,
   entrypoint or healthcheck (and the Dockerfile's CMD) names a module or file of the repository;
 * the gateway's OUTBOUND_ALLOWED_NETWORKS covers every subnet the file declares, so that it may
-  call the reference vendors on the private network.
+  call the reference vendors on the private network;
+* only the load balancer (an nginx or haproxy image) publishes a port, and its nginx
+  configuration (mounted from the repository) proxies to an upstream whose servers are services
+  of the file on the port their uvicorn listens on, passing WebSocket upgrades through.
 
 Prints what it checked; exits 1 with one line per problem. The functions are importable (the
 tests load this file with importlib).
@@ -405,6 +408,99 @@ def check_outbound_networks(compose: Mapping[str, Any]) -> Report:
     return report
 
 
+LOAD_BALANCER_IMAGES = ("nginx", "haproxy")
+_NGINX_UPSTREAM = re.compile(r"upstream\s+([\w.-]+)\s*\{([^}]*)\}")
+_NGINX_SERVER = re.compile(r"^\s*server\s+([\w.-]+):(\d+)", re.MULTILINE)
+_NGINX_PROXY_PASS = re.compile(r"proxy_pass\s+https?://([\w.-]+)\s*;")
+
+
+def _uvicorn_port(service: Mapping[str, Any]) -> int | None:
+    argv = _argv(service.get("command"))
+    if not any(Path(word).name == "uvicorn" for word in argv):
+        return None
+    for index, word in enumerate(argv):
+        if word == "--port" and index + 1 < len(argv) and argv[index + 1].isdigit():
+            return int(argv[index + 1])
+        if word.startswith("--port=") and word[7:].isdigit():
+            return int(word[7:])
+    return 8000  # uvicorn's default
+
+
+def _nginx_config(service: Mapping[str, Any], project_dir: Path) -> Path | None:
+    for volume in service.get("volumes") or []:
+        source, target = None, None
+        if isinstance(volume, str) and ":" in volume:
+            source, target = volume.split(":")[:2]
+        elif isinstance(volume, dict) and volume.get("type", "bind") == "bind":
+            source, target = volume.get("source"), volume.get("target")
+        if source and target and str(target).startswith("/etc/nginx/"):
+            return (project_dir / str(source)).resolve()
+    return None
+
+
+def check_load_balancer(compose: Mapping[str, Any], project_dir: Path) -> Report:
+    """Only the load balancer publishes a port; its nginx config routes to the web service."""
+    report = Report()
+    balancers = []
+    for name, service in _services(compose):
+        image, _ = _split_image(str(service.get("image") or ""))
+        is_balancer = image in LOAD_BALANCER_IMAGES
+        if is_balancer:
+            balancers.append((name, service))
+        if service.get("ports") and not is_balancer:
+            report.errors.append(
+                f"{name}: publishes a port; only the load balancer may (put it behind the lb)"
+            )
+        elif service.get("ports"):
+            report.checked.append(f"{name}: the load balancer publishes the only port(s)")
+    if not balancers:
+        report.errors.append("no load balancer service (an nginx or haproxy image)")
+    for name, service in balancers:
+        image, _ = _split_image(str(service.get("image")))
+        if image != "nginx":
+            report.checked.append(f"{name}: {image} configuration not inspected")
+            continue
+        config = _nginx_config(service, project_dir)
+        if config is None or not config.is_file():
+            report.errors.append(f"{name}: mounts no nginx configuration from the repository")
+            continue
+        text = re.sub(r"#[^\n]*", "", config.read_text())
+        upstreams = {m.group(1): m.group(2) for m in _NGINX_UPSTREAM.finditer(text)}
+        targets = _NGINX_PROXY_PASS.findall(text)
+        if not targets:
+            report.errors.append(f"{name}: {config.name} has no proxy_pass")
+        for target in targets:
+            servers = _NGINX_SERVER.findall(upstreams.get(target, "")) or (
+                [] if target in upstreams else [(target, "80")]
+            )
+            if not servers:
+                report.errors.append(f"{name}: upstream {target} has no servers")
+            for host, port in servers:
+                backend = compose["services"].get(host)
+                listens = _uvicorn_port(backend) if isinstance(backend, dict) else None
+                if backend is None:
+                    report.errors.append(
+                        f"{name}: {config.name} proxies to {host}:{port}, which is not a service"
+                    )
+                elif listens != int(port):
+                    report.errors.append(
+                        f"{name}: {config.name} proxies to {host}:{port}, but {host} does not "
+                        f"serve uvicorn on port {port}"
+                    )
+                else:
+                    report.checked.append(f"{name}: {config.name} routes to {host}:{port}")
+        upgrade = re.search(r"proxy_set_header\s+Upgrade\s+\$http_upgrade", text)
+        connection = re.search(r"proxy_set_header\s+Connection\s+\S+", text)
+        if upgrade and connection and "proxy_http_version 1.1" in text:
+            report.checked.append(f"{name}: passes WebSocket upgrades through")
+        else:
+            report.errors.append(
+                f"{name}: {config.name} does not pass WebSocket upgrades through (HTTP/1.1 and "
+                "the Upgrade and Connection headers)"
+            )
+    return report
+
+
 def run_checks(
     path: Path,
     root: Path | None = None,
@@ -433,6 +529,7 @@ def run_checks(
     report.extend(check_commands(compose, root))
     report.extend(check_dockerfile(root))
     report.extend(check_outbound_networks(compose))
+    report.extend(check_load_balancer(compose, project_dir))
     return report
 
 

@@ -66,6 +66,8 @@ def start_asgi_server(app: object) -> RunningServer:
         log_level="warning",  # type: ignore[arg-type]
         lifespan="on",
         loop="asyncio",
+        # As deployed: X-Forwarded-For is read by marketplace.client_ip (TRUSTED_PROXIES) only.
+        proxy_headers=False,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)

@@ -102,8 +102,11 @@ def test_it_passes_the_real_compose_file() -> None:
     for service in (
         "postgres",
         "redis",
+        "lb",
         "web",
-        "worker",
+        "worker-ingest",
+        "worker-probes",
+        "worker-payments",
         "beat",
         "vendor-smollm2",
         "vendor-gemma",
@@ -112,16 +115,104 @@ def test_it_passes_the_real_compose_file() -> None:
         assert f"{service}: has a healthcheck" in checked
     assert "migrate: one-shot (restart: no), no healthcheck needed" in checked
     assert "web command: module marketplace.asgi exists" in checked
-    assert "worker command: module marketplace exists" in checked
+    assert "worker-ingest command: module marketplace exists" in checked
     assert "vendor-gemma command: main module vendors.reference.llm exists" in checked
     assert "vendor-embeddings command: main module vendors.reference.embeddings exists" in checked
     assert "migrate command: file manage.py exists" in checked
     assert "Dockerfile CMD: module marketplace.asgi exists" in checked
     assert "web: may call into network default (172.28.0.0/16)" in checked
+    # The load balancer is the way in: it routes to the web replicas, WebSockets included.
+    assert "lb: the load balancer publishes the only port(s)" in checked
+    assert "lb: nginx.conf routes to web:8000" in checked
+    assert "lb: passes WebSocket upgrades through" in checked
+
+
+def test_only_the_load_balancer_publishes_a_port() -> None:
+    compose = checker.load_compose(COMPOSE_FILE, {})
+
+    published = [name for name, service in compose["services"].items() if service.get("ports")]
+
+    assert published == ["lb"]
+    assert compose["services"]["web"]["deploy"]["replicas"] >= 2
+    volumes = compose["services"]["lb"]["volumes"]
+    assert "./deploy/nginx.conf:/etc/nginx/nginx.conf:ro" in volumes
+    # The replicas believe X-Forwarded-For from the balancer's fixed address only.
+    address = compose["services"]["lb"]["networks"]["default"]["ipv4_address"]
+    assert compose["services"]["web"]["environment"]["TRUSTED_PROXIES"] == address
+
+
+LB_COMPOSE = textwrap.dedent(
+    """
+    services:
+      lb:
+        image: nginx:1.28
+        volumes:
+          - ./nginx.conf:/etc/nginx/nginx.conf:ro
+        ports: ["8000:8080"]
+        healthcheck:
+          test: ["CMD", "true"]
+      web:
+        build: .
+        image: switchyard:local
+        command: ["uvicorn", "marketplace.asgi:application", "--port", "8000"]
+        ports: ["8001:8000"]
+        healthcheck:
+          test: ["CMD", "true"]
+    networks:
+      default:
+        ipam:
+          config:
+            - subnet: 172.28.0.0/16
+    """
+)
+
+
+def test_it_reports_ports_past_the_balancer_and_a_config_that_misses_the_web_service(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "docker-compose.yml").write_text(LB_COMPOSE)
+    (tmp_path / "nginx.conf").write_text(
+        "http { upstream app { server webb:8000 resolve; } "
+        "server { location / { proxy_pass http://app; } } }"
+    )
+
+    report = checker.check_load_balancer(
+        checker.load_compose(tmp_path / "docker-compose.yml", {}), tmp_path
+    )
+    errors = "\n".join(report.errors)
+
+    assert "web: publishes a port; only the load balancer may" in errors
+    assert "lb: nginx.conf proxies to webb:8000, which is not a service" in errors
+    assert "lb: nginx.conf does not pass WebSocket upgrades through" in errors
+    assert "lb: the load balancer publishes the only port(s)" in report.checked
+
+
+def test_it_reports_a_balancer_proxying_to_the_wrong_port(tmp_path: Path) -> None:
+    (tmp_path / "docker-compose.yml").write_text(LB_COMPOSE)
+    (tmp_path / "nginx.conf").write_text(
+        "http { upstream app { server web:9000; } server { location / { "
+        "proxy_pass http://app; proxy_http_version 1.1; "
+        "proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection upgrade; } } }"
+    )
+
+    report = checker.check_load_balancer(
+        checker.load_compose(tmp_path / "docker-compose.yml", {}), tmp_path
+    )
+
+    assert "lb: nginx.conf proxies to web:9000, but web does not serve uvicorn on port 9000" in (
+        report.errors
+    )
+    assert "lb: passes WebSocket upgrades through" in report.checked
+
+
+def test_it_reports_a_file_without_a_balancer() -> None:
+    report = checker.check_load_balancer({"services": {"web": {"image": "x:1"}}}, ROOT)
+
+    assert report.errors == ["no load balancer service (an nginx or haproxy image)"]
 
 
 def test_it_passes_the_real_compose_file_with_overridden_settings() -> None:
-    env = {"SECRET_KEY": "s3cret", "POSTGRES_PASSWORD": "pw", "WEB_PORT": "8000-8002"}
+    env = {"SECRET_KEY": "s3cret", "POSTGRES_PASSWORD": "pw", "WEB_PORT": "8080"}
 
     assert checker.run_checks(COMPOSE_FILE, ROOT, env=env).errors == []
 

