@@ -94,7 +94,7 @@ class Proc:
             self.popen.kill()
             self.popen.wait()
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
+    def wait_ready(self, timeout: float = 180.0) -> None:
         """For HTTP servers: until ``/healthz`` answers."""
         import httpx
 
@@ -104,7 +104,8 @@ class Proc:
                 tail = self.log_path.read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"{self.name} exited early:\n{tail}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=2.0).status_code:
+                url = f"http://127.0.0.1:{self.port}/healthz"
+                if httpx.get(url, timeout=2.0, trust_env=False).status_code:
                     return
             time.sleep(0.1)
         raise TimeoutError(f"{self.name} not ready after {timeout}s")
@@ -144,6 +145,7 @@ def rss_mb(pid: int) -> float:
 class Customer:
     organization_id: int
     keys: list[str]
+    key_ids: list[int]
     credit_nanos: int
 
 
@@ -183,11 +185,11 @@ def seed(
         org = organization_create(name=f"{tag} customer {i}", slug=f"{tag}-c{i}")
         amount = usd_to_nanos(credit)
         credit_grant(organization=org, amount=amount, reason="benchmark credit")
-        keys = [
-            api_key_create(organization=org, name=f"bench {k}").plaintext
-            for k in range(keys_per_customer)
+        created = [
+            api_key_create(organization=org, name=f"bench {k}") for k in range(keys_per_customer)
         ]
-        customers.append(Customer(org.pk, keys, amount))
+        keys, key_ids = [c.plaintext for c in created], [c.api_key.pk for c in created]
+        customers.append(Customer(org.pk, keys, key_ids, amount))
     connection.close()
     return customers
 
