@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -219,6 +220,8 @@ class Chaos:
         self.run_dir = run_dir
         self.state = State()
         self.infra_lock = asyncio.Lock()
+        self.ops = itertools.count(1)
+        self.down_until = [0.0, 0.0]  # per gateway replica: skipped until then
 
     # --- faults ------------------------------------------------------------------------
 
@@ -317,12 +320,15 @@ class Chaos:
             if storm and time.monotonic() > self.state.storm_until:
                 return
             n += 1
-            op = f"w{worker}-{n}"
+            op = f"w{worker}-{next(self.ops)}"  # unique across storms too
             stream = rng.random() < 0.5
             idempotent = rng.random() < 0.5
             headers = {"Idempotency-Key": f"{self.tag}-{op}"} if idempotent else {}
             for attempt in range(8):
-                replica = self.gateways[(worker + n + attempt) % len(self.gateways)]
+                index = (worker + n + attempt) % len(self.gateways)
+                if self.down_until[index] > time.monotonic():  # as a balancer's health check
+                    index = (index + 1) % len(self.gateways)
+                replica = self.gateways[index]
                 url = f"http://127.0.0.1:{replica.port}/v1/chat/completions"
                 self.state.requests += 1
                 seen = await harness.chat(session, url, key, bodies[stream], stream, **headers)
@@ -332,7 +338,8 @@ class Chaos:
                 if time.monotonic() < self.state.storm_until:
                     continue  # a storm: again, at once
                 if seen.code == "ClientConnectorError":
-                    continue  # that replica is down: the other one, at once (as a balancer)
+                    self.down_until[index] = time.monotonic() + 0.5
+                    continue  # that replica is down: the other one, at once
                 if attempt >= 3:
                     break
                 await asyncio.sleep(0.05 * 2**attempt + rng.random() * 0.05)
