@@ -679,8 +679,12 @@ def main(argv: list[str] | None = None) -> int:
         postgres_control.cleanup()
 
     counts = report["counts"]
-    lowest = {
-        org: min(v for v in (b["lowest_redis"], b["lowest_ledger"]) if v is not None)
+    lowest = {  # sampled during the run, and the balances at the end
+        org: min(
+            v
+            for v in (b["lowest_redis"], b["lowest_ledger"], b["ledger"], b["redis_spendable"])
+            if v is not None
+        )
         for org, b in report["balances"].items()
     }
     bad = {
