@@ -588,8 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     chaos = Chaos(args, run_dir)
     chaos.tag = tag = f"chaos{stamp.replace('-', '')}"
-    chaos.upstreams = [UpstreamProcess().start() for _ in range(3)]
     redis_control, postgres_control = RedisControl(), PostgresControl()
+    chaos.upstreams = [UpstreamProcess().start() for _ in range(3)]
     chaos.redis, chaos.postgres = redis_control, postgres_control
     procs: list[Proc] = []
     report: dict[str, Any] = {}
