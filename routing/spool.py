@@ -5,7 +5,14 @@ not be lost. ``Proxy`` then appends the settlement (the usage event, the hold to
 the lease to free) as one JSON line to ``<SWITCHYARD_SPOOL_DIR>/gateway-<pid>.jsonl`` and
 ``SpoolReplayer`` replays the lines when Redis answers again. A replay is guarded by a
 marker key per request id (``SET NX``), so a crash mid-replay never applies a line twice.
-Files left by a dead process are claimed by renaming them, so two replayers never share one.
+A replayer claims its own file and files left by dead processes by renaming them, so two
+replayers never share one; a file whose replay failed goes back under a new name, never
+over the file the process has been appending to meanwhile.
+
+The settlement may have reached Redis although the gateway saw an error (Redis went away
+before its reply), and a hold whose lease expired meanwhile was given back by the sweep:
+a replay returns the hold only if it is still held, and otherwise charges only the cost
+if the settlement never ran (no trace of the request).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +29,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from billing.credit import USAGE_STREAM, credit_key
+from routing.live import trace_key
 
 logger = logging.getLogger("switchyard.spool")
 
@@ -28,16 +37,45 @@ MARKER_TTL = 7 * 24 * 3600
 
 # Like settle, but applied at most once per request id, and the credit is adjusted only if
 # Redis still knows the organisation (after a data loss it is rebuilt from the ledger).
+# KEYS: credit, slots, stream, marker, trace. ARGV: refund, lease, endpoint, event, marker
+# ttl, cost.
 _REPLAY = """
 if not redis.call('SET', KEYS[4], '1', 'NX', 'EX', ARGV[5]) then return 0 end
-if redis.call('EXISTS', KEYS[1]) == 1 and tonumber(ARGV[1]) ~= 0 then
-  redis.call('INCRBY', KEYS[1], ARGV[1])
+local held = redis.call('ZREM', 'sy:holds', ARGV[2]) == 1
+redis.call('HDEL', 'sy:holdinfo', ARGV[2])
+local delta = 0
+if held then
+  delta = tonumber(ARGV[1])
+elseif redis.call('EXISTS', KEYS[5]) == 0 then
+  -- The sweep gave the whole hold back: what remains is the charge.
+  delta = -tonumber(ARGV[6])
+end  -- else the settlement itself reached Redis (its trace is there): nothing to adjust
+if redis.call('EXISTS', KEYS[1]) == 1 and delta ~= 0 then
+  redis.call('INCRBY', KEYS[1], delta)
 end
 redis.call('ZREM', KEYS[2], ARGV[2])
 redis.call('HSET', 'sy:live:inflight', ARGV[3], redis.call('ZCARD', KEYS[2]))
 if ARGV[4] ~= '' then redis.call('XADD', KEYS[3], '*', 'e', ARGV[4]) end
 return 1
 """
+
+
+def _owner_gone(path: Path) -> bool:
+    """True if the process whose pid names this spool file is not running (on this host)."""
+    pid_text = path.name.removeprefix("gateway-").split(".")[0].split("-")[0]
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        return True
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 class Spool:
@@ -86,6 +124,8 @@ class SpoolReplayer:
         if not self.spool.pending():
             return 0
         for path in sorted(self.spool.directory.glob("gateway-*.jsonl")):
+            if not _owner_gone(path):
+                continue  # a live replica appends to it and replays it itself
             claimed = path.with_name(f"{path.stem}.replaying-{os.getpid()}")
             try:
                 os.rename(path, claimed)
@@ -96,8 +136,9 @@ class SpoolReplayer:
                     if raw.strip():
                         applied += await self._apply(orjson.loads(raw))
             except (aioredis.RedisError, OSError):
-                # Redis went away again: put the file back for the next round.
-                os.rename(claimed, path)
+                # Redis went away again: put the file back for the next round, under a name
+                # of its own: settlements spooled meanwhile are in a new file at ``path``.
+                os.rename(claimed, path.with_name(f"gateway-{os.getpid()}-{time.time_ns()}.jsonl"))
                 raise
             claimed.unlink()
         return applied
@@ -109,6 +150,7 @@ class SpoolReplayer:
                 f"sy:slots:{record['endpoint_id']}",
                 USAGE_STREAM,
                 f"sy:spooled:{record['request_id']}",
+                trace_key(record["request_id"]),
             ],
             args=[
                 record["refund"],
@@ -116,6 +158,7 @@ class SpoolReplayer:
                 record["endpoint_id"],
                 orjson.dumps(record["event"]).decode() if record.get("event") else "",
                 MARKER_TTL,
+                int(record.get("cost", (record.get("event") or {}).get("cost", 0))),
             ],
         )
         return int(result)

@@ -531,6 +531,7 @@ class Proxy:
                     "endpoint_id": reservation.endpoint_id,
                     "lease": reservation.lease,
                     "refund": reservation.hold - cost,
+                    "cost": cost,
                     "event": event,
                 }
             )

@@ -1,0 +1,148 @@
+"""The settlement spool against real Redis: what the chaos run (bench/chaos_bench.py) found.
+
+A replica spools a settlement when Redis fails under it and replays it when Redis is back.
+The run lost settlements spooled while a replay was failing, and left customers with more
+spendable credit than their ledger (holds given back twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from django.conf import settings
+
+from billing.credit import USAGE_STREAM, credit_key
+from routing.live import LiveConfig, LiveState, Reservation
+from routing.spool import Spool, SpoolReplayer
+
+ORG, ENDPOINT, HOLD, COST = 41, 42, 10_000, 3_000
+CREDIT = 1_000_000
+
+
+def settlement(request_id: str, lease: str = "lease-x") -> dict[str, object]:
+    event = {"rid": request_id, "org": ORG, "cost": COST}
+    return {
+        "request_id": request_id,
+        "organization_id": ORG,
+        "endpoint_id": ENDPOINT,
+        "lease": lease,
+        "refund": HOLD - COST,
+        "cost": COST,
+        "event": event,
+    }
+
+
+async def stream_request_ids(client: aioredis.Redis) -> list[str]:
+    entries = await client.xrange(USAGE_STREAM)
+    return [orjson.loads(fields[b"e"])["rid"] for _id, fields in entries]
+
+
+async def test_it_keeps_a_settlement_spooled_while_a_replay_fails(tmp_path):
+    spool = Spool(tmp_path)
+    spool.append(settlement("gen-before"))
+    # A Redis that takes connections and never answers, as one still loading its data.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    stalled = aioredis.Redis(port=silent.getsockname()[1], socket_timeout=1)
+    replay = asyncio.create_task(SpoolReplayer(spool, stalled).replay_once())
+    while not list(tmp_path.glob("*.replaying-*")):  # the replayer claimed the file
+        await asyncio.sleep(0.01)
+
+    spool.append(settlement("gen-meanwhile"))  # served while the replay waits
+    with pytest.raises(aioredis.RedisError):
+        await replay
+    silent.close()
+    await stalled.aclose()
+
+    client = aioredis.Redis.from_url(settings.REDIS_URL)
+    try:
+        assert await SpoolReplayer(spool, client).replay_once() == 2
+        assert sorted(await stream_request_ids(client)) == ["gen-before", "gen-meanwhile"]
+        assert not list(tmp_path.iterdir())
+    finally:
+        await client.aclose()
+
+
+async def reserve(live: LiveState, lease: str) -> Reservation:
+    await live.init_credit(ORG, CREDIT, None)
+    result = await live.reserve(
+        organization_id=ORG,
+        key_id=7,
+        endpoint_id=ENDPOINT,
+        capacity=10,
+        hold=HOLD,
+        lease=lease,
+        rate_limit_rpm=None,
+        key_credit_limit=None,
+        key_period="monthly",
+        key_period_ttl=60,
+    )
+    assert result.reservation is not None
+    assert int(await live.client.get(credit_key(ORG))) == CREDIT - HOLD
+    return result.reservation
+
+
+async def test_a_replayed_settlement_takes_its_hold_so_the_sweep_cannot_return_it_again(
+    tmp_path,
+):
+    client = aioredis.Redis.from_url(settings.REDIS_URL)
+    live = LiveState(client, LiveConfig(lease_ttl=1))
+    try:
+        await reserve(live, "lease-1")
+        spool = Spool(tmp_path)
+        spool.append(settlement("gen-1", lease="lease-1"))  # Redis failed under the settle
+        assert await SpoolReplayer(spool, client).replay_once() == 1
+
+        await asyncio.sleep(1.2)  # the lease expires; every replica sweeps expired holds
+        await live.sweep_holds()
+
+        assert int(await client.get(credit_key(ORG))) == CREDIT - COST
+    finally:
+        await client.aclose()
+
+
+async def test_a_settlement_replayed_after_its_hold_was_swept_charges_the_cost(tmp_path):
+    client = aioredis.Redis.from_url(settings.REDIS_URL)
+    live = LiveState(client, LiveConfig(lease_ttl=-1))  # a lease expired before Redis was back
+    try:
+        await reserve(live, "lease-2")
+        await live.sweep_holds()
+        assert int(await client.get(credit_key(ORG))) == CREDIT
+        spool = Spool(tmp_path)
+        spool.append(settlement("gen-2", lease="lease-2"))
+
+        assert await SpoolReplayer(spool, client).replay_once() == 1
+
+        assert int(await client.get(credit_key(ORG))) == CREDIT - COST
+    finally:
+        await client.aclose()
+
+
+async def test_a_settlement_that_reached_redis_before_the_error_is_not_refunded_again(tmp_path):
+    client = aioredis.Redis.from_url(settings.REDIS_URL)
+    live = LiveState(client)
+    try:
+        reservation = await reserve(live, "lease-3")
+        # The settle ran in Redis, but its reply was lost: the gateway spooled it as well.
+        await live.settle(
+            reservation,
+            cost=COST,
+            vendor_failed=False,
+            latency_ms=5,
+            event={"rid": "gen-3", "org": ORG, "cost": COST},
+            request_id="gen-3",
+            trace={"id": "gen-3"},
+        )
+        spool = Spool(tmp_path)
+        spool.append(settlement("gen-3", lease="lease-3"))
+
+        assert await SpoolReplayer(spool, client).replay_once() == 1
+
+        assert int(await client.get(credit_key(ORG))) == CREDIT - COST
+    finally:
+        await client.aclose()
