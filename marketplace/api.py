@@ -13,7 +13,7 @@ revealed; a role that does not allow the action is a 403. Errors are DRF-shaped:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from django.contrib.auth.models import User
 from django.http import Http404
@@ -100,7 +100,8 @@ def organization_access(request: Request, org_slug: str, permission: str) -> Org
         found = selectors.membership_for(user=request.user, slug=org_slug)
         if found is None:
             raise Http404("No such organisation")
-        access = OrgAccess(found.organization, request.user, _role_permissions(found.role))
+        member = cast(User, request.user)  # a membership was found: a signed-in user
+        access = OrgAccess(found.organization, member, _role_permissions(found.role))
     access.require(permission)
     return access
 

@@ -32,6 +32,7 @@ from routing import metrics
 from routing.auto import Classification, TagClassifier, classifier_from_db, prompt_text
 from routing.cascade import CascadeTrace, parse_cascade, plan_tiers, without_cascade
 from routing.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, Unavailable
+from routing.gateway import openapi
 from routing.gateway.auth import KeyCache, KeyInfo
 from routing.gateway.db import off_loop
 from routing.gateway.http import (
@@ -322,6 +323,25 @@ class GatewayApp:
             for t in sorted(tags)
         )
         await send_json(send, 200, {"object": "list", "data": data}, request_id)
+
+    async def _openapi(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
+    ) -> None:
+        """``GET /v1/openapi.json``: the static document, serialised once per process."""
+        payload = openapi.document_bytes()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                    (b"cache-control", b"public, max-age=300"),
+                    (b"x-request-id", request_id.encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
 
     async def _readyz(
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
@@ -636,6 +656,7 @@ ROUTES: dict[str, tuple[str, Handler]] = {
     "/v1/models": ("GET", GatewayApp._models),
     "/v1/generation": ("GET", GatewayApp._generation),
     "/v1/feedback": ("POST", GatewayApp._feedback),
+    "/v1/openapi.json": ("GET", GatewayApp._openapi),
     "/readyz": ("GET", GatewayApp._readyz),
     "/metrics": ("GET", GatewayApp._metrics),
 }
