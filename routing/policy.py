@@ -253,14 +253,17 @@ def parse_provider(value: Any, *, param: str = "provider") -> ProviderPolicy:
                 code="unknown_parameter",
             )
     sort = value.get("sort")
-    if sort is not None and sort not in SORTS:
+    # Checked as strings first: a list or an object is unhashable and must be a 400 too.
+    if sort is not None and (not isinstance(sort, str) or sort not in SORTS):
         raise BadRequest(
             f"`{param}.sort` must be one of: {', '.join(sorted(SORTS))}",
             param=f"{param}.sort",
             code="invalid_value",
         )
     data_collection = value.get("data_collection")
-    if data_collection is not None and data_collection not in ("allow", "deny"):
+    if data_collection is not None and (
+        not isinstance(data_collection, str) or data_collection not in ("allow", "deny")
+    ):
         raise BadRequest(
             f'`{param}.data_collection` must be "allow" or "deny"',
             param=f"{param}.data_collection",
