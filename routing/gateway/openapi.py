@@ -60,12 +60,9 @@ IDEMPOTENCY_KEY = {
     "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
 }
 
-STRING_OR_LIST = {
-    "oneOf": [
-        {"type": "string"},
-        {"type": "array", "items": {"type": "string"}},
-    ]
-}
+NAME = {"type": "string", "minLength": 1}
+NAMES = {"type": "array", "items": NAME}
+STRING_OR_LIST = {"oneOf": [NAME, NAMES]}
 
 
 def _schemas() -> dict[str, Any]:
@@ -91,9 +88,9 @@ def _schemas() -> dict[str, Any]:
             "type": "object",
             "description": "Routing preferences; unknown fields are a 400 naming the field",
             "properties": {
-                "order": {"type": "array", "items": {"type": "string"}},
-                "only": {"type": "array", "items": {"type": "string"}},
-                "ignore": {"type": "array", "items": {"type": "string"}},
+                "order": NAMES,
+                "only": NAMES,
+                "ignore": NAMES,
                 "allow_fallbacks": {"type": "boolean"},
                 "sort": {
                     "type": "string",
@@ -305,7 +302,8 @@ def _schemas() -> dict[str, Any]:
 def build_document() -> dict[str, Any]:
     """The gateway's OpenAPI 3.1 document as a dictionary."""
     post_errors = (400, 401, 402, 404, 409, 413, 422, 429, 502, 503)
-    sse = {"schema": {"type": "string", "description": "events ending in `data: [DONE]`"}}
+    # Server-sent events: `chat.completion.chunk` objects, then `data: [DONE]` (not JSON).
+    sse: dict[str, Any] = {}
     return {
         "openapi": "3.1.0",
         "info": {
