@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from django.contrib.auth.models import User
-from django.http import Http404
+from django.http import Http404, HttpRequest, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.plumbing import build_bearer_security_scheme_object
 from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
@@ -138,6 +139,11 @@ INPUT_ERRORS: dict[int | str, Any] = {
     ),
     **ERRORS,
 }
+
+
+@csrf_exempt
+def api_not_found(request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
+    return JsonResponse({"detail": "Not found."}, status=404)
 
 
 def service_error(exc: ServiceError) -> exceptions.APIException:

@@ -1,6 +1,6 @@
 """``/api/v1/``: the management API (each app's ``api.py``)."""
 
-from django.urls import path
+from django.urls import path, re_path
 
 from billing import api as billing_api
 from marketplace import api as customer_api
@@ -49,4 +49,7 @@ urlpatterns = [
         billing_api.StatementApi.as_view(),
         name="vendor-statement",
     ),
+    # Anything else under /api/v1/ (an unknown path, a slug with characters a slug cannot
+    # have) is a DRF-shaped 404, not the HTML page.
+    re_path(r"^.*$", customer_api.api_not_found, name="not-found"),
 ]

@@ -170,6 +170,23 @@ def test_a_key_reaches_only_its_own_organisation(org_owner):
     assert response.status_code == 404
 
 
+def test_it_answers_a_drf_shaped_404_for_any_unknown_api_path(org_owner):
+    """Found by schemathesis: a slug with characters a slug cannot have (or an unknown
+    path) was answered with the HTML 404 page, which no API client can read."""
+    user, _ = org_owner
+    client = _session(user)
+    for path in (
+        "/api/v1/organizations/%0B%F1%B1%B8%AE/keys/",
+        "/api/v1/organizations/api-co/keys/1%2C2/revoke/",
+        "/api/v1/nothing-here/",
+    ):
+        for method in ("get", "post", "delete"):
+            response = getattr(client, method)(path)
+            assert response.status_code == 404, (method, path)
+            assert response["Content-Type"] == "application/json"
+            assert response.json() == {"detail": "Not found."}
+
+
 # --- money and usage ---------------------------------------------------------------------------
 
 
