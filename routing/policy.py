@@ -261,9 +261,7 @@ def parse_provider(value: Any, *, param: str = "provider") -> ProviderPolicy:
             code="invalid_value",
         )
     data_collection = value.get("data_collection")
-    if data_collection is not None and (
-        not isinstance(data_collection, str) or data_collection not in ("allow", "deny")
-    ):
+    if data_collection is not None and data_collection not in ("allow", "deny"):
         raise BadRequest(
             f'`{param}.data_collection` must be "allow" or "deny"',
             param=f"{param}.data_collection",
