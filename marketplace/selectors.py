@@ -182,6 +182,15 @@ def organization_api_key(*, organization: Organization, pk: int) -> ApiKey | Non
     return ApiKey.objects.filter(organization=organization, pk=pk).first()
 
 
+def api_key_by_hash(key_hash: str) -> ApiKey | None:
+    """The key with this hash, with its organisation and creator (for the management API)."""
+    return (
+        ApiKey.objects.filter(key_hash=key_hash)
+        .select_related("organization", "created_by")
+        .first()
+    )
+
+
 # --- money ---------------------------------------------------------------------------------
 
 
@@ -380,6 +389,30 @@ def usage_records_export(
         .order_by("occurred_at", "pk")
         .iterator(chunk_size=2000)
     )
+
+
+def usage_records(
+    *,
+    organization: Organization,
+    start: date | None = None,
+    end: date | None = None,
+    api_key_id: int | None = None,
+    endpoint: str | None = None,
+) -> QuerySet[UsageRecord]:
+    """The organisation's usage records, newest first, optionally within the days
+    ``start``..``end`` (inclusive, UTC), of one key (by id) or one endpoint
+    (``vendor/endpoint``)."""
+    records = UsageRecord.objects.filter(organization=organization)
+    if start is not None:
+        records = records.filter(occurred_at__gte=usage_window(start, start)[0])
+    if end is not None:
+        records = records.filter(occurred_at__lt=usage_window(end, end)[1])
+    if api_key_id is not None:
+        records = records.filter(api_key_id=api_key_id)
+    if endpoint is not None:
+        vendor_slug, _, endpoint_slug = endpoint.partition("/")
+        records = records.filter(endpoint__vendor__slug=vendor_slug, endpoint__slug=endpoint_slug)
+    return records.select_related("api_key", "endpoint__vendor").order_by("-occurred_at", "-pk")
 
 
 # --- the public catalog ----------------------------------------------------------------

@@ -12,6 +12,7 @@ urlpatterns = [
     path("accounts/", include("allauth.urls")),
     path("billing/", include("billing.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("api/v1/", include("marketplace.api_urls")),
     path("catalog/", catalog, name="catalog"),
     path("console/", include("marketplace.console.urls")),
     path("vendor/", include("vendors.portal.urls")),

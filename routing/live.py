@@ -38,11 +38,12 @@ import redis.asyncio as aioredis
 
 from billing.credit import USAGE_STREAM, credit_key
 from routing.resp import RespClient
+from vendors.pricing import LIVE_UTILISATION_HASH
 
 logger = logging.getLogger("switchyard.live")
 
 INFLIGHT = "sy:live:inflight"  # hash endpoint -> leases held now
-UTILISATION = "sy:live:util"  # hash endpoint -> smoothed utilisation (EWMA)
+UTILISATION = LIVE_UTILISATION_HASH  # hash endpoint -> smoothed utilisation (EWMA)
 CIRCUIT = "sy:live:cb"  # hash endpoint -> opened-at epoch seconds (absent = closed)
 FAILURES = "sy:live:cbfail"  # hash endpoint -> consecutive failures
 COOLDOWN = "sy:live:cooldown"  # hash endpoint -> epoch until which a 429 asked us to wait

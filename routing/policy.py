@@ -256,7 +256,8 @@ def parse_provider(value: Any, *, param: str = "provider") -> ProviderPolicy:
                 code="unknown_parameter",
             )
     sort = value.get("sort")
-    if sort is not None and sort not in SORTS:
+    # Checked as strings first: a list or an object is unhashable and must be a 400 too.
+    if sort is not None and (not isinstance(sort, str) or sort not in SORTS):
         raise BadRequest(
             f"`{param}.sort` must be one of: {', '.join(sorted(SORTS))}",
             param=f"{param}.sort",

@@ -44,7 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from billing.money import format_usd
-from routing.errors import BadRequest, NoCapacity, NotFound
+from routing.errors import BadRequest, GatewayError, NoCapacity, NotFound
 from routing.policy import BALANCED, ModelSpec, RoutePolicy
 from routing.scoring import (
     CIRCUIT_HALF_OPEN,
@@ -116,6 +116,11 @@ REASONS: tuple[str, ...] = (
     _CAPACITY,
     _PRICE,
 ) = range(len(REASONS))
+
+# Filters that depend on live load and health: an endpoint they remove may come back.
+TRANSIENT_REASONS = frozenset(
+    {"circuit_open", "circuit_half_open", "at_capacity", "over_max_price"}
+)
 
 REASON_TEXT: Mapping[str, str] = {
     "not_visible": "private to another organisation",
@@ -219,14 +224,22 @@ class RouteDecision:
             return None
         return REASONS[int(detail.reasons[rows[0]])] or None
 
-    def no_candidates_error(self) -> NoCapacity:
-        """The 503 to answer when ``candidates`` is empty, saying what filtered what."""
+    def no_candidates_error(self) -> GatewayError:
+        """The error to answer when ``candidates`` is empty, saying what filtered what.
+
+        A 503 when load or health filtered an endpoint (a retry may succeed); a 404
+        ``no_matching_endpoint`` when only the request itself (its policy, kind or
+        parameters) ruled every endpoint out, which no retry changes.
+        """
         counts = {k: v for k, v in self.filtered.items() if k != "not_visible"}
         summary = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
-        return NoCapacity(
-            "no endpoint can take this request right now"
-            + (f" (filtered: {summary})" if summary else "")
-        )
+        filtered = f" (filtered: {summary})" if summary else ""
+        if counts and TRANSIENT_REASONS.isdisjoint(counts):
+            return NotFound(
+                "no endpoint you may use can serve this request as asked" + filtered,
+                code="no_matching_endpoint",
+            )
+        return NoCapacity("no endpoint can take this request right now" + filtered)
 
     def to_trace(self) -> dict[str, Any]:
         """The decision as JSON-serialisable data for the route trace.

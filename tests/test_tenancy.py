@@ -16,7 +16,7 @@ import pytest
 from django.urls import URLPattern, URLResolver, get_resolver
 
 from marketplace.models import ApiKey, Membership, Organization
-from marketplace.services import api_key_create, organization_create
+from marketplace.services import api_key_create, console_api_key_create, organization_create
 from tests import factories
 from vendors.models import Endpoint, Vendor
 from vendors.private import private_endpoint_register
@@ -73,7 +73,8 @@ def tenants(settings, upstream):  # type: ignore[no-untyped-def]
         price_output=0,
     )
     intruder = factories.user("intruder@beta.test")
-    organization_create(name="Beta", slug="beta", owner=intruder)
+    org_b = organization_create(name="Beta", slug="beta", owner=intruder)
+    intruder_key = console_api_key_create(actor=intruder, organization=org_b, name="b").plaintext
     vendor_create(name="Beta Vendor", slug="beta-vendor", owner=intruder)
     ids = {
         membership.pk,
@@ -86,6 +87,7 @@ def tenants(settings, upstream):  # type: ignore[no-untyped-def]
     }
     return {
         "intruder": intruder,
+        "intruder_key": intruder_key,
         "org": org_a,
         "key": key_a,
         "vendor": vendor_a,
@@ -148,6 +150,36 @@ def test_another_tenant_reaches_nothing_through_any_url(client, tenants):
     assert not private.conformance_reports.exists()
     assert Vendor.objects.get(pk=tenants["vendor"].pk).status == Vendor.Status.PENDING
     assert Organization.objects.filter(slug="alpha").exists()
+
+
+@pytest.mark.parametrize("credential", ["session", "api_key"])
+def test_another_tenant_gets_404_from_every_management_api_route(client, tenants, credential):
+    """The management API (/api/v1/) as the second tenant, signed in or with its own API
+    key: every route naming the first tenant's objects is a 404 (or the 405 a method the
+    route lacks gets for any object, existing or not)."""
+    if credential == "session":
+        client.force_login(tenants["intruder"])
+        headers = {}
+    else:
+        headers = {"HTTP_AUTHORIZATION": f"Bearer {tenants['intruder_key']}"}
+    routes = [r for r in _routes_with_parameters() if r.startswith("api/v1/")]
+    assert any("organizations/" in r for r in routes) and any("vendors/" in r for r in routes)
+    wrong = []
+    for route in routes:
+        for path in _fill(route, tenants):
+            for method in ("get", "post", "delete"):
+                response = getattr(client, method)(path, **headers)
+                ghost = path.replace("/alpha-vendor/", "/ghost/").replace("/alpha/", "/ghost/")
+                same_as_nothing = getattr(client, method)(ghost, **headers).status_code
+                if (
+                    response.status_code not in (404, 405)
+                    or response.status_code != same_as_nothing
+                    or SECRET_NAME in response.content.decode()
+                ):
+                    wrong.append(f"{method.upper()} {path} -> {response.status_code}")
+    assert not wrong, "the management API shows another tenant's objects:\n" + "\n".join(wrong)
+    assert ApiKey.objects.get(pk=tenants["key"].pk).revoked_at is None
+    assert ApiKey.objects.filter(organization=tenants["org"]).count() == 1
 
 
 def test_the_admin_is_closed_to_non_staff(client, tenants):

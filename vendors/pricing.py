@@ -11,6 +11,10 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
+# The Redis hash where the gateway keeps each endpoint's smoothed utilisation (0..1): the
+# gateway writes it (routing.live), the vendor API reads it to show the price right now.
+LIVE_UTILISATION_HASH = "sy:live:util"
+
 
 class SurgeCurveError(ValueError):
     pass

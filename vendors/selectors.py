@@ -109,6 +109,7 @@ VENDOR_PERMISSIONS: dict[str, frozenset[str]] = {
     "endpoints.check": frozenset(VendorRole.values),
     "pricing.manage": frozenset({VendorRole.OWNER, VendorRole.ADMIN}),
     "revenue.view": frozenset({VendorRole.OWNER, VendorRole.ADMIN}),
+    "statements.view": frozenset({VendorRole.OWNER, VendorRole.ADMIN}),
 }
 
 
@@ -175,6 +176,33 @@ def vendor_endpoint(*, vendor: Vendor, slug: str) -> Endpoint | None:
         .prefetch_related("tags")
         .first()
     )
+
+
+def endpoint_utilisation(endpoint_ids: Iterable[int]) -> dict[int, float]:
+    """Each endpoint's smoothed utilisation (0..1) as the gateways last measured it
+    (0 when unknown or when Redis cannot be reached: the base price)."""
+    import math
+
+    import redis
+
+    from marketplace.redis_client import sync_client
+    from vendors.pricing import LIVE_UTILISATION_HASH
+
+    ids = list(endpoint_ids)
+    if not ids:
+        return {}
+    try:
+        raw = sync_client().hmget(LIVE_UTILISATION_HASH, [str(pk) for pk in ids])
+    except redis.RedisError:  # the API shows base prices rather than fail
+        raw = [None] * len(ids)
+    result: dict[int, float] = {}
+    for pk, value in zip(ids, raw, strict=True):
+        try:
+            number = float(value) if value is not None else 0.0
+        except ValueError:
+            number = 0.0
+        result[pk] = min(max(number, 0.0), 1.0) if math.isfinite(number) else 0.0
+    return result
 
 
 def tag_slugs() -> list[str]:

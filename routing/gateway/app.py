@@ -49,6 +49,7 @@ from routing.errors import (
     Unauthorized,
     Unavailable,
 )
+from routing.gateway import openapi
 from routing.gateway.auth import KeyCache, KeyInfo
 from routing.gateway.auth_limit import AuthFailureLimiter
 from routing.gateway.cached import AnswerTee, entry_from_answer, send_hit
@@ -403,6 +404,25 @@ class GatewayApp:
             for t in sorted(tags)
         )
         await send_json(send, 200, {"object": "list", "data": data}, request_id)
+
+    async def _openapi(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
+    ) -> None:
+        """``GET /v1/openapi.json``: the static document, serialised once per process."""
+        payload = openapi.document_bytes()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                    (b"cache-control", b"public, max-age=300"),
+                    (b"x-request-id", request_id.encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
 
     async def _readyz(
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
@@ -951,6 +971,7 @@ ROUTES: dict[str, tuple[str | None, Handler]] = {
     "/v1/tools": ("GET", GatewayApp._tools_list),
     # Prefix route, matched after the exact ones: "/v1/tools/<name>" -> GatewayApp._tool_call.
     "/mcp": (None, GatewayApp._mcp),  # the MCP transport answers POST, GET and DELETE
+    "/v1/openapi.json": ("GET", GatewayApp._openapi),
     "/readyz": ("GET", GatewayApp._readyz),
     "/metrics": ("GET", GatewayApp._metrics),
 }

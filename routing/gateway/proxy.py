@@ -187,6 +187,20 @@ def key_period(period: str, now: datetime | None = None) -> tuple[str, int]:
     return f"{period[0]}{start:%Y%m%d}", int((end - now).total_seconds()) + 3600
 
 
+async def read_limited(content: aiohttp.StreamReader, size: int) -> bytes:
+    """The body up to ``size`` bytes. ``StreamReader.read(n)`` returns what the buffer
+    holds, often one network chunk, so a single call can cut a large answer short."""
+    chunks: list[bytes] = []
+    received = 0
+    while received < size:
+        chunk = await content.read(size - received)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        received += len(chunk)
+    return b"".join(chunks)
+
+
 class Proxy:
     def __init__(
         self,
@@ -652,7 +666,7 @@ class Proxy:
         remaining = max(job.started + settings.GATEWAY_TOTAL_TIMEOUT - time.monotonic(), 0.01)
         try:
             async with asyncio.timeout(remaining):
-                raw = await response.content.read(limit + 1)
+                raw = await read_limited(response.content, limit + 1)
         except (TimeoutError, aiohttp.ClientError) as exc:
             attempt.outcome, attempt.detail = (
                 "read_error",

@@ -156,7 +156,7 @@ def chat_request(body: dict[str, Any], *, max_messages: int) -> ChatRequest:
                 code="invalid_type",
             )
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise BadRequest(
                 f"messages[{index}].role must be one of {sorted(ROLES)}",
                 param=f"messages[{index}].role",

@@ -91,6 +91,9 @@ def test_it_refuses_a_revoked_key_at_once(setup):
         (b'{"model": "M", "messages": "hello"}', 400, "invalid_type"),
         (b'{"model": "M"}', 400, "missing_messages"),
         (b'{"model": "M", "messages": [{"role": "wizard", "content": "x"}]}', 400, "invalid_value"),
+        # Found by schemathesis: an unhashable role was a 500 (TypeError), not a 400.
+        (b'{"model": "M", "messages": [{"role": {"a": 1}, "content": "x"}]}', 400, "invalid_value"),
+        (b'{"model": "M", "messages": [{"role": ["user"], "content": "x"}]}', 400, "invalid_value"),
         (b'{"model": "M", "messages": [{"role": "user", "content": 5}]}', 400, "invalid_type"),
         (
             b'{"model": "M", "messages": [{"role": "user", "content": "x"}], "max_tokens": "9"}',

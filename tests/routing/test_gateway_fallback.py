@@ -465,3 +465,19 @@ def test_an_organisation_stops_at_its_monthly_budget_with_402(gateway_server, up
     assert second.status_code == 402
     assert second.json()["error"]["code"] == "organization_budget"
     assert upstream.stats()["total"] == 1
+
+
+@pytest.mark.parametrize("fault", ["none", "trickle:20"])
+def test_it_reads_a_vendor_answer_that_arrives_in_pieces(gateway_server, upstream, fault):
+    """Found by schemathesis: a ~110 kB answer (2048 inputs) was read only as far as the
+    first network chunk and called invalid (502); ``trickle`` sends the body in 8 pieces."""
+    endpoint = factories.endpoint(base_url=upstream.base_url, kind="embeddings", tags=("embed",))
+    customer = factories.customer()
+    upstream.script([fault])
+    with gateway_server.client(customer.key) as client:
+        response = client.post(
+            "/v1/embeddings",
+            json={"model": endpoint.full_slug, "input": ["0"] * 2048, "dimensions": 1},
+        )
+    assert response.status_code == 200, response.text
+    assert [item["index"] for item in response.json()["data"]] == list(range(2048))

@@ -183,6 +183,14 @@ def test_it_defaults_to_a_balanced_policy_with_fallbacks():
             "invalid_type",
         ),
         ({"model": "m", "provider": {"sort": "cheapest"}}, "provider.sort", "invalid_value"),
+        # Found by schemathesis: unhashable values were a 500 (TypeError), not a 400.
+        ({"model": "m", "provider": {"sort": {"by": "price"}}}, "provider.sort", "invalid_value"),
+        ({"model": "m", "provider": {"sort": ["price"]}}, "provider.sort", "invalid_value"),
+        (
+            {"model": "m", "provider": {"data_collection": ["deny"]}},
+            "provider.data_collection",
+            "invalid_value",
+        ),
         ({"model": "m:floor", "provider": {"sort": "latency"}}, "provider.sort", "invalid_value"),
         ({"model": "m", "provider": {"max_price": 1}}, "provider.max_price", "invalid_type"),
         (

@@ -316,6 +316,23 @@ def test_it_explains_an_empty_decision():
     assert "1 at_capacity" in error.message and "1 circuit_open" in error.message
 
 
+def test_it_answers_not_found_when_only_the_request_rules_every_endpoint_out():
+    """Found by schemathesis: a min_quality no endpoint meets was a 503, which invites
+    retries that can never succeed."""
+    snap = snapshot(endpoint(1), endpoint(2, region="us"))
+    policy = route_policy({"model": "tag:sql", "provider": {"min_quality": 0.99}})
+
+    decision = decide(snap, policy)
+
+    error = decision.no_candidates_error()
+    assert isinstance(error, NotFound) and error.status == 404
+    assert error.code == "no_matching_endpoint" and "2 below_min_quality" in error.message
+
+    good_but_down = snapshot(endpoint(1), endpoint(3, quality={"sql": 1.0}))
+    mixed = decide(good_but_down, policy, live={3: EndpointLive(circuit="open")})
+    assert isinstance(mixed.no_candidates_error(), NoCapacity)  # a retry may find one
+
+
 # --- quotes --------------------------------------------------------------------------------
 
 
