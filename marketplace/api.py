@@ -184,7 +184,7 @@ class ApiKeyListApi(APIView):
 
         name = serializers.CharField(max_length=100)
         scopes = serializers.MultipleChoiceField(
-            choices=KEY_SCOPES, required=False, help_text="Empty: every gateway API"
+            choices=list(KEY_SCOPES.items()), required=False, help_text="Empty: every gateway API"
         )
         credit_limit_nanos = serializers.IntegerField(
             min_value=0, max_value=MAX_BIGINT, required=False, allow_null=True

@@ -21,14 +21,17 @@ from routing.gateway.validate import MAX_EMBEDDING_INPUTS, ROLES
 ERROR_STATUSES: dict[int, str] = {
     400: "Bad input: `invalid_json`, `invalid_type`, `invalid_value`, `missing_*`, ...",
     401: "No, an unknown, a revoked or an expired API key",
-    402: "`insufficient_credit`, `key_credit_limit` or `organization_budget`",
-    404: "`model_not_found`, `generation_not_found`",
+    402: "`insufficient_credit`, `key_credit_limit`, `organization_budget` or "
+    "`orchestration_budget_exhausted`",
+    403: "`insufficient_scope`: the key's scopes do not include this API",
+    404: "`model_not_found`, `no_matching_endpoint`, `generation_not_found`, `tool_not_found`",
     409: "`idempotency_in_progress`: the first request with this Idempotency-Key still runs",
     413: "`body_too_large`",
     422: "`idempotency_key_reused`: the Idempotency-Key was used with another body",
-    429: "`rate_limited`: see `retry-after`",
+    429: "`rate_limited` or `too_many_auth_failures`: see `retry-after`",
     502: "`upstream_failed`, `deadline_exceeded`, `retry_budget_exhausted`",
-    503: "`no_available_endpoint`, `state_unavailable`",
+    503: "`no_available_endpoint`, `state_unavailable`, `auth_unavailable`, "
+    "`privacy_guard_unavailable`",
 }
 
 
@@ -247,6 +250,61 @@ def _schemas() -> dict[str, Any]:
                 "switchyard": _ref("Switchyard"),
             },
         },
+        "ToolList": {
+            "type": "object",
+            "required": ["object", "data"],
+            "properties": {
+                "object": {"const": "list"},
+                "data": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["type", "function"],
+                        "properties": {
+                            "type": {"const": "function"},
+                            "function": {
+                                "type": "object",
+                                "required": ["name", "description", "parameters"],
+                                "properties": {
+                                    "name": {"type": "string", "pattern": "^[a-z0-9_]{1,64}$"},
+                                    "description": {"type": "string"},
+                                    "parameters": {"type": "object"},
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+        "ToolCallRequest": {
+            "type": "object",
+            "properties": {
+                "arguments": {
+                    "type": "object",
+                    "required": ["input"],
+                    "properties": {
+                        "input": {"type": "string", "minLength": 1},
+                        "instructions": {"type": "string"},
+                        "domain": {"type": "string"},
+                        "max_tokens": {"type": "integer", "minimum": 1},
+                    },
+                },
+                "provider": {"type": "object"},
+            },
+        },
+        "ToolResult": {
+            "type": "object",
+            "required": ["id", "object", "tool", "output"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"const": "tool.result"},
+                "tool": {"type": "string"},
+                "output": {"type": "string"},
+                "model": {"type": "string"},
+                "usage": {"type": "object"},
+                "cost_nanos": {"type": "integer"},
+            },
+        },
         "ModelList": {
             "type": "object",
             "required": ["object", "data"],
@@ -301,7 +359,7 @@ def _schemas() -> dict[str, Any]:
 
 def build_document() -> dict[str, Any]:
     """The gateway's OpenAPI 3.1 document as a dictionary."""
-    post_errors = (400, 401, 402, 404, 409, 413, 422, 429, 502, 503)
+    post_errors = (400, 401, 402, 403, 404, 409, 413, 422, 429, 502, 503)
     # Server-sent events: `chat.completion.chunk` objects, then `data: [DONE]` (not JSON).
     sse: dict[str, Any] = {}
     return {
@@ -357,7 +415,40 @@ def build_document() -> dict[str, Any]:
                     "summary": "Endpoints and capability tags this key may use",
                     "responses": {
                         "200": _json(_ref("ModelList"), "Models"),
-                        **_errors(401, 503),
+                        **_errors(401, 403, 429, 503),
+                    },
+                }
+            },
+            "/v1/tools": {
+                "get": {
+                    "operationId": "tools",
+                    "summary": "One OpenAI function tool per capability this key may use",
+                    "responses": {
+                        "200": _json(_ref("ToolList"), "Tools"),
+                        **_errors(401, 403, 429, 503),
+                    },
+                }
+            },
+            "/v1/tools/{name}": {
+                "post": {
+                    "operationId": "tool_call",
+                    "summary": "Run one tool: a routed, billed, traced request to a specialist",
+                    "parameters": [
+                        {
+                            "name": "name",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "pattern": "^[a-z0-9_]{1,64}$"},
+                        },
+                        IDEMPOTENCY_KEY,
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("ToolCallRequest")}},
+                    },
+                    "responses": {
+                        "200": _json(_ref("ToolResult"), "The specialist's answer"),
+                        **_errors(*post_errors),
                     },
                 }
             },
@@ -375,7 +466,7 @@ def build_document() -> dict[str, Any]:
                     ],
                     "responses": {
                         "200": _json(_ref("Generation"), "The trace"),
-                        **_errors(400, 401, 404, 503),
+                        **_errors(400, 401, 403, 404, 429, 503),
                     },
                 }
             },
@@ -389,7 +480,7 @@ def build_document() -> dict[str, Any]:
                     },
                     "responses": {
                         "200": _json(_ref("Feedback"), "Recorded"),
-                        **_errors(400, 401, 404, 413, 503),
+                        **_errors(400, 401, 403, 404, 413, 429, 503),
                     },
                 }
             },

@@ -54,5 +54,7 @@ def test_an_owner_registers_a_private_endpoint_and_sees_it_live(
 
     page.get_by_role("link", name="Playground").click()
     expect(
-        page.locator("option", has_text="private-house-models/house-sql (private)")
+        page.get_by_label("Endpoint", exact=True).locator(
+            "option", has_text="private-house-models/house-sql (private)"
+        )
     ).to_have_count(1)
