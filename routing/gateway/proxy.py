@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -234,7 +234,7 @@ class Proxy:
                 endpoint_id=candidate.endpoint.id,
                 capacity=candidate.endpoint.capacity,
                 hold=hold,
-                lease=f"{job.request_id}:{uuid.uuid4().hex[:8]}",
+                lease=f"{job.request_id}:{os.urandom(4).hex()}",
                 rate_limit_rpm=key.rate_limit_rpm,
                 rate_limit_tpm=key.rate_limit_tpm,
                 attempt=attempt,
