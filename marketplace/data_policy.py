@@ -14,7 +14,7 @@ from django.db import transaction
 
 from marketplace import invalidation
 from marketplace.models import ApiKey, Organization, PrivacyPolicy
-from marketplace.services import ServiceError, _require, audit_record
+from marketplace.services import ServiceError, _require, audit_record, organization_fields_update
 
 MAX_CACHE_TTL = 30 * 24 * 3600
 _REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
@@ -61,29 +61,19 @@ def organization_data_policy_update(
     _require(actor, organization, "members.manage")
     _check(privacy_policy, cache_ttl, cache_similarity)
     trusted_regions = normalised_regions(trusted_regions)
-    locked = Organization.objects.select_for_update().get(pk=organization.pk)
     values = {
         "privacy_policy": privacy_policy,
         "cache_ttl": cache_ttl,
         "cache_similarity": cache_similarity,
         "trusted_regions": trusted_regions,
     }
-    changes = {
-        name: {"from": getattr(locked, name), "to": value}
-        for name, value in values.items()
-        if getattr(locked, name) != value
-    }
+    locked, changes = organization_fields_update(
+        actor=actor,
+        organization=organization,
+        values=values,
+        action="organization.data_policy_update",
+    )
     if changes:
-        for name, value in values.items():
-            setattr(locked, name, value)
-        locked.save(update_fields=list(values))
-        audit_record(
-            actor=actor,
-            action="organization.data_policy_update",
-            target=locked,
-            organization=locked,
-            details=changes,
-        )
         _forget_keys(ApiKey.objects.filter(organization=locked))
     for name in values:
         setattr(organization, name, getattr(locked, name))

@@ -439,6 +439,29 @@ BUDGET_FIELDS = (
 )
 
 
+def organization_fields_update(
+    *, actor: User, organization: Organization, values: dict[str, Any], action: str
+) -> tuple[Organization, dict[str, dict[str, Any]]]:
+    """Set ``values`` on the locked organisation row and audit what changed (as ``action``).
+
+    Returns the locked row and the changes (``{field: {"from": ..., "to": ...}}``, empty when
+    nothing changed, and then nothing is written). Callers check permissions and values."""
+    locked = Organization.objects.select_for_update().get(pk=organization.pk)
+    changes = {
+        name: {"from": getattr(locked, name), "to": value}
+        for name, value in values.items()
+        if getattr(locked, name) != value
+    }
+    if changes:
+        for name, value in values.items():
+            setattr(locked, name, value)
+        locked.save(update_fields=list(values))
+        audit_record(
+            actor=actor, action=action, target=locked, organization=locked, details=changes
+        )
+    return locked, changes
+
+
 @transaction.atomic
 def organization_budget_update(
     *,
@@ -469,29 +492,15 @@ def organization_budget_update(
         value = values[name]
         if value is not None and value < 0:
             raise ServiceError("a reference price is never negative")
-    locked = Organization.objects.select_for_update().get(pk=organization.pk)
-    changes = {
-        name: {"from": getattr(locked, name), "to": value}
-        for name, value in values.items()
-        if getattr(locked, name) != value
-    }
-    if changes:
-        for name, value in values.items():
-            setattr(locked, name, value)
-        locked.save(update_fields=list(BUDGET_FIELDS))
-        audit_record(
-            actor=actor,
-            action="organization.budget_update",
-            target=locked,
-            organization=locked,
-            details=changes,
-        )
-        if "monthly_budget" in changes:
-            # Gateways cache the budget with each key: make them reload the keys now.
-            for key_hash in ApiKey.objects.filter(organization=locked).values_list(
-                "key_hash", flat=True
-            ):
-                invalidation.publish_after_commit(invalidation.key_message(key_hash))
+    locked, changes = organization_fields_update(
+        actor=actor, organization=organization, values=values, action="organization.budget_update"
+    )
+    if "monthly_budget" in changes:
+        # Gateways cache the budget with each key: make them reload the keys now.
+        for key_hash in ApiKey.objects.filter(organization=locked).values_list(
+            "key_hash", flat=True
+        ):
+            invalidation.publish_after_commit(invalidation.key_message(key_hash))
     for name in BUDGET_FIELDS:
         setattr(organization, name, getattr(locked, name))
     return organization

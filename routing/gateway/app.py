@@ -76,7 +76,7 @@ from routing.gateway.validate import (
     parse_json,
 )
 from routing.live import EndpointNumbers, LiveCache, LiveConfig, LiveState, affinity_key
-from routing.orchestrate import ORCHESTRATE
+from routing.orchestrate import ORCHESTRATE, TIMEOUT_CEILING_SECONDS
 from routing.policy import RoutePolicy, request_parameters, route_policy
 from routing.resp import RespClient
 from routing.router import EXPLORE_SHARE, RouteDecision, plan_route, prepare_snapshot
@@ -171,7 +171,10 @@ class GatewayApp:
         )
         self.spool_replayer = SpoolReplayer(self.spool, self._redis)
         self.spool_replayer.start()
-        self.idempotency = Idempotency(self._redis)
+        self.idempotency = Idempotency(
+            self._redis,
+            running_ttl=max(settings.GATEWAY_LEASE_SECONDS, TIMEOUT_CEILING_SECONDS) + 60,
+        )
         self.cache = ResponseCache(
             self._redis, semantic_entries=settings.GATEWAY_CACHE_SEMANTIC_ENTRIES
         )
@@ -366,13 +369,23 @@ class GatewayApp:
             await handler(self, scope, receive, send, headers, request_id)
         except GatewayError as exc:
             metrics.REFUSED.labels(reason=exc.code).inc()
-            await send_json(send, exc.status, exc.body(), request_id, exc.headers)
+            await _send_error(send, exc.status, exc.body(), request_id, exc.headers)
         except ClientGone:
             return
+        except aioredis.RedisError:
+            # Redis went away between the checks (idempotency, a fallback's release...): the
+            # request fails closed like any other that cannot reach the state store.
+            logger.warning("state store error (request %s)", request_id, exc_info=True)
+            err = Unavailable(
+                "the gateway cannot reach its state store; nothing was charged",
+                code="state_unavailable",
+            )
+            metrics.REFUSED.labels(reason=err.code).inc()
+            await _send_error(send, err.status, err.body(), request_id, {"retry-after": "1"})
         except Exception:
             logger.exception("unhandled gateway error (request %s)", request_id)
             err = GatewayError("an internal error occurred; the request was not charged")
-            await send_json(send, 500, err.body(), request_id)
+            await _send_error(send, 500, err.body(), request_id)
 
     async def _models(
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
@@ -976,6 +989,21 @@ ROUTES: dict[str, tuple[str | None, Handler]] = {
     "/readyz": ("GET", GatewayApp._readyz),
     "/metrics": ("GET", GatewayApp._metrics),
 }
+
+
+async def _send_error(
+    send: Send,
+    status: int,
+    body: dict[str, Any],
+    request_id: str,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Answer an error, unless the answer had already begun (a stream that was cut, a
+    settlement after the last byte): then the server closes the connection instead."""
+    try:
+        await send_json(send, status, body, request_id, headers)
+    except RuntimeError:
+        logger.info("error after the response began (request %s): connection closed", request_id)
 
 
 def _check_content_type(headers: dict[str, str]) -> None:

@@ -3,7 +3,9 @@
 The first request with a key runs and its answer is stored in Redis for 24 hours; a replay
 with the same key and the same body gets the stored answer (header
 ``idempotent-replayed: true``) and is not charged again; a replay while the first is still
-running gets 409; the same key with a different body gets 422. Keys are per organisation.
+running gets 409 (a replica that died mid-request frees the key after
+``RUNNING_TTL_SECONDS``, longer than any request may run); the same key with a different
+body gets 422. Keys are per organisation.
 Answers that invite a retry (402, 409, 429, 5xx) are not kept, so the retry can run.
 Nothing is stored for requests that do not send the header.
 """
@@ -21,6 +23,8 @@ from routing.errors import GatewayError
 from routing.gateway.http import Send
 
 TTL_SECONDS = 24 * 3600
+# Longer than any request may run (the gateway's deadline, an orchestration's 300 s ceiling).
+RUNNING_TTL_SECONDS = 360
 MAX_KEY_LENGTH = 255
 MAX_STORED_BYTES = 4 * 1024 * 1024
 NOT_KEPT = frozenset({402, 409, 429})
@@ -29,7 +33,7 @@ _BEGIN = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then
   redis.call('HSET', KEYS[1], 'state', 'running', 'fp', ARGV[1])
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
   return {'new'}
 end
 if redis.call('HGET', KEYS[1], 'fp') ~= ARGV[1] then return {'mismatch'} end
@@ -107,15 +111,20 @@ class Recorder:
 
 
 class Idempotency:
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, *, running_ttl: int = RUNNING_TTL_SECONDS) -> None:
+        """``running_ttl``: how long a request is taken to be still running. A request
+        cannot run longer than its deadline, so past that a key whose replica died mid-request
+        is free again instead of answering 409 for a day."""
         self._client = client
+        self._running_ttl = running_ttl
         self._begin = client.register_script(_BEGIN)
 
     async def begin(self, organization_id: int, key: str, body: bytes) -> bytes | None:
         """None: run the request; bytes: the stored answer to replay. Raises on conflicts."""
         fingerprint = hashlib.sha256(body).hexdigest()
         result = await self._begin(
-            keys=[storage_key(organization_id, key)], args=[fingerprint, TTL_SECONDS]
+            keys=[storage_key(organization_id, key)],
+            args=[fingerprint, TTL_SECONDS, self._running_ttl],
         )
         state = result[0].decode() if isinstance(result[0], bytes) else result[0]
         if state == "new":

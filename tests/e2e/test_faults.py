@@ -44,11 +44,16 @@ def test_redis_down_fails_closed_and_loses_no_answered_usage(tmp_path, upstream)
 
         with gateway.client(customer.key) as client:
             refused = client.post("/v1/chat/completions", json=body)
+            refused_idempotent = client.post(
+                "/v1/chat/completions", json=body, headers={"Idempotency-Key": "while-down"}
+            )
         thread.join()
 
-        # New requests fail closed: never unmetered, never over budget.
-        assert refused.status_code == 503
-        assert refused.json()["error"]["code"] == "state_unavailable"
+        # New requests fail closed: never unmetered, never over budget. The same clear 503
+        # whichever Redis call of the request failed first (here the Idempotency-Key's).
+        for response in (refused, refused_idempotent):
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "state_unavailable"
         # The request the vendor answered reaches the client, its usage waits on disk.
         served = answered["response"]
         assert served.status_code == 200

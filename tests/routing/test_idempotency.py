@@ -122,3 +122,31 @@ def test_it_refuses_malformed_keys(ready, bad):
         )
     assert response.status_code == 400
     assert upstream.stats()["total"] == 0
+
+
+def test_a_key_whose_request_died_running_is_free_again_after_the_running_ttl():
+    import asyncio
+
+    import redis.asyncio as aioredis
+    from django.conf import settings
+
+    from routing.gateway.idempotency import Idempotency
+    from tests.support.cluster import wait_until
+
+    async def begin(running_ttl: int) -> bytes | None:
+        client = aioredis.Redis.from_url(settings.REDIS_URL)
+        try:
+            return await Idempotency(client, running_ttl=running_ttl).begin(1, "crash", b"{}")
+        finally:
+            await client.aclose()
+
+    # The first request begins and its replica dies: nothing ever finishes the key.
+    assert asyncio.run(begin(1)) is None
+
+    def runs_again() -> bool:
+        try:
+            return asyncio.run(begin(1)) is None
+        except Exception:  # still "running": 409
+            return False
+
+    assert wait_until(runs_again, timeout=10, interval=0.2)
