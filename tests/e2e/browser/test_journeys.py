@@ -231,6 +231,9 @@ def top_up_through_stripe_checkout(page, shoot, stripe_fake, live_app, org) -> N
     assert page.url == f"{live_app.url}/console/{org.slug}/credits/"
     expect(page.get_by_test_id("balance")).to_have_text("$25.000000")
     expect(page.get_by_test_id("topups").get_by_role("cell", name="Paid")).to_be_visible()
+    button = page.get_by_role("button", name="Continue to payment").bounding_box()
+    heading = page.get_by_role("heading", name="Recent top-ups").bounding_box()
+    assert heading["y"] - (button["y"] + button["height"]) >= 16  # not glued to the button
     ledger = page.get_by_role("table", name="Transactions")
     expect(
         ledger.get_by_role("cell", name=f"top-up {topup.pk} via Stripe Checkout")
