@@ -156,3 +156,44 @@ def test_it_builds_invoices_like_stripe(stripe_fake: FakeStripe):
     sent = stripe_gateway.invoice_send(invoice["id"], idempotency_key="s")
     assert sent["status"] == "open"
     assert stripe_fake.pay_invoice(invoice["id"])["amount_paid"] == 250
+
+
+def _get(url: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.read().decode()
+
+
+def test_its_checkout_url_is_a_page_that_links_back_to_the_success_url(stripe_fake: FakeStripe):
+    session = stripe_gateway.checkout_session_create(
+        amount_cents=2550,
+        product_name="credit",
+        success_url="https://example.test/back?session_id={CHECKOUT_SESSION_ID}&next=/x",
+        cancel_url="https://example.test/cancel",
+        client_reference_id="9",
+        metadata={},
+        idempotency_key="topup:9:checkout",
+    )
+    status, page = _get(session["url"])
+    assert status == 200 and "<h1>Pay $25.50</h1>" in page
+    assert f'href="https://example.test/back?session_id={session["id"]}&amp;next=/x"' in page
+    assert 'href="https://example.test/cancel"' in page
+    assert len(stripe_fake.requests) == 1  # a browser's visit is not an API call
+
+    stripe_fake.expire_checkout(session["id"])
+    status, page = _get(f"{stripe_fake.url}/checkout/pay/{session['id']}")
+    assert status == 200 and "no longer active" in page and "example.test/back" not in page
+    assert _get(f"{stripe_fake.url}/checkout/pay/cs_test_nothing")[0] == 404
+
+
+def test_it_sends_signed_events_over_http_and_returns_error_answers(stripe_fake: FakeStripe):
+    event = stripe_fake.event("checkout.session.completed", {"id": "cs_test_x"})
+    # The fake's own API refuses an unauthenticated POST: the answer comes back, not raised.
+    status, body = stripe_fake.send(event, f"{stripe_fake.url}/v1/webhook-probe")
+    assert status == 401 and body["error"]["message"] == "Invalid API Key provided."

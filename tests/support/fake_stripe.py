@@ -9,7 +9,9 @@ Endpoints
 ---------
 * ``POST/GET /v1/checkout/sessions[/<id>]`` (``cs_test_...``; ``payment_status`` starts
   ``unpaid``; the test moves it with :meth:`FakeStripe.complete_checkout` /
-  :meth:`FakeStripe.expire_checkout`).
+  :meth:`FakeStripe.expire_checkout`). The session's ``url``, ``GET /checkout/pay/<id>``,
+  is a tiny stand-in for the hosted Checkout page (for browser tests): the amount and
+  links to the success and cancel URLs.
 * ``POST/GET /v1/accounts[/<id>]`` (Express, ``acct_...``; :meth:`FakeStripe.update_account`
   plays the vendor finishing onboarding), ``POST /v1/account_links``.
 * ``POST /v1/transfers``, ``GET /v1/transfers[/<id>]``, ``POST /v1/transfers/<id>/reversals``.
@@ -33,7 +35,9 @@ Behaviour shared by every endpoint
 
 Webhooks: :meth:`FakeStripe.event` builds an event around the current state of an object and
 :meth:`FakeStripe.signed` serialises and signs it with Stripe's scheme
-(``Stripe-Signature: t=<ts>,v1=HMAC-SHA256(secret, "<ts>.<payload>")``).
+(``Stripe-Signature: t=<ts>,v1=HMAC-SHA256(secret, "<ts>.<payload>")``);
+:meth:`FakeStripe.deliver` posts it with Django's test client, :meth:`FakeStripe.send`
+over real HTTP to a running server.
 
 The server runs in a background thread with its own event loop (like
 ``tests/support/upstream.py``); the state is shared with the test under a lock, so tests
@@ -47,12 +51,15 @@ import atexit
 import copy
 import hashlib
 import hmac
+import html
 import json
 import re
 import secrets
 import string
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -260,6 +267,7 @@ class FakeStripe:
 
     async def _serve(self) -> None:
         app = web.Application()
+        app.router.add_get("/checkout/pay/{session_id}", self._hosted_checkout)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
@@ -461,7 +469,61 @@ class FakeStripe:
             HTTP_STRIPE_SIGNATURE=header if signature is None else signature,
         )
 
+    def send(self, event: dict[str, Any], url: str, *, connect: bool = False) -> tuple[int, Any]:
+        """POST ``event``, signed, to ``url`` over real HTTP as Stripe delivers webhooks.
+
+        Returns ``(status, parsed JSON body)``; an error status is returned, not raised.
+        """
+        body, header = self.signed(event, connect=connect)
+        request = urllib.request.Request(
+            url,
+            data=body,
+            headers={"Content-Type": "application/json", "Stripe-Signature": header},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status, json.load(answer)
+        except urllib.error.HTTPError as error:
+            with error:
+                return error.code, json.load(error)
+
     # --- HTTP ------------------------------------------------------------------------
+
+    async def _hosted_checkout(self, request: web.Request) -> web.Response:
+        """A stand-in for Stripe's hosted Checkout page (the session's ``url``), for browsers.
+
+        The customer pays in the test (:meth:`complete_checkout`); the page links back to
+        the session's ``success_url`` (``{CHECKOUT_SESSION_ID}`` filled in, as Stripe
+        redirects) and to its ``cancel_url``.
+        """
+        session_id = request.match_info["session_id"]
+        with self._lock:
+            session = self._state.objects.get(session_id)
+            session = copy.deepcopy(session) if session else None
+        if session is None or session["object"] != "checkout.session":
+            text, status = "<h1>Something went wrong</h1><p>No such Checkout Session.</p>", 404
+        elif session["status"] == "expired":
+            text, status = "<h1>This Checkout Session is no longer active</h1>", 200
+        else:
+            cents = int(session["amount_total"])
+            success = session["success_url"].replace("{CHECKOUT_SESSION_ID}", session_id)
+            links = f'<p><a href="{html.escape(success)}">Return to the merchant</a></p>'
+            if session.get("cancel_url"):
+                links += f'<p><a href="{html.escape(session["cancel_url"])}">Cancel</a></p>'
+            text = (
+                f"<h1>Pay ${cents // 100:,}.{cents % 100:02d}</h1>"
+                f"<p>Status: {html.escape(session['status'])}, "
+                f"payment {html.escape(session['payment_status'])}.</p>{links}"
+            )
+            status = 200
+        page = (
+            '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            '<link rel="icon" href="data:,"><title>Checkout (fake Stripe)</title></head>'
+            f'<body style="font-family: sans-serif; margin: 2rem">{text}</body></html>'
+        )
+        return web.Response(text=page, status=status, content_type="text/html")
 
     async def _handle(self, request: web.Request) -> web.Response:
         raw = await request.text() if request.method == "POST" else request.query_string

@@ -18,14 +18,19 @@ from allauth.account.models import EmailAddress
 from django.core import mail
 from playwright.sync_api import expect
 
+from billing.models import TopUp
 from billing.money import usd_to_nanos
+from billing.selectors import organization_balance_by_id
 from billing.services import credit_grant
 from marketplace.models import ApiKey, Organization
 from tests import factories
 from tests.conftest import ingest_all
+from tests.support import fake_stripe
 from vendors.models import Endpoint, Vendor
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+stripe_fake = fake_stripe.stripe_fake  # the fixture
 
 PASSWORD = "correct horse battery staple 42"
 
@@ -183,10 +188,68 @@ def test_a_vendor_registers_a_priced_endpoint_that_an_admin_approves(
     shoot(page, "account-2fa-totp")
 
 
+def top_up_through_stripe_checkout(page, shoot, stripe_fake, live_app, org) -> None:  # type: ignore[no-untyped-def]
+    """The customer buys $25 of credit on the Credits page: the console starts a Checkout
+    session and sends the browser to it; the customer pays; Stripe sends the signed
+    ``checkout.session.completed`` webhook to our endpoint and the browser back to us."""
+    from billing.tasks import stripe_event_process
+
+    page.get_by_role("link", name="Credits").click()
+    expect(page.get_by_test_id("balance")).to_have_text("$0.000000")
+    page.get_by_label("Amount (USD)").fill("4")  # below the minimum: explained
+    page.get_by_role("button", name="Continue to payment").click()
+    expect(page.locator("#id_amount_usd_error")).to_contain_text(
+        "Enter an amount from $5.00 to $10,000.00."
+    )
+    assert page.get_by_label("Amount (USD)").get_attribute("aria-invalid") == "true"
+    assert not TopUp.objects.exists() and stripe_fake.requests == []
+    shoot(page, "credits-topup-errors")
+
+    page.get_by_label("Amount (USD)").fill("25")
+    page.get_by_role("button", name="Continue to payment").click()
+    page.get_by_role("heading", name="Pay $25.00").wait_for()  # the fake's Checkout page
+    topup = TopUp.objects.get(organization=org)
+    assert (
+        page.url
+        == topup.checkout_url
+        == f"{stripe_fake.url}/checkout/pay/{topup.stripe_session_id}"
+    )
+    assert topup.status == TopUp.Status.PENDING and topup.amount_cents == 2500
+    shoot(page, "stripe-checkout")
+
+    # The customer pays: Stripe signs the event and posts it to our real webhook endpoint,
+    # then the worker processes it (the Celery task, run here as the worker would).
+    stripe_fake.complete_checkout(topup.stripe_session_id)
+    event = stripe_fake.event("checkout.session.completed", topup.stripe_session_id)
+    status, answer = stripe_fake.send(event, f"{live_app.url}/billing/webhooks/stripe")
+    assert status == 200 and answer["received"] is True
+    assert stripe_event_process(event["id"]) == "processed"
+
+    # Stripe sends the browser back: the success page credits nothing twice.
+    page.get_by_role("link", name="Return to the merchant").click()
+    page.get_by_text("Thank you: your credit has been added.").wait_for()
+    assert page.url == f"{live_app.url}/console/{org.slug}/credits/"
+    expect(page.get_by_test_id("balance")).to_have_text("$25.000000")
+    expect(page.get_by_test_id("topups").get_by_role("cell", name="Paid")).to_be_visible()
+    button = page.get_by_role("button", name="Continue to payment").bounding_box()
+    heading = page.get_by_role("heading", name="Recent top-ups").bounding_box()
+    assert heading["y"] - (button["y"] + button["height"]) >= 16  # not glued to the button
+    ledger = page.get_by_role("table", name="Transactions")
+    expect(
+        ledger.get_by_role("cell", name=f"top-up {topup.pk} via Stripe Checkout")
+    ).to_be_visible()
+    expect(ledger.get_by_role("cell", name="+$25.000000")).to_be_visible()
+    topup.refresh_from_db()
+    assert topup.status == TopUp.Status.PAID
+    assert organization_balance_by_id(org.pk) == usd_to_nanos("25")
+    shoot(page, "credits-topped-up")
+
+
 def test_a_customer_creates_a_key_calls_the_gateway_and_sees_the_usage(
-    browsing, shoot, upstream, settings, live_app
+    browsing, shoot, upstream, settings, live_app, stripe_fake
 ):
     settings.ACCOUNT_EMAIL_VERIFICATION = "none"
+    settings.SITE_URL = live_app.url  # where Stripe sends the browser back to
     endpoint = factories.endpoint(
         base_url=upstream.base_url, upstream_model="fake-small", tags=("chat",)
     )
@@ -206,8 +269,10 @@ def test_a_customer_creates_a_key_calls_the_gateway_and_sees_the_usage(
     page.get_by_role("button", name="Create organisation").click()
     page.get_by_text("Acme Analytics is ready.").wait_for()
     org = Organization.objects.get(slug="acme-analytics")
-    credit_grant(organization=org, amount=usd_to_nanos("5"), reason="welcome credit")
-    page.reload()
+    shoot(page, "console-overview-empty")
+
+    top_up_through_stripe_checkout(page, shoot, stripe_fake, live_app, org)
+    page.get_by_role("link", name="Overview").click()
     shoot(page, "console-overview")
 
     # Create a key; an expiry in the past is explained, then the key is shown once.
@@ -250,9 +315,10 @@ def test_a_customer_creates_a_key_calls_the_gateway_and_sees_the_usage(
     )
     shoot(page, "console-usage")
     # The date range form swaps the results in place (htmx) and keeps the chart.
+    # (htmx pushes the URL on the swap, and draws the chart again once the swap settled.)
     page.get_by_role("button", name="Show").click()
-    page.wait_for_load_state("networkidle")
-    assert page.evaluate(
+    page.wait_for_url(re.compile(r"/usage/\?start="))
+    page.wait_for_function(
         "() => !!Chart.getChart(document.querySelector(\"canvas[data-chart='usage']\"))"
     )
 
