@@ -376,12 +376,14 @@ class GatewayApp:
             # Redis went away between the checks (idempotency, a fallback's release...): the
             # request fails closed like any other that cannot reach the state store.
             logger.warning("state store error (request %s)", request_id, exc_info=True)
-            err = Unavailable(
+            unavailable = Unavailable(
                 "the gateway cannot reach its state store; nothing was charged",
                 code="state_unavailable",
             )
-            metrics.REFUSED.labels(reason=err.code).inc()
-            await _send_error(send, err.status, err.body(), request_id, {"retry-after": "1"})
+            metrics.REFUSED.labels(reason=unavailable.code).inc()
+            await _send_error(
+                send, unavailable.status, unavailable.body(), request_id, {"retry-after": "1"}
+            )
         except Exception:
             logger.exception("unhandled gateway error (request %s)", request_id)
             err = GatewayError("an internal error occurred; the request was not charged")
