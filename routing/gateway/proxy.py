@@ -728,6 +728,7 @@ class Proxy:
         t0: float,
     ) -> None:
         started_client = False
+        id_from, id_to = b"", b""
         usage_chunk: dict[str, Any] | None = None
         chunks_sent = 0
         deadline = job.started + settings.GATEWAY_TOTAL_TIMEOUT
@@ -764,11 +765,19 @@ class Proxy:
                         data, last_chunk = _restore_chunk(chunk, restorer), chunk
                     if not started_client:
                         if chunk is None:  # the first chunk must be JSON before we commit
-                            orjson.loads(data)
+                            chunk = orjson.loads(data)
+                        # Chunks carry our request id, not the vendor's: the vendor's id is
+                        # replaced as bytes (one search per chunk, no JSON round trip).
+                        vendor_id = chunk.get("id") if isinstance(chunk, dict) else None
+                        if isinstance(vendor_id, str) and vendor_id:
+                            id_from = orjson.dumps(vendor_id)
+                            id_to = orjson.dumps(job.request_id)
                         await start_sse(
                             send, job.request_id, route_headers(job, served, [*attempts, attempt])
                         )
                         started_client = True
+                    if id_from:
+                        data = data.replace(id_from, id_to, 1)
                     await send_sse(send, b"data: " + data + b"\n\n")
                     chunks_sent += 1
         except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError, ValueError) as exc:

@@ -86,6 +86,8 @@ def test_it_streams_chunks_and_ends_with_usage_and_cost(gateway_server, upstream
     assert len(content) >= 2
     final = chunks[-1]
     assert final["choices"] == [] and final["usage"]["cost_nanos"] > 0
+    # Every chunk carries our request id (the header's), never the vendor's.
+    assert {c["id"] for c in chunks} == {response.headers["x-request-id"]}
 
     ingest_all()
     record = UsageRecord.objects.get(request_id=final["id"])
