@@ -124,7 +124,7 @@ def _ingest_batch(*, count: int, block_ms: int | None, consumer: str | None) -> 
     return IngestResult(len(entries), recorded, duplicates, invalid)
 
 
-# Column -> PostgreSQL array type, for the set-based insert of usage records.
+# Column -> PostgreSQL type, for the set-based insert of usage records.
 _RECORD_COLUMNS: dict[str, str] = {
     "request_id": "text",
     "organization_id": "bigint",
@@ -151,6 +151,22 @@ _RECORD_COLUMNS: dict[str, str] = {
     "privacy_found": "integer",
     "privacy_kinds": "text",
 }
+
+
+# One JSON document per statement, not one array per column: psycopg quotes every element
+# of a text array with a regular expression in Python (a quarter of a batch's time, measured);
+# orjson writes the document in C and PostgreSQL reads it in C.
+_INSERT_RECORDS = (
+    f"INSERT INTO billing_usagerecord ({', '.join(_RECORD_COLUMNS)}, ingested_at)"  # noqa: S608 - fixed names
+    f" SELECT {', '.join(_RECORD_COLUMNS)}, now() FROM jsonb_to_recordset(%s::jsonb) AS r("
+    + ", ".join(f"{name} {kind}" for name, kind in _RECORD_COLUMNS.items())
+    + ") ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
+)
+
+
+def _json(rows: list[Any]) -> str:
+    """Rows as one JSON text (datetimes as RFC 3339, integers exact)."""
+    return orjson.dumps(rows).decode()
 
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -185,7 +201,7 @@ def record_events(events: list[dict[str, Any]]) -> tuple[int, int]:
         vendor_accounts = {vid: account_for_vendor(v) for vid, v in vendors.items()}
         revenue = platform_account(LedgerAccount.Kind.PLATFORM_REVENUE)
 
-        # Set-based inserts (one statement per table, arrays as parameters): Django's
+        # Set-based inserts (one statement per table, the rows as one JSON parameter): Django's
         # bulk_create spends most of its time building model objects; this path sustains
         # the ingest rate the hot path produces. The balance trigger checks each statement.
         charged = [e for e in fresh if int(e.get("cost") or 0) > 0]
@@ -195,20 +211,21 @@ def record_events(events: list[dict[str, Any]]) -> tuple[int, int]:
                 cursor.execute(
                     "INSERT INTO billing_ledgertransaction"
                     " (kind, idempotency_key, memo, created_at) SELECT %s, k, m, now()"
-                    " FROM unnest(%s::text[], %s::text[]) AS t(k, m)"
+                    " FROM jsonb_to_recordset(%s::jsonb) AS t(k text, m text)"
                     " ON CONFLICT (idempotency_key) DO NOTHING"
                     " RETURNING id, idempotency_key",
                     [
                         LedgerTransaction.Kind.USAGE,
-                        [f"usage:{e['rid']}" for e in charged],
-                        [str(e.get("model", ""))[:500] for e in charged],
+                        _json(
+                            [
+                                {"k": f"usage:{e['rid']}", "m": str(e.get("model", ""))[:500]}
+                                for e in charged
+                            ]
+                        ),
                     ],
                 )
                 txn_by_rid = {key[len("usage:") :]: pk for pk, key in cursor.fetchall()}
-            entry_txn: list[int] = []
-            entry_account: list[int] = []
-            entry_amount: list[int] = []
-            columns: dict[str, list[Any]] = {name: [] for name in _RECORD_COLUMNS}
+            entries: list[dict[str, int]] = []
             rows: list[dict[str, Any]] = []
             for event in fresh:
                 cost = int(event.get("cost") or 0)
@@ -230,9 +247,7 @@ def record_events(events: list[dict[str, Any]]) -> tuple[int, int]:
                     if fee:
                         legs.append((revenue.pk, fee))
                     for account_id, amount in legs:
-                        entry_txn.append(txn)
-                        entry_account.append(account_id)
-                        entry_amount.append(amount)
+                        entries.append({"t": txn, "a": account_id, "n": amount})
                 row = {
                     "request_id": event["rid"],
                     "organization_id": int(event["org"]),
@@ -260,22 +275,14 @@ def record_events(events: list[dict[str, Any]]) -> tuple[int, int]:
                     "privacy_kinds": str(event.get("pkinds") or "")[:200],
                 }
                 rows.append(row)
-                for name in _RECORD_COLUMNS:
-                    columns[name].append(row[name])
-            if entry_txn:
+            if entries:
                 cursor.execute(
                     "INSERT INTO billing_ledgerentry (transaction_id, account_id, amount)"
-                    " SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[])",
-                    [entry_txn, entry_account, entry_amount],
+                    " SELECT t, a, n FROM jsonb_to_recordset(%s::jsonb) AS e(t bigint, a bigint,"
+                    " n bigint)",
+                    [_json(entries)],
                 )
-            names = ", ".join(_RECORD_COLUMNS)
-            arrays = ", ".join(f"%s::{_RECORD_COLUMNS[n]}[]" for n in _RECORD_COLUMNS)
-            cursor.execute(
-                f"INSERT INTO billing_usagerecord ({names}, ingested_at)"  # noqa: S608 - fixed names
-                f" SELECT *, now() FROM unnest({arrays})"
-                " ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
-                [columns[n] for n in _RECORD_COLUMNS],
-            )
+            cursor.execute(_INSERT_RECORDS, [_json(rows)])
             inserted = {row[0] for row in cursor.fetchall()}
         _observe_quality([e for e in fresh if e["rid"] in inserted])
         # Live dashboards: one message per organisation, vendor and the operations group with
