@@ -193,3 +193,41 @@ def test_a_consumer_killed_mid_batch_loses_nothing_and_charges_nothing_twice(ups
     assert LedgerEntry.objects.aggregate(total=Sum("amount"))["total"] == 0
     assert usd_to_nanos("100") - 20 * len(ids) == organization_balance(org)
     assert_reconciled()
+
+
+def test_a_celery_ingest_worker_stopped_with_sigterm_finishes_its_batch_first(upstream, tmp_path):
+    import signal
+
+    from tests.support.cluster import start_celery_ingest
+
+    endpoint = factories.endpoint(base_url=upstream.base_url)
+    org = factories.organization(credit_usd="100")
+    before = organization_balance(org)
+    ids = _fill_stream(org, endpoint, 6000)
+
+    worker, beat = start_celery_ingest(tmp_path)
+    try:
+        # SIGTERM while the worker holds read-but-unacknowledged entries (mid-batch).
+        assert wait_until(
+            lambda: sync_client().xpending(USAGE_STREAM, USAGE_GROUP)["pending"] > 0, timeout=60
+        ), worker.output()
+        beat.stop()
+        assert worker.process is not None
+        worker.process.send_signal(signal.SIGTERM)
+        worker.process.wait(60)
+        # Warm: the batch it held was committed and acknowledged before it left.
+        assert sync_client().xpending(USAGE_STREAM, USAGE_GROUP)["pending"] == 0, worker.output()
+        assert UsageRecord.objects.filter(request_id__startswith="gen-crash-").exists()
+    finally:
+        beat.stop()
+        worker.stop()
+
+    ingest_all()  # the next worker takes the rest
+    recorded = list(
+        UsageRecord.objects.filter(request_id__startswith="gen-crash-").values_list(
+            "request_id", flat=True
+        )
+    )
+    assert sorted(recorded) == ids  # every event once, none twice
+    assert organization_balance(org) == before - 20 * len(ids)
+    assert_reconciled()
