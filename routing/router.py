@@ -291,18 +291,18 @@ class RouteDecision:
                 entry.update(
                     status="candidate" if endpoint.id in ranks else "eligible",
                     rank=ranks.get(endpoint.id),
-                    score=round(float(detail.score[i]), 6),
+                    score=round(detail.score[i].item(), 6),
                     components={
-                        "quality": round(float(detail.quality[row]), 6),
-                        "price": round(float(detail.price_score[i]), 6),
-                        "latency": round(float(detail.latency_score[i]), 6),
+                        "quality": round(detail.quality[row].item(), 6),
+                        "price": round(detail.price_score[i].item(), 6),
+                        "latency": round(detail.latency_score[i].item(), 6),
                     },
                     latency_ms=None if latency != latency else latency,
                     requests=int(live.requests[row]),
                     quote=_quote_trace(
                         int(live.quote_input[row]),
                         int(live.quote_output[row]),
-                        float(live.multiplier[row]),
+                        live.multiplier[row].item(),
                     ),
                 )
             rows.append(entry)
@@ -336,7 +336,7 @@ def _reason_detail(code: str, endpoint: EndpointView, detail: _Detail, row: int)
         return f"does not support: {', '.join(missing)}"
     if code == "below_min_quality":
         return (
-            f"quality {float(detail.quality[row]):.3f} for this request is below min_quality "
+            f"quality {detail.quality[row].item():.3f} for this request is below min_quality "
             f"{policy.min_quality:.3f}"
         )
     if code == "at_capacity":
@@ -350,8 +350,8 @@ def _reason_detail(code: str, endpoint: EndpointView, detail: _Detail, row: int)
         return (
             f"quoted {format_usd(int(live.quote_input[row]), 6)} input / "
             f"{format_usd(int(live.quote_output[row]), 6)} output per 1M tokens "
-            f"(x{float(live.multiplier[row]):.4f} surge at utilisation "
-            f"{float(live.utilisation[row]):.2f}) exceeds max_price ({', '.join(limits)})"
+            f"(x{live.multiplier[row].item():.4f} surge at utilisation "
+            f"{live.utilisation[row].item():.2f}) exceeds max_price ({', '.join(limits)})"
         )
     return REASON_TEXT[code]
 
@@ -488,11 +488,11 @@ def plan_route(
                 endpoint=endpoints[int(positions[row])],
                 price_input=int(live_now.quote_input[row]),
                 price_output=int(live_now.quote_output[row]),
-                multiplier=float(live_now.multiplier[row]),
-                score=float(score[r]),
-                quality=float(eligible_quality[r]),
-                price_score=float(price_score[r]),
-                latency_score=float(latency_score[r]),
+                multiplier=live_now.multiplier[row].item(),
+                score=score[r].item(),
+                quality=eligible_quality[r].item(),
+                price_score=price_score[r].item(),
+                latency_score=latency_score[r].item(),
                 latency_ms=None if measured != measured else measured,
                 explored=r == explored_row,
             )
