@@ -476,11 +476,12 @@ def audit(chaos: Chaos) -> dict[str, Any]:
             "request_id", "organization_id", "api_key_id", "cost", "outcome", "occurred_at"
         )
     }
+    # A charge is in the ledger when its record points at a usage posting (its batch's);
+    # that each posting debits exactly its records is reconcile's check, run at the end.
     usage_txns = Counter(
-        key.split(":", 1)[1]
-        for key in LedgerTransaction.objects.filter(
-            kind=LedgerTransaction.Kind.USAGE, idempotency_key__in=[f"usage:{r}" for r in records]
-        ).values_list("idempotency_key", flat=True)
+        UsageRecord.objects.filter(
+            organization_id__in=chaos.orgs, transaction__kind=LedgerTransaction.Kind.USAGE
+        ).values_list("request_id", flat=True)
     )
     by_rid = {a.seen.request_id: a for a in chaos.state.attempts if a.seen.request_id}
     worker_of_key = {kid: w for w, (_key, kid) in enumerate(chaos.keys)}

@@ -12,9 +12,11 @@ It prints three figures, each with a baseline measured in the same process:
    next to a bare ``PING`` round trip on the same connection (the floor of any Redis call).
    Target: the event itself costs < 50 µs (settle minus a settle without the event).
 2. Ingest throughput: events per second from the Redis stream into ``UsageRecord`` plus
-   three-leg ledger transactions, one database transaction per batch, sustained over
-   ``--events`` events; baseline: a bare ``COPY``-free ``bulk_create`` of the same number
-   of unrelated rows. Target ≥ 15,000 events/s.
+   the batch's ledger posting (one leg per organisation and vendor in the batch, one fee
+   leg), one database transaction per batch, sustained over ``--events`` events spread at
+   random over ``--tenants`` organisations and ``--vendors`` vendors (default 100 and 20);
+   baseline: a bare ``COPY``-free ``bulk_create`` of the same number of unrelated rows.
+   Target ≥ 15,000 events/s.
 3. Time to billable: with a consumer running (``manage.py ingest_usage``-style loop),
    the delay from XADD to the committed ledger transaction, p50/p99. Target p99 < 2 s.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import statistics
 import sys
 import threading
@@ -57,24 +60,33 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def setup() -> tuple[int, int, int]:
+def setup(tenants: int = 1, vendors: int = 1) -> tuple[list[int], list[tuple[int, int]]]:
+    """``tenants`` organisations with credit and ``vendors`` vendors with one endpoint each."""
     call_command("migrate", verbosity=0)
     tag = uuid.uuid4().hex[:8]
     settings.OUTBOUND_ALLOWED_NETWORKS = ["127.0.0.0/8"]
-    org = organization_create(name=f"Bench {tag}", slug=f"bench-{tag}")
-    credit_grant(organization=org, amount=usd_to_nanos("1000000"), reason="bench")
-    vendor = vendor_approve(vendor=vendor_create(name=f"Bench vendor {tag}", slug=f"bv-{tag}"))
-    endpoint = endpoint_approve(
-        endpoint=endpoint_create(
-            vendor=vendor,
-            slug="m",
-            base_url="http://127.0.0.1:9/v1",
-            upstream_model="m",
-            price_input=usd_to_nanos("1"),
-            price_output=usd_to_nanos("2"),
+    orgs = []
+    for i in range(tenants):
+        org = organization_create(name=f"Bench {tag} {i}", slug=f"bench-{tag}-{i}")
+        credit_grant(organization=org, amount=usd_to_nanos("1000000"), reason="bench")
+        orgs.append(org.pk)
+    served = []
+    for i in range(vendors):
+        vendor = vendor_approve(
+            vendor=vendor_create(name=f"Bench vendor {tag} {i}", slug=f"bv-{tag}-{i}")
         )
-    )
-    return org.pk, vendor.pk, endpoint.pk
+        endpoint = endpoint_approve(
+            endpoint=endpoint_create(
+                vendor=vendor,
+                slug="m",
+                base_url="http://127.0.0.1:9/v1",
+                upstream_model="m",
+                price_input=usd_to_nanos("1"),
+                price_output=usd_to_nanos("2"),
+            )
+        )
+        served.append((vendor.pk, endpoint.pk))
+    return orgs, served
 
 
 def event(org: int, vendor: int, endpoint: int, rid: str) -> dict:
@@ -164,13 +176,20 @@ async def emit_cost(org: int, vendor: int, endpoint: int, n: int) -> dict[str, f
     }
 
 
-def fill(org: int, vendor: int, endpoint: int, count: int) -> None:
+def fill(orgs: list[int], served: list[tuple[int, int]], count: int) -> None:
+    """``count`` events spread over the organisations and vendors (seeded, reproducible)."""
     client = sync_client()
+    pick = random.Random(7)
     pipe = client.pipeline(transaction=False)
     for i in range(count):
+        vendor, endpoint = pick.choice(served)
         pipe.xadd(
             USAGE_STREAM,
-            {"e": orjson.dumps(event(org, vendor, endpoint, f"gen-b-{uuid.uuid4().hex}"))},
+            {
+                "e": orjson.dumps(
+                    event(pick.choice(orgs), vendor, endpoint, f"gen-b-{uuid.uuid4().hex}")
+                )
+            },
         )
         if i % 5000 == 4999:
             pipe.execute()
@@ -178,12 +197,12 @@ def fill(org: int, vendor: int, endpoint: int, count: int) -> None:
 
 
 def ingest_throughput(
-    org: int, vendor: int, endpoint: int, count: int, batch: int, consumers: int = 1
+    orgs: list[int], served: list[tuple[int, int]], count: int, batch: int, consumers: int = 1
 ) -> dict[str, float]:
     client = sync_client()
     client.delete(USAGE_STREAM)
     ensure_group(client)
-    fill(org, vendor, endpoint, count)
+    fill(orgs, served, count)
     before = UsageRecord.objects.count()
 
     def drain(name: str) -> None:
@@ -252,11 +271,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--consumers", type=int, default=2, help="parallel ingest consumers")
     parser.add_argument("--emit", type=int, default=2000)
     parser.add_argument("--billable", type=int, default=200)
+    parser.add_argument(
+        "--tenants", type=int, default=100, help="customer organisations the events spread over"
+    )
+    parser.add_argument("--vendors", type=int, default=20, help="vendors (one endpoint each)")
     args = parser.parse_args(argv)
-    org, vendor, endpoint = setup()
+    orgs, served = setup(args.tenants, args.vendors)
+    org, (vendor, endpoint) = orgs[0], served[0]
 
     emit = asyncio.run(emit_cost(org, vendor, endpoint, args.emit))
-    ingest = ingest_throughput(org, vendor, endpoint, args.events, args.batch, args.consumers)
+    ingest = ingest_throughput(orgs, served, args.events, args.batch, args.consumers)
     billable = time_to_billable(org, vendor, endpoint, args.billable)
 
     print("== emit cost on the hot path (one settle round trip) ==")
@@ -269,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         f"  [{verdict} < 50 µs]"
     )
     print(
-        f"== ingest into PostgreSQL (records + 3-leg ledger transactions),"
-        f" {args.consumers} consumer(s) =="
+        f"== ingest into PostgreSQL (records + one ledger posting per batch),"
+        f" {args.consumers} consumer(s), {args.tenants} organisations, {args.vendors} vendors =="
     )
     print(
         f"  {ingest['events']} events in {ingest['seconds']:.2f} s"

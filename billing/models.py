@@ -131,8 +131,11 @@ class UsageRecord(models.Model):
     attempts = models.PositiveSmallIntegerField(default=1)
     outcome = models.CharField(max_length=16, choices=Outcome.choices)
     stream = models.BooleanField(default=False)
-    transaction = models.OneToOneField(
-        LedgerTransaction, null=True, on_delete=models.PROTECT, related_name="usage_record"
+    # The batch's usage transaction: one per ingested batch, its legs the sums of its
+    # records' cost (customer credit, per organisation), vendor_share (payable, per vendor)
+    # and platform_fee (revenue). Null for a free request.
+    transaction = models.ForeignKey(
+        LedgerTransaction, null=True, on_delete=models.PROTECT, related_name="usage_records"
     )
     # Response cache: "" (not served from the cache), "exact" or "semantic"; a hit pays no
     # vendor and ``cache_saved`` is what the original answer cost.

@@ -8,15 +8,16 @@ posted); the balance checks always look at whole accounts.
 
 Checks:
 
-* ``usage``: every usage record with a cost has exactly one usage transaction, keyed
-  ``usage:<request id>``, whose legs are -cost (customer credit), +vendor share (vendor
-  payable) and +fee (platform revenue); no usage transaction lacks its record.
+* ``usage``: every usage record with a cost points at exactly one usage transaction (its
+  ingest batch's) and splits into vendor share + fee; each usage transaction's legs are
+  exactly its records' sums: -cost per organisation (customer credit), +share per vendor
+  (vendor payable), +fee (platform revenue); no usage transaction lacks records.
 * ``balanced``: every ledger transaction sums to zero (the database refuses otherwise, so
   this catches a disabled trigger or a restored dump).
 * ``vendor_payable``: each vendor's payable balance equals its usage shares minus refunded
   shares minus paid payouts (an unexplained movement shows up here), and its payouts
   account holds exactly its paid payouts.
-* ``refund``: each refund transaction is the exact negation of its usage transaction.
+* ``refund``: each refund transaction is the exact negation of its request's own legs.
 * ``topup``: every paid top-up has its ledger top-up (clearing -> credit, the paid amount);
   every ledger top-up belongs to a paid top-up.
 * ``payout``: every paid payout has its ledger posting and a Stripe transfer of the same
@@ -36,8 +37,8 @@ from datetime import datetime
 from typing import Any
 
 from django.db import connection
-from django.db.models import F, Q, QuerySet, Sum, Value
-from django.db.models.functions import Coalesce, Concat
+from django.db.models import F, QuerySet, Sum, Value
+from django.db.models.functions import Coalesce
 
 from billing import stripe_gateway
 from billing.ledger import account_balance
@@ -75,11 +76,40 @@ def _in_range(
     return qs
 
 
-def _leg(kind: str) -> Coalesce:
-    return Coalesce(
-        Sum("transaction__entries__amount", filter=Q(transaction__entries__account__kind=kind)),
-        Value(0),
-    )
+# Each usage transaction's legs recomputed from its records, against the entries posted:
+# per organisation -sum(cost) on its credit, per vendor +sum(vendor_share) on its payable,
+# +sum(platform_fee) on platform revenue. A leg whose account is missing shows up with a
+# null account. Rows: (transaction id, account id, expected, posted) where they differ.
+_USAGE_LEGS = """
+WITH txn AS (
+    SELECT id FROM billing_ledgertransaction
+     WHERE kind = 'usage' AND (%(start)s::timestamptz IS NULL OR created_at >= %(start)s)
+       AND (%(end)s::timestamptz IS NULL OR created_at < %(end)s)
+), expected AS (
+    SELECT r.transaction_id AS t, a.id AS account_id, SUM(-r.cost) AS amount
+      FROM billing_usagerecord r
+      LEFT JOIN billing_ledgeraccount a ON a.code = 'org:' || r.organization_id || ':credit'
+     WHERE r.transaction_id IN (SELECT id FROM txn) GROUP BY 1, 2
+    UNION ALL
+    SELECT r.transaction_id, a.id, SUM(r.vendor_share)
+      FROM billing_usagerecord r
+      LEFT JOIN billing_ledgeraccount a ON a.code = 'vendor:' || r.vendor_id || ':payable'
+     WHERE r.transaction_id IN (SELECT id FROM txn) AND r.vendor_share <> 0 GROUP BY 1, 2
+    UNION ALL
+    SELECT r.transaction_id, a.id, SUM(r.platform_fee)
+      FROM billing_usagerecord r
+      LEFT JOIN billing_ledgeraccount a ON a.code = 'platform:platform_revenue'
+     WHERE r.transaction_id IN (SELECT id FROM txn) AND r.platform_fee <> 0 GROUP BY 1, 2
+), posted AS (
+    SELECT transaction_id AS t, account_id, SUM(amount) AS amount
+      FROM billing_ledgerentry WHERE transaction_id IN (SELECT id FROM txn) GROUP BY 1, 2
+)
+SELECT COALESCE(x.t, y.t), COALESCE(x.account_id, y.account_id),
+       COALESCE(x.amount, 0), COALESCE(y.amount, 0)
+  FROM expected x FULL OUTER JOIN posted y ON x.t = y.t AND x.account_id = y.account_id
+ WHERE COALESCE(x.amount, 0) <> COALESCE(y.amount, 0) OR x.account_id IS NULL
+ ORDER BY 1, 2
+"""
 
 
 def _check_usage(start: datetime | None, end: datetime | None) -> list[Mismatch]:
@@ -89,36 +119,38 @@ def _check_usage(start: datetime | None, end: datetime | None) -> list[Mismatch]
         "request_id", "cost"
     ):
         found.append(Mismatch("usage", rid, f"charged {cost} nanos but has no usage transaction"))
-    wrong_key = records.filter(transaction__isnull=False).exclude(
-        transaction__kind=LedgerTransaction.Kind.USAGE,
-        transaction__idempotency_key=Concat(Value("usage:"), F("request_id")),
+    wrong_kind = records.filter(transaction__isnull=False).exclude(
+        transaction__kind=LedgerTransaction.Kind.USAGE
     )
-    for rid, key in wrong_key.values_list("request_id", "transaction__idempotency_key"):
-        found.append(Mismatch("usage", rid, f"linked to transaction {key!r}, not its usage charge"))
-    legs = (
-        records.filter(transaction__isnull=False)
-        .annotate(
-            credit=_leg(LedgerAccount.Kind.CUSTOMER_CREDIT),
-            payable=_leg(LedgerAccount.Kind.VENDOR_PAYABLE),
-            revenue=_leg(LedgerAccount.Kind.PLATFORM_REVENUE),
-        )
-        .filter(
-            ~Q(credit=-F("cost")) | ~Q(payable=F("vendor_share")) | ~Q(revenue=F("platform_fee"))
+    for rid, key in wrong_kind.values_list("request_id", "transaction__idempotency_key"):
+        found.append(Mismatch("usage", rid, f"linked to transaction {key!r}, not a usage charge"))
+    split = records.filter(transaction__isnull=False).exclude(
+        cost=F("vendor_share") + F("platform_fee")
+    )
+    for rid, cost, share, fee in split.values_list(
+        "request_id", "cost", "vendor_share", "platform_fee"
+    ):
+        found.append(Mismatch("usage", rid, f"cost {cost} != share {share} + fee {fee}"))
+    with connection.cursor() as cursor:
+        cursor.execute(_USAGE_LEGS, {"start": start, "end": end})
+        legs = cursor.fetchall()
+    keys = dict(
+        LedgerTransaction.objects.filter(pk__in={t for t, *_ in legs}).values_list(
+            "pk", "idempotency_key"
         )
     )
-    for record in legs:
+    for txn, account, expected, posted in legs:
+        where = f"account {account}" if account is not None else "a missing account"
         found.append(
             Mismatch(
                 "usage",
-                record.request_id,
-                f"legs credit {record.credit}/payable {record.payable}/revenue {record.revenue} "
-                f"do not match cost {record.cost}, share {record.vendor_share}, "
-                f"fee {record.platform_fee}",
+                keys.get(txn, str(txn)),
+                f"{where}: its records make {expected} nanos, the entries {posted}",
             )
         )
     orphans = _in_range(
         LedgerTransaction.objects.filter(
-            kind=LedgerTransaction.Kind.USAGE, usage_record__isnull=True
+            kind=LedgerTransaction.Kind.USAGE, usage_records__isnull=True
         ),
         "created_at",
         start,
@@ -182,29 +214,53 @@ def _check_vendor_payables() -> list[Mismatch]:
     return found
 
 
+# Each refund's entries against the negation of its request's own legs: +cost back on the
+# organisation's credit, -vendor_share on the vendor's payable, -platform_fee on revenue.
+_REFUND_LEGS = """
+WITH f AS (
+    SELECT f.id, f.transaction_id, r.request_id, r.organization_id, r.vendor_id, r.cost,
+           r.vendor_share, r.platform_fee
+      FROM billing_refund f JOIN billing_usagerecord r ON r.id = f.usage_record_id
+     WHERE f.id = ANY(%(ids)s)
+), expected AS (
+    SELECT f.id, a.id AS account_id, f.cost AS amount FROM f
+      LEFT JOIN billing_ledgeraccount a ON a.code = 'org:' || f.organization_id || ':credit'
+    UNION ALL
+    SELECT f.id, a.id, -f.vendor_share FROM f
+      LEFT JOIN billing_ledgeraccount a ON a.code = 'vendor:' || f.vendor_id || ':payable'
+     WHERE f.vendor_share <> 0
+    UNION ALL
+    SELECT f.id, a.id, -f.platform_fee FROM f
+      LEFT JOIN billing_ledgeraccount a ON a.code = 'platform:platform_revenue'
+     WHERE f.platform_fee <> 0
+), posted AS (
+    SELECT f.id, e.account_id, SUM(e.amount) AS amount
+      FROM f JOIN billing_ledgerentry e ON e.transaction_id = f.transaction_id GROUP BY 1, 2
+)
+SELECT r.request_id, COALESCE(x.account_id, y.account_id), COALESCE(x.amount, 0),
+       COALESCE(y.amount, 0)
+  FROM expected x FULL OUTER JOIN posted y ON x.id = y.id AND x.account_id = y.account_id
+  JOIN f r ON r.id = COALESCE(x.id, y.id)
+ WHERE COALESCE(x.amount, 0) <> COALESCE(y.amount, 0) OR x.account_id IS NULL
+ ORDER BY 1, 2
+"""
+
+
 def _check_refunds(start: datetime | None, end: datetime | None) -> list[Mismatch]:
     refunds = _in_range(Refund.objects.all(), "transaction__created_at", start, end)
     ids = list(refunds.values_list("pk", flat=True))
     if not ids:
         return []
     with connection.cursor() as cursor:
-        cursor.execute(
-            """
-            SELECT f.id, r.request_id, e.account_id, SUM(e.amount)
-              FROM billing_refund f
-              JOIN billing_usagerecord r ON r.id = f.usage_record_id
-              JOIN billing_ledgerentry e
-                ON e.transaction_id = f.transaction_id OR e.transaction_id = r.transaction_id
-             WHERE f.id = ANY(%s)
-             GROUP BY f.id, r.request_id, e.account_id
-            HAVING SUM(e.amount) <> 0
-            """,
-            [ids],
-        )
+        cursor.execute(_REFUND_LEGS, {"ids": ids})
         rows = cursor.fetchall()
     return [
-        Mismatch("refund", request_id, f"account {account_id} is off by {total} after the refund")
-        for _, request_id, account_id, total in rows
+        Mismatch(
+            "refund",
+            request_id,
+            f"account {account_id}: the refund should move {expected} nanos, it moved {posted}",
+        )
+        for request_id, account_id, expected, posted in rows
     ]
 
 

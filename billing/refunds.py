@@ -1,7 +1,7 @@
 """Refunds of usage charges: the charge reversed exactly, credit given back.
 
 ``refund_usage`` posts, under the usage record's row lock and with the idempotency key
-``refund:<request id>``, the exact negation of the request's usage transaction: the
+``refund:<request id>``, the exact negation of the request's own legs: the
 organisation's credit gets the whole charge back, the vendor's payable loses its share and
 platform revenue loses the fee. The credit reaches the gateway's spendable balance after
 commit (``billing.credit.adjust_after_commit``). A ``Refund`` row records why and who.
@@ -26,8 +26,13 @@ from django.db import transaction
 
 from billing import credit
 from billing.errors import RefundError
-from billing.ledger import transaction_post
-from billing.models import LedgerAccount, LedgerEntry, LedgerTransaction, Refund, UsageRecord
+from billing.ledger import (
+    account_for_organization,
+    account_for_vendor,
+    platform_account,
+    transaction_post,
+)
+from billing.models import LedgerAccount, LedgerTransaction, Refund, UsageRecord
 from marketplace.models import Organization
 
 
@@ -57,26 +62,25 @@ def refund_usage(*, request_id: str, reason: str, actor: Any = None) -> Refund:
             return existing
         if record.transaction_id is None:
             raise RefundError(f"request {request_id!r} was not charged", code="refund_free")
-        entries = list(
-            LedgerEntry.objects.filter(transaction_id=record.transaction_id).select_related(
-                "account"
+        # The request's own legs, reversed (its charge is one share of its batch's posting).
+        organization = Organization.objects.get(pk=record.organization_id)
+        legs = [(account_for_organization(organization), record.cost)]
+        if record.vendor_share:
+            if record.vendor is None:
+                raise RefundError(f"request {request_id!r} has no vendor", code="refund_vendor")
+            legs.append((account_for_vendor(record.vendor), -record.vendor_share))
+        if record.platform_fee:
+            legs.append(
+                (platform_account(LedgerAccount.Kind.PLATFORM_REVENUE), -record.platform_fee)
             )
-        )
         posted = transaction_post(
             kind=LedgerTransaction.Kind.REFUND,
             idempotency_key=f"refund:{request_id}",
-            legs=[(entry.account, -entry.amount) for entry in entries],
+            legs=legs,
             memo=reason,
         )
-        credited = sum(
-            -e.amount
-            for e in entries
-            if e.account.kind == LedgerAccount.Kind.CUSTOMER_CREDIT
-            and e.account.organization_id == record.organization_id
-        )
-        from_vendor = sum(
-            e.amount for e in entries if e.account.kind == LedgerAccount.Kind.VENDOR_PAYABLE
-        )
+        credited = record.cost
+        from_vendor = record.vendor_share
         refund = Refund.objects.create(
             usage_record=record,
             organization_id=record.organization_id,

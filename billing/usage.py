@@ -1,19 +1,20 @@
 """Usage ingest: from the Redis stream into ``UsageRecord`` rows and ledger postings.
 
 The gateway appends one event per request to the ``sy:usage`` stream. A consumer in the
-``ingest`` group reads a batch, writes every record and its ledger transaction in ONE
+``ingest`` group reads a batch, writes every record and the batch's one ledger posting in ONE
 database transaction, and acknowledges the batch only after the commit. The request id is
-unique in both tables, so an event delivered twice (a worker died after the commit but
-before the acknowledgement, or an entry was claimed again) is skipped, never charged twice.
+unique, and the posting is built from the records actually inserted, so an event delivered
+twice (a worker died after the commit but before the acknowledgement, or an entry was
+claimed again) is skipped, never charged twice.
 Entries left pending by a dead consumer are claimed again after ``CLAIM_IDLE_MS``.
 
 After the commit, the batch's sums go to the live dashboards: one channel-layer message per
 organisation and vendor it touched, and one for the operations group
 (``marketplace.live``).
 
-Several consumers may ingest at once: inserts use ``ON CONFLICT DO NOTHING`` on those unique
-keys (a usage record is written only together with its own transaction's entries, in the
-same database transaction) and take their unique-index locks in request-id order.
+Several consumers may ingest at once: inserts use ``ON CONFLICT DO NOTHING`` on the unique
+request id (a usage record is written only together with the posting that charges it, in
+the same database transaction) and take their unique-index locks in request-id order.
 """
 
 from __future__ import annotations
@@ -178,10 +179,21 @@ def _occurred_at(event: dict[str, Any]) -> datetime:
     return EPOCH + timedelta(milliseconds=at) if isinstance(at, int) else timezone.now()
 
 
-def record_events(events: list[dict[str, Any]]) -> tuple[int, int]:
-    """Write the events' usage records and ledger postings in one transaction, idempotently.
+_NEXT_TRANSACTION_ID = "SELECT nextval(pg_get_serial_sequence('billing_ledgertransaction', 'id'))"
 
-    Returns (recorded, duplicates).
+
+def record_events(events: list[dict[str, Any]]) -> tuple[int, int]:
+    """Write the events' usage records and the batch's ledger posting in one transaction.
+
+    Idempotent: the request id is unique, records go in with ``ON CONFLICT DO NOTHING``,
+    and the ledger posting is built from the records actually inserted. Returns
+    (recorded, duplicates).
+
+    The batch's charges are ONE balanced usage transaction: per organisation a debit of its
+    credit (the sum of its records' cost), per vendor a credit of its payable (the sum of
+    the shares) and one credit of platform revenue (the sum of the fees). Each charged
+    record points at it, so a request is charged exactly when its record exists, and
+    ``reconcile`` recomputes every leg from the records.
     """
     if not events:
         return 0, 0
@@ -189,108 +201,129 @@ def record_events(events: list[dict[str, Any]]) -> tuple[int, int]:
         unique: dict[str, dict[str, Any]] = {}
         for event in events:
             unique.setdefault(event["rid"], event)
-        # No look-up of already recorded ids: the unique keys (request id, idempotency key)
-        # with ON CONFLICT DO NOTHING skip them. Sorted by request id: concurrent consumers
-        # take unique-index locks in one order.
+        # No look-up of already recorded ids: the unique request id with ON CONFLICT DO
+        # NOTHING skips them. Sorted by request id: concurrent consumers take unique-index
+        # locks in one order.
         fresh = sorted(unique.values(), key=lambda e: e["rid"])
-        org_ids = {int(e["org"]) for e in fresh}
         vendor_ids = {int(e["vendor"]) for e in fresh if e.get("vendor")}
-        organizations = Organization.objects.in_bulk(org_ids)
         vendors = Vendor.objects.in_bulk(vendor_ids)
-        org_accounts = {oid: account_for_organization(org) for oid, org in organizations.items()}
-        vendor_accounts = {vid: account_for_vendor(v) for vid, v in vendors.items()}
-        revenue = platform_account(LedgerAccount.Kind.PLATFORM_REVENUE)
+        charged = any(int(e.get("cost") or 0) > 0 for e in fresh)
 
         # Set-based inserts (one statement per table, the rows as one JSON parameter): Django's
-        # bulk_create spends most of its time building model objects; this path sustains
-        # the ingest rate the hot path produces. The balance trigger checks each statement.
-        charged = [e for e in fresh if int(e.get("cost") or 0) > 0]
-        txn_by_rid: dict[str, int] = {}
+        # bulk_create spends most of its time building model objects.
         with connection.cursor() as cursor:
+            txn: int | None = None
             if charged:
-                cursor.execute(
-                    "INSERT INTO billing_ledgertransaction"
-                    " (kind, idempotency_key, memo, created_at) SELECT %s, k, m, now()"
-                    " FROM jsonb_to_recordset(%s::jsonb) AS t(k text, m text)"
-                    " ON CONFLICT (idempotency_key) DO NOTHING"
-                    " RETURNING id, idempotency_key",
-                    [
-                        LedgerTransaction.Kind.USAGE,
-                        _json(
-                            [
-                                {"k": f"usage:{e['rid']}", "m": str(e.get("model", ""))[:500]}
-                                for e in charged
-                            ]
-                        ),
-                    ],
-                )
-                txn_by_rid = {key[len("usage:") :]: pk for pk, key in cursor.fetchall()}
-            entries: list[dict[str, int]] = []
+                # The posting's id, taken before the records that point at it are written
+                # (the foreign key is checked at commit); unused if every charge is a replay.
+                cursor.execute(_NEXT_TRANSACTION_ID)
+                txn = int(cursor.fetchone()[0])
             rows: list[dict[str, Any]] = []
             for event in fresh:
                 cost = int(event.get("cost") or 0)
                 vendor_id = int(event["vendor"]) if event.get("vendor") else None
-                vendor = vendors.get(vendor_id) if vendor_id else None
-                fee_bps = (
-                    vendor.fee_bps
-                    if vendor and vendor.fee_bps is not None
-                    else settings.PLATFORM_FEE_BPS
-                )
-                share, fee = split_fee(cost, fee_bps)
-                txn = txn_by_rid.get(event["rid"])
-                if txn is not None:
-                    legs = [(org_accounts[int(event["org"])].pk, -cost)]
-                    if share:
-                        if vendor_id is None or vendor_id not in vendor_accounts:
-                            raise ValueError(f"usage {event['rid']} charges an unknown vendor")
-                        legs.append((vendor_accounts[vendor_id].pk, share))
-                    if fee:
-                        legs.append((revenue.pk, fee))
-                    for account_id, amount in legs:
-                        entries.append({"t": txn, "a": account_id, "n": amount})
-                row = {
-                    "request_id": event["rid"],
-                    "organization_id": int(event["org"]),
-                    "api_key_id": event.get("key"),
-                    "endpoint_id": event.get("ep"),
-                    "vendor_id": vendor_id,
-                    "model_requested": str(event.get("model", ""))[:200],
-                    "prompt_tokens": int(event.get("pt") or 0),
-                    "completion_tokens": int(event.get("ct") or 0),
-                    "price_input": int(event.get("pin") or 0),
-                    "price_output": int(event.get("pout") or 0),
-                    "cost": cost,
-                    "vendor_share": share if txn else 0,
-                    "platform_fee": fee if txn else 0,
-                    "latency_ms": int(event.get("ms") or 0),
-                    "attempts": int(event.get("att") or 1),
-                    "outcome": str(event.get("out") or "success"),
-                    "stream": bool(event.get("stream")),
-                    "transaction_id": txn,
-                    "occurred_at": _occurred_at(event),
-                    "cache": str(event.get("cache") or "")[:8],
-                    "cache_saved": int(event.get("saved") or 0),
-                    "privacy_action": str(event.get("priv") or "")[:16],
-                    "privacy_found": int(event.get("pfound") or 0),
-                    "privacy_kinds": str(event.get("pkinds") or "")[:200],
-                }
-                rows.append(row)
-            if entries:
-                cursor.execute(
-                    "INSERT INTO billing_ledgerentry (transaction_id, account_id, amount)"
-                    " SELECT t, a, n FROM jsonb_to_recordset(%s::jsonb) AS e(t bigint, a bigint,"
-                    " n bigint)",
-                    [_json(entries)],
+                share = fee = 0
+                if cost > 0:
+                    vendor = vendors.get(vendor_id) if vendor_id else None
+                    fee_bps = (
+                        vendor.fee_bps
+                        if vendor and vendor.fee_bps is not None
+                        else settings.PLATFORM_FEE_BPS
+                    )
+                    share, fee = split_fee(cost, fee_bps)
+                    if share and vendor is None:
+                        raise ValueError(f"usage {event['rid']} charges an unknown vendor")
+                rows.append(
+                    {
+                        "request_id": event["rid"],
+                        "organization_id": int(event["org"]),
+                        "api_key_id": event.get("key"),
+                        "endpoint_id": event.get("ep"),
+                        "vendor_id": vendor_id,
+                        "model_requested": str(event.get("model", ""))[:200],
+                        "prompt_tokens": int(event.get("pt") or 0),
+                        "completion_tokens": int(event.get("ct") or 0),
+                        "price_input": int(event.get("pin") or 0),
+                        "price_output": int(event.get("pout") or 0),
+                        "cost": cost,
+                        "vendor_share": share,
+                        "platform_fee": fee,
+                        "latency_ms": int(event.get("ms") or 0),
+                        "attempts": int(event.get("att") or 1),
+                        "outcome": str(event.get("out") or "success"),
+                        "stream": bool(event.get("stream")),
+                        "transaction_id": txn if cost > 0 else None,
+                        "occurred_at": _occurred_at(event),
+                        "cache": str(event.get("cache") or "")[:8],
+                        "cache_saved": int(event.get("saved") or 0),
+                        "privacy_action": str(event.get("priv") or "")[:16],
+                        "privacy_found": int(event.get("pfound") or 0),
+                        "privacy_kinds": str(event.get("pkinds") or "")[:200],
+                    }
                 )
             cursor.execute(_INSERT_RECORDS, [_json(rows)])
             inserted = {row[0] for row in cursor.fetchall()}
+            new_rows = [r for r in rows if r["request_id"] in inserted]
+            posted = [r for r in new_rows if r["cost"] > 0]
+            if posted:
+                assert txn is not None
+                _post_batch(cursor, txn, posted, vendors)
         _observe_quality([e for e in fresh if e["rid"] in inserted])
         # Live dashboards: one message per organisation, vendor and the operations group with
         # this batch's sums, sent once the batch is committed (never for a rolled-back one).
-        messages = usage_batch_messages(r for r in rows if r["request_id"] in inserted)
+        messages = usage_batch_messages(new_rows)
         if messages:
             transaction.on_commit(lambda: live_publish(messages))
     return len(inserted), len(events) - len(inserted)
+
+
+def _post_batch(
+    cursor: Any, txn: int, records: list[dict[str, Any]], vendors: dict[int, Vendor]
+) -> None:
+    """The batch's usage transaction ``txn``: one leg per organisation, per vendor, one fee."""
+    by_org: dict[int, int] = {}
+    by_vendor: dict[int, int] = {}
+    fees = 0
+    for record in records:
+        org = record["organization_id"]
+        by_org[org] = by_org.get(org, 0) - record["cost"]
+        if record["vendor_share"]:
+            vendor_id = record["vendor_id"]
+            by_vendor[vendor_id] = by_vendor.get(vendor_id, 0) + record["vendor_share"]
+        fees += record["platform_fee"]
+    # The accounts in one query; the first charge of an organisation or vendor creates its.
+    codes = {f"org:{o}:credit": o for o in by_org} | {f"vendor:{v}:payable": v for v in by_vendor}
+    accounts = dict(LedgerAccount.objects.filter(code__in=codes).values_list("code", "pk"))
+    missing = [code for code in codes if code not in accounts]
+    if missing:
+        organizations = Organization.objects.in_bulk(
+            [o for o in by_org if f"org:{o}:credit" in missing]
+        )
+        for o, organization in organizations.items():
+            accounts[f"org:{o}:credit"] = account_for_organization(organization).pk
+        for v in by_vendor:
+            if f"vendor:{v}:payable" in missing:
+                accounts[f"vendor:{v}:payable"] = account_for_vendor(vendors[v]).pk
+    legs = [(accounts[f"org:{o}:credit"], n) for o, n in sorted(by_org.items())]
+    legs += [(accounts[f"vendor:{v}:payable"], n) for v, n in sorted(by_vendor.items())]
+    if fees:
+        legs.append((platform_account(LedgerAccount.Kind.PLATFORM_REVENUE).pk, fees))
+    first = records[0]["request_id"]
+    cursor.execute(
+        "INSERT INTO billing_ledgertransaction (id, kind, idempotency_key, memo, created_at)"
+        " VALUES (%s, %s, %s, %s, now())",
+        [
+            txn,
+            LedgerTransaction.Kind.USAGE,
+            f"usage-batch:{first}",
+            f"usage of {len(records)} requests ({len(by_org)} organisations)",
+        ],
+    )
+    cursor.execute(
+        "INSERT INTO billing_ledgerentry (transaction_id, account_id, amount)"
+        " SELECT %s, a, n FROM jsonb_to_recordset(%s::jsonb) AS e(a bigint, n bigint)",
+        [txn, _json([{"a": account, "n": amount} for account, amount in legs if amount])],
+    )
 
 
 def _observe_quality(events: list[dict[str, Any]]) -> None:

@@ -161,3 +161,39 @@ def test_every_stripe_post_carries_a_key_derived_from_our_ids(stripe_fake: FakeS
     }
     ours = re.compile(r"^(topup|connect-account|settle|customer|invoice):[\w:.\-]+$")
     assert [p.idempotency_key for p in posts if not ours.match(p.idempotency_key or "")] == []
+
+
+def test_it_finds_a_record_whose_cost_its_batch_posting_does_not_carry(busy_ledger):
+    org, endpoint = busy_ledger["org"], busy_ledger["endpoint"]
+    rid = charge(org, endpoint, 1_000_000)
+    record = UsageRecord.objects.get(request_id=rid)
+    # The record claims more than its batch debited (share and fee still add up to it).
+    UsageRecord.objects.filter(pk=record.pk).update(
+        cost=2_000_000, vendor_share=2_000_000 - record.platform_fee
+    )
+    output, ok = reconcile()
+    assert not ok
+    key = record.transaction.idempotency_key
+    assert re.search(
+        rf"\[usage\] {re.escape(key)}: account \d+: its records make -2000000 nanos, "
+        r"the entries -1000000",
+        output,
+    ), output
+
+
+def test_it_finds_a_record_whose_split_does_not_add_up_to_its_cost(busy_ledger):
+    rid = charge(busy_ledger["org"], busy_ledger["endpoint"], 1_000_000)
+    UsageRecord.objects.filter(request_id=rid).update(platform_fee=1)
+    output, ok = reconcile()
+    assert not ok
+    assert f"[usage] {rid}: cost 1000000 != share" in output
+
+
+def test_it_finds_a_record_linked_to_a_transaction_that_is_not_a_usage_charge(busy_ledger):
+    rid = charge(busy_ledger["org"], busy_ledger["endpoint"], 1_000_000)
+    topup = TopUp.objects.filter(transaction__isnull=False).first()
+    assert topup is not None
+    UsageRecord.objects.filter(request_id=rid).update(transaction=topup.transaction)
+    output, ok = reconcile()
+    assert not ok
+    assert f"[usage] {rid}: linked to transaction 'topup:" in output

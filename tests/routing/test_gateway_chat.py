@@ -7,7 +7,7 @@ import orjson
 import pytest
 
 from billing.ledger import organization_balance
-from billing.models import LedgerTransaction, UsageRecord
+from billing.models import LedgerEntry, LedgerTransaction, UsageRecord
 from billing.money import request_cost, usd_to_nanos
 from tests import factories
 from tests.conftest import ingest_all
@@ -51,7 +51,12 @@ def test_it_routes_a_request_to_the_endpoint_and_charges_it_once(gateway_server,
     record = UsageRecord.objects.get(request_id=body["id"])
     assert (record.cost, record.endpoint_id, record.outcome) == (expected, endpoint.pk, "success")
     assert organization_balance(customer.organization) == before - expected
-    assert LedgerTransaction.objects.filter(idempotency_key=f"usage:{body['id']}").count() == 1
+    # Charged once: the record points at its batch's usage posting, which debits exactly it.
+    assert record.transaction.kind == LedgerTransaction.Kind.USAGE
+    debited = LedgerEntry.objects.filter(
+        transaction=record.transaction, account__organization=customer.organization
+    ).values_list("amount", flat=True)
+    assert list(debited) == [-expected]
 
 
 def test_it_routes_by_capability_tag(gateway_server, upstream):

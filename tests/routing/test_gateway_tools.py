@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from billing.ledger import organization_balance
-from billing.models import LedgerTransaction, UsageRecord
+from billing.models import LedgerEntry, LedgerTransaction, UsageRecord
 from tests import factories
 from tests.conftest import ingest_all
 from tests.support.upstream import FaultUpstream
@@ -122,7 +122,11 @@ def test_it_runs_a_tool_billed_metered_and_traced(gateway_server, upstream):
     record = UsageRecord.objects.get(request_id=result["id"])
     assert (record.cost, record.endpoint_id) == (result["cost_nanos"], endpoint.pk)
     assert organization_balance(customer.organization) == before - result["cost_nanos"]
-    assert LedgerTransaction.objects.filter(idempotency_key=f"usage:{result['id']}").count() == 1
+    assert record.transaction.kind == LedgerTransaction.Kind.USAGE
+    debited = LedgerEntry.objects.filter(
+        transaction=record.transaction, account__organization=customer.organization
+    ).values_list("amount", flat=True)
+    assert list(debited) == [-result["cost_nanos"]]
 
 
 def test_it_takes_the_arguments_as_the_json_string_of_a_tool_call(gateway_server, upstream):
