@@ -1,6 +1,6 @@
 from django.urls import path
 
-from vendors.portal import members, views
+from vendors.portal import members, payouts, views
 
 app_name = "portal"
 
@@ -10,6 +10,10 @@ urlpatterns = [
     path("invitations/<str:token>/", members.invitation_open, name="invitation-accept"),
     path("<slug:vendor_slug>/", views.dashboard, name="dashboard"),
     path("<slug:vendor_slug>/revenue/", views.revenue, name="revenue"),
+    path("<slug:vendor_slug>/payouts/", payouts.payouts, name="payouts"),
+    path("<slug:vendor_slug>/payouts/start/", payouts.payouts_start, name="payouts-start"),
+    path("<slug:vendor_slug>/payouts/refresh/", payouts.payouts_refresh, name="payouts-refresh"),
+    path("<slug:vendor_slug>/payouts/return/", payouts.payouts_return, name="payouts-return"),
     path("<slug:vendor_slug>/members/", members.members, name="members"),
     path("<slug:vendor_slug>/members/<int:pk>/role/", members.member_role, name="member-role"),
     path(
