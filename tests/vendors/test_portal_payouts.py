@@ -158,6 +158,14 @@ def test_the_refresh_url_makes_a_new_link_every_time(owner, stripe_fake: FakeStr
     assert refreshed.count() == 2
 
 
+def test_the_refresh_url_never_creates_the_account(owner, stripe_fake: FakeStripe):
+    """Stripe redirects the browser there with a GET: only the button's POST creates."""
+    response = owner.get(url("payouts-refresh", owner.vendor))
+    assert response.status_code == 302 and response["Location"] == url("payouts", owner.vendor)
+    assert stripe_fake.requests == []
+    assert not VendorPayoutAccount.objects.exists()
+
+
 def test_a_developer_sees_the_status_but_cannot_onboard(owner, client, stripe_fake):
     as_member(client, owner.vendor, VendorMembership.Role.DEVELOPER)
     html = page(client, owner.vendor)
@@ -209,8 +217,16 @@ def test_stripe_refusing_to_start_is_a_message_not_an_error(owner, stripe_down, 
     assert not AuditLogEntry.objects.filter(action="payouts.onboarding").exists()
     assert not VendorPayoutAccount.objects.exclude(stripe_account_id=None).exists()
     assert "No payout account yet" in html
+
+
+def test_stripe_refusing_a_new_link_on_refresh_is_a_message(owner, settings, stripe_fake):
+    connect_account_create(vendor=owner.vendor)
+    settings.STRIPE_SECRET_KEY = "sk_test_revoked"
     response = owner.get(url("payouts-refresh", owner.vendor), follow=True)
-    assert "Stripe could not start the onboarding just now" in response.content.decode()
+    assert response.redirect_chain == [(url("payouts", owner.vendor), 302)]
+    html = response.content.decode()
+    assert "Stripe could not start the onboarding just now" in html
+    assert "Onboarding incomplete" in html
 
 
 def test_stripe_unreachable_on_return_keeps_the_last_known_status(owner, settings, stripe_fake):

@@ -125,7 +125,13 @@ def payouts_start(request: AuthenticatedHttpRequest, ctx: VendorContext) -> Http
 
 @vendor_view("payouts.manage")
 def payouts_refresh(request: AuthenticatedHttpRequest, ctx: VendorContext) -> HttpResponse:
-    """Stripe's ``refresh_url``: the link expired or was used; make a new one and go back."""
+    """Stripe's ``refresh_url``: the link expired or was used; make a new one and go back.
+
+    A GET (Stripe redirects the browser here), so it never creates the Stripe account: only
+    the "Set up payouts" button (a POST) does."""
+    account = vendor_payout_account(vendor_id=ctx.vendor.pk)
+    if account is None or not account.stripe_account_id:
+        return redirect("portal:payouts", ctx.vendor.slug)
     return _to_stripe(request, ctx, fresh=True)
 
 
