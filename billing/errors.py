@@ -24,6 +24,12 @@ class PaymentProviderError(BillingError):
     code = "payment_provider_error"
 
 
+class PayoutPermissionError(BillingError):
+    """The actor's role at the vendor does not allow managing its payouts."""
+
+    code = "payouts_forbidden"
+
+
 class RefundError(BillingError):
     code = "refund_invalid"
 

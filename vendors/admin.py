@@ -9,6 +9,7 @@ from vendors.models import (
     HealthCheck,
     ProbeResult,
     Vendor,
+    VendorInvitation,
     VendorMembership,
 )
 
@@ -25,6 +26,13 @@ class VendorAdmin(admin.ModelAdmin):
     list_filter = ("status",)
     search_fields = ("name", "slug")
     inlines = [VendorMembershipInline]
+
+
+@admin.register(VendorInvitation)
+class VendorInvitationAdmin(admin.ModelAdmin):
+    list_display = ("email", "vendor", "role", "created_at", "expires_at", "accepted_at")
+    search_fields = ("email", "vendor__name")
+    exclude = ("token_hash",)
 
 
 @admin.register(Endpoint)

@@ -49,6 +49,7 @@ class VendorMembership(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="vendor_memberships"
     )
     role = models.CharField(max_length=16, choices=Role.choices, default=Role.DEVELOPER)
+    created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         constraints = [
@@ -57,6 +58,63 @@ class VendorMembership(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user} at {self.vendor} ({self.role})"
+
+
+class VendorInvitation(models.Model):
+    """An invitation by email to join a vendor organisation with a role.
+
+    The twin of the customer side's ``marketplace.Invitation`` (same token scheme: the
+    emailed link carries a random token, only its SHA-256 is stored; accepted once, by a
+    signed-in user with a matching verified address, within ``INVITATION_TTL``), kept in its
+    own table because vendors have their own roles and tenancy.
+    """
+
+    vendor = models.ForeignKey(Vendor, on_delete=models.CASCADE, related_name="invitations")
+    email = models.EmailField()
+    role = models.CharField(
+        max_length=16,
+        choices=VendorMembership.Role.choices,
+        default=VendorMembership.Role.DEVELOPER,
+    )
+    token_hash = models.CharField(max_length=64, unique=True)
+    invited_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    accepted_at = models.DateTimeField(null=True, blank=True)
+    accepted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["vendor", "email"],
+                condition=models.Q(accepted_at__isnull=True, revoked_at__isnull=True),
+                name="uniq_open_vendor_invitation",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.email} to {self.vendor} ({self.role})"
+
+    @property
+    def is_open(self) -> bool:
+        return (
+            self.accepted_at is None
+            and self.revoked_at is None
+            and self.expires_at > timezone.now()
+        )
 
 
 class CapabilityTag(models.Model):

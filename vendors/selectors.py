@@ -16,6 +16,7 @@ from vendors.models import (
     EndpointQuality,
     HealthCheck,
     Vendor,
+    VendorInvitation,
     VendorMembership,
 )
 
@@ -110,6 +111,11 @@ VENDOR_PERMISSIONS: dict[str, frozenset[str]] = {
     "pricing.manage": frozenset({VendorRole.OWNER, VendorRole.ADMIN}),
     "revenue.view": frozenset({VendorRole.OWNER, VendorRole.ADMIN}),
     "statements.view": frozenset({VendorRole.OWNER, VendorRole.ADMIN}),
+    # Stripe Connect: everyone sees whether payouts are enabled; owners and admins onboard.
+    "payouts.view": frozenset(VendorRole.values),
+    "payouts.manage": frozenset({VendorRole.OWNER, VendorRole.ADMIN}),
+    "members.view": frozenset(VendorRole.values),
+    "members.manage": frozenset({VendorRole.OWNER, VendorRole.ADMIN}),
 }
 
 
@@ -138,6 +144,63 @@ def vendor_membership_for(*, user: Any, slug: str) -> VendorMembership | None:
         VendorMembership.objects.filter(user=user, vendor__slug=slug)
         .select_related("vendor")
         .first()
+    )
+
+
+def vendor_members(*, vendor: Vendor) -> list[VendorMembership]:
+    return list(
+        VendorMembership.objects.filter(vendor=vendor)
+        .select_related("user")
+        .order_by("created_at", "pk")
+    )
+
+
+def vendor_member(*, vendor: Vendor, pk: int) -> VendorMembership | None:
+    return VendorMembership.objects.filter(vendor=vendor, pk=pk).select_related("user").first()
+
+
+def vendor_invitations_open(*, vendor: Vendor) -> list[VendorInvitation]:
+    return list(
+        VendorInvitation.objects.filter(
+            vendor=vendor,
+            accepted_at__isnull=True,
+            revoked_at__isnull=True,
+            expires_at__gt=timezone.now(),
+        ).order_by("-created_at")
+    )
+
+
+def vendor_invitation(*, vendor: Vendor, pk: int) -> VendorInvitation | None:
+    return VendorInvitation.objects.filter(vendor=vendor, pk=pk).first()
+
+
+def vendor_invitation_by_token(token: str) -> VendorInvitation | None:
+    from marketplace.selectors import invitation_token_hash
+
+    return (
+        VendorInvitation.objects.filter(token_hash=invitation_token_hash(token))
+        .select_related("vendor")
+        .first()
+    )
+
+
+def vendor_invitations_for_user(*, user: Any) -> list[VendorInvitation]:
+    """Open vendor invitations addressed to one of the user's (verified) email addresses."""
+    from marketplace.selectors import user_emails
+
+    emails = user_emails(user)
+    if not emails:
+        return []
+    query = Q()
+    for email in emails:
+        query |= Q(email__iexact=email)
+    return list(
+        VendorInvitation.objects.filter(
+            query, accepted_at__isnull=True, revoked_at__isnull=True, expires_at__gt=timezone.now()
+        )
+        .exclude(vendor__memberships__user=user)
+        .select_related("vendor")
+        .order_by("-created_at")
     )
 
 

@@ -560,7 +560,7 @@ def _pricing_state(endpoint: Endpoint) -> dict[str, object]:
 
 
 # Portal paths that a vendor's slug must not shadow (/vendor/<slug>/).
-RESERVED_VENDOR_SLUGS = frozenset({"register"})
+RESERVED_VENDOR_SLUGS = frozenset({"register", "invitations"})
 
 
 @transaction.atomic

@@ -5,12 +5,20 @@ from __future__ import annotations
 import pytest
 
 from billing import stripe_gateway
-from billing.connect import connect_account_create, connect_onboarding_link
+from billing.connect import (
+    connect_account_create,
+    connect_onboarding_link,
+    connect_onboarding_start,
+)
+from billing.errors import PayoutPermissionError
 from billing.models import StripeEvent, VendorPayoutAccount
 from billing.webhooks import stripe_event_process
+from marketplace.models import AuditLogEntry
 from tests import factories
 from tests.support import fake_stripe
 from tests.support.fake_stripe import FakeStripe
+from vendors.models import VendorMembership
+from vendors.services import portal_vendor_register
 
 pytestmark = pytest.mark.django_db
 stripe_fake = fake_stripe.stripe_fake  # the fixture
@@ -89,3 +97,34 @@ def test_the_connect_webhook_copies_the_payout_status_from_stripe(stripe_fake: F
     stripe_event_process(event_id=later["id"])
     account.refresh_from_db()
     assert account.payouts_enabled is False
+
+
+def test_a_fresh_link_is_never_the_replay_of_a_used_one(stripe_fake: FakeStripe):
+    vendor = factories.vendor()
+    urls = dict(refresh_url="https://app.example.test/r", return_url="https://app.example.test/d")
+    first = connect_onboarding_link(vendor=vendor, **urls)
+    fresh = [connect_onboarding_link(vendor=vendor, fresh=True, **urls) for _ in range(2)]
+    assert len({first, *fresh}) == 3
+    keys = [call.idempotency_key for call in stripe_fake.calls("POST", "/v1/account_links")]
+    assert len(set(keys)) == 3
+
+
+def test_only_owners_and_admins_start_onboarding_and_it_is_audited(stripe_fake: FakeStripe):
+    owner = factories.user()
+    vendor = portal_vendor_register(actor=owner, name="Onboarded")
+    developer = factories.user()
+    VendorMembership.objects.create(
+        vendor=vendor, user=developer, role=VendorMembership.Role.DEVELOPER
+    )
+    urls = dict(refresh_url="https://app.example.test/r", return_url="https://app.example.test/d")
+    for outsider in (developer, factories.user()):
+        with pytest.raises(PayoutPermissionError):
+            connect_onboarding_start(actor=outsider, vendor=vendor, **urls)
+    assert stripe_fake.requests == []
+
+    url = connect_onboarding_start(actor=owner, vendor=vendor, **urls)
+
+    account = VendorPayoutAccount.objects.get(vendor=vendor)
+    assert url.startswith(f"{stripe_fake.url}/connect/setup/e/{account.stripe_account_id}/")
+    entry = AuditLogEntry.objects.get(action="payouts.onboarding")
+    assert entry.actor == owner and entry.target_id == str(account.pk)

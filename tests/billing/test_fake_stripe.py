@@ -197,3 +197,112 @@ def test_it_sends_signed_events_over_http_and_returns_error_answers(stripe_fake:
     # The fake's own API refuses an unauthenticated POST: the answer comes back, not raised.
     status, body = stripe_fake.send(event, f"{stripe_fake.url}/v1/webhook-probe")
     assert status == 401 and body["error"]["message"] == "Invalid API Key provided."
+
+
+def _request(url: str, method: str = "GET") -> tuple[int, str, str]:
+    """(status, Location header, body) without following redirects, as a browser sees it."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        connection.request(method, parts.path)
+        answer = connection.getresponse()
+        return answer.status, answer.getheader("Location") or "", answer.read().decode()
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def webhook_receiver():  # type: ignore[no-untyped-def]
+    """A tiny HTTP server that keeps what it receives (body and Stripe-Signature)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[tuple[bytes, str]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((body, self.headers["Stripe-Signature"]))
+            answer = json.dumps({"received": True}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_its_account_link_is_a_single_use_onboarding_page(stripe_fake: FakeStripe):
+    account = stripe_gateway.account_create(
+        email=None, business_name="Tiny Models", metadata={}, idempotency_key="a"
+    )
+    link = stripe_gateway.account_link_create(
+        account_id=account["id"],
+        refresh_url="https://example.test/refresh",
+        return_url="https://example.test/return",
+        idempotency_key="l",
+    )
+    status, _, page = _request(link["url"])
+    assert status == 200 and "<h1>Set up payouts for Tiny Models</h1>" in page
+    assert "<li>external_account</li>" in page
+    assert 'href="https://example.test/return">Return without finishing' in page
+    # Used once: like Stripe, a second visit goes to the platform's refresh_url.
+    assert _request(link["url"])[:2] == (302, "https://example.test/refresh")
+    assert _request(f"{stripe_fake.url}/connect/setup/e/{account['id']}/nope")[0] == 404
+    assert stripe_fake.get(account["id"])["payouts_enabled"] is False
+
+
+def test_its_onboarding_submit_enables_payouts_and_sends_the_connect_event(
+    stripe_fake: FakeStripe, webhook_receiver
+):
+    import json
+
+    url, received = webhook_receiver
+    stripe_fake.set_connect_webhook_url(url)
+    account = stripe_gateway.account_create(
+        email=None, business_name="Tiny Models", metadata={}, idempotency_key="a"
+    )
+    link = stripe_gateway.account_link_create(
+        account_id=account["id"],
+        refresh_url="https://example.test/refresh",
+        return_url="https://example.test/return",
+        idempotency_key="l",
+    )
+    assert _request(link["url"] + "/submit", "POST")[0] == 400  # the page was never shown
+    _request(link["url"])
+
+    status, location, _ = _request(link["url"] + "/submit", "POST")
+
+    assert (status, location) == (303, "https://example.test/return")
+    remote = stripe_fake.get(account["id"])
+    assert remote["payouts_enabled"] is True and remote["details_submitted"] is True
+    assert remote["capabilities"]["transfers"] == "active"
+    assert remote["requirements"]["currently_due"] == []
+    (body, signature) = received[0]
+    event = stripe.Webhook.construct_event(
+        body.decode(), signature, stripe_fake.connect_webhook_secret
+    )
+    payload = json.loads(body)
+    assert payload["type"] == "account.updated" and payload["account"] == account["id"]
+    assert payload["data"]["object"]["payouts_enabled"] is True
+    previous = payload["data"]["previous_attributes"]
+    assert previous["payouts_enabled"] is False and previous["details_submitted"] is False
+    assert previous["requirements"]["currently_due"] == ["external_account", "tos_acceptance.date"]
+    assert "id" not in previous and "email" not in previous  # only what changed
+    assert stripe_fake.webhook_deliveries == [(event["id"], 200)]
+    assert _request(link["url"] + "/submit", "POST")[0] == 400  # submitted once

@@ -13,7 +13,14 @@ Endpoints
   is a tiny stand-in for the hosted Checkout page (for browser tests): the amount and
   links to the success and cancel URLs.
 * ``POST/GET /v1/accounts[/<id>]`` (Express, ``acct_...``; :meth:`FakeStripe.update_account`
-  plays the vendor finishing onboarding), ``POST /v1/account_links``.
+  plays the vendor finishing onboarding), ``POST /v1/account_links``. The link's ``url``,
+  ``GET /connect/setup/e/<account>/<code>``, is a stand-in for Stripe's hosted onboarding
+  (for browser tests): single-use like Stripe's (a second visit, or a visit after
+  ``expires_at``, is redirected to the link's ``refresh_url``); its "Agree and submit"
+  finishes onboarding (:meth:`FakeStripe.update_account`), sends the signed Connect
+  ``account.updated`` event to :meth:`FakeStripe.set_connect_webhook_url`'s URL, as
+  Stripe does, and redirects to the link's ``return_url``; "Return without finishing"
+  goes to ``return_url`` with nothing changed.
 * ``POST /v1/transfers``, ``GET /v1/transfers[/<id>]``, ``POST /v1/transfers/<id>/reversals``.
   Transfers draw on the platform's available balance (:meth:`FakeStripe.set_available_balance`);
   when it is short the answer is Stripe's ``balance_insufficient`` error. The destination
@@ -163,6 +170,21 @@ def _bool(value: Any) -> bool:
     return str(value).lower() == "true"
 
 
+def _previous_attributes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What changed, with the old values, as Stripe's ``data.previous_attributes`` (changed
+    keys only, nested objects down to their changed keys)."""
+    previous: dict[str, Any] = {}
+    for key, old in before.items():
+        new = after.get(key)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            previous[key] = _previous_attributes(old, new)
+        else:
+            previous[key] = copy.deepcopy(old)
+    return previous
+
+
 @dataclass
 class RecordedRequest:
     method: str
@@ -187,6 +209,11 @@ class _State:
     idempotency: dict[tuple[str, str], _Stored] = field(default_factory=dict)
     requests: list[RecordedRequest] = field(default_factory=list)
     available_balance_cents: int | None = None  # None: unlimited
+    # Account Links by the code in their URL: account, URLs, expiry, visited, submitted.
+    account_links: dict[str, dict[str, Any]] = field(default_factory=dict)
+    connect_webhook_url: str | None = None
+    # (event id, HTTP status; 0 when the endpoint could not be reached) per delivery.
+    webhook_deliveries: list[tuple[str, int]] = field(default_factory=list)
 
 
 class FakeStripe:
@@ -268,6 +295,10 @@ class FakeStripe:
     async def _serve(self) -> None:
         app = web.Application()
         app.router.add_get("/checkout/pay/{session_id}", self._hosted_checkout)
+        app.router.add_get("/connect/setup/e/{account_id}/{code}", self._hosted_onboarding)
+        app.router.add_post(
+            "/connect/setup/e/{account_id}/{code}/submit", self._hosted_onboarding_submit
+        )
         app.router.add_route("*", "/{tail:.*}", self._handle)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
@@ -373,6 +404,17 @@ class FakeStripe:
                 None if payouts_enabled else "requirements.past_due"
             )
             return copy.deepcopy(account)
+
+    def set_connect_webhook_url(self, url: str | None) -> None:
+        """Where the hosted onboarding page delivers ``account.updated`` (the Connect webhook
+        endpoint configured in Stripe's dashboard); None: nowhere."""
+        with self._lock:
+            self._state.connect_webhook_url = url
+
+    @property
+    def webhook_deliveries(self) -> list[tuple[str, int]]:
+        with self._lock:
+            return list(self._state.webhook_deliveries)
 
     def set_available_balance(self, cents: int | None) -> None:
         """The platform's available balance for transfers (None: unlimited)."""
@@ -524,6 +566,77 @@ class FakeStripe:
             f'<body style="font-family: sans-serif; margin: 2rem">{text}</body></html>'
         )
         return web.Response(text=page, status=status, content_type="text/html")
+
+    @staticmethod
+    def _page(title: str, body: str, status: int = 200) -> web.Response:
+        page = (
+            '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f'<link rel="icon" href="data:,"><title>{html.escape(title)} (fake Stripe)</title>'
+            f'</head><body style="font-family: sans-serif; margin: 2rem">{body}</body></html>'
+        )
+        return web.Response(text=page, status=status, content_type="text/html")
+
+    def _link(self, request: web.Request) -> dict[str, Any] | None:
+        link = self._state.account_links.get(request.match_info["code"])
+        if link is None or link["account"] != request.match_info["account_id"]:
+            return None
+        return link
+
+    async def _hosted_onboarding(self, request: web.Request) -> web.Response:
+        """A stand-in for Stripe's hosted Connect onboarding (an Account Link's ``url``)."""
+        with self._lock:
+            link = self._link(request)
+            if link is None:
+                return self._page("Onboarding", "<h1>This link is not valid</h1>", 404)
+            if link["visited"] or link["expires_at"] < time.time():
+                # Stripe: used or expired links go to the platform's refresh_url.
+                raise web.HTTPFound(link["refresh_url"])
+            link["visited"] = True
+            account = copy.deepcopy(self._state.objects[link["account"]])
+        name = (account.get("business_profile") or {}).get("name") or account["id"]
+        due = account["requirements"]["currently_due"]
+        items = "".join(f"<li>{html.escape(code)}</li>" for code in due)
+        action = f"/connect/setup/e/{account['id']}/{request.match_info['code']}/submit"
+        body = (
+            f"<h1>Set up payouts for {html.escape(str(name))}</h1>"
+            "<p>Stripe partners with the platform to pay you. Test mode: nothing is checked.</p>"
+            + (f"<p>Stripe needs:</p><ul>{items}</ul>" if items else "")
+            + f'<form method="post" action="{html.escape(action)}">'
+            '<button type="submit">Agree and submit</button></form>'
+            f'<p><a href="{html.escape(link["return_url"])}">Return without finishing</a></p>'
+        )
+        return self._page("Onboarding", body)
+
+    async def _hosted_onboarding_submit(self, request: web.Request) -> web.Response:
+        """The vendor finishes onboarding: the account can be paid, Stripe sends
+        ``account.updated`` to the Connect webhook, and the browser goes to ``return_url``."""
+        with self._lock:
+            link = self._link(request)
+            if link is None or not link["visited"] or link["submitted"]:
+                return self._page("Onboarding", "<h1>This link has expired</h1>", 400)
+            link["submitted"] = True
+            account_id = link["account"]
+            before = copy.deepcopy(self._state.objects[account_id])
+            after = self.update_account(account_id, payouts_enabled=True, details_submitted=True)
+            previous = _previous_attributes(before, after)
+            event = self.event(
+                "account.updated", after, account=account_id, previous_attributes=previous
+            )
+            url = self._state.connect_webhook_url
+        if url is not None:
+            loop = asyncio.get_running_loop()
+            status = await loop.run_in_executor(None, self._deliver_quietly, event, url)
+            with self._lock:
+                self._state.webhook_deliveries.append((event["id"], status))
+        raise web.HTTPSeeOther(link["return_url"])
+
+    def _deliver_quietly(self, event: dict[str, Any], url: str) -> int:
+        try:
+            status, _ = self.send(event, url, connect=True)
+        except (OSError, ValueError):  # unreachable, or not JSON: Stripe retries later
+            return 0
+        return status
 
     async def _handle(self, request: web.Request) -> web.Response:
         raw = await request.text() if request.method == "POST" else request.query_string
@@ -732,11 +845,20 @@ class FakeStripe:
         for name in ("refresh_url", "return_url", "type"):
             _required(params, name)
         now = int(time.time())
+        code = _rand(12)
+        self._state.account_links[code] = {
+            "account": account_id,
+            "refresh_url": params["refresh_url"],
+            "return_url": params["return_url"],
+            "expires_at": now + 300,
+            "visited": False,
+            "submitted": False,
+        }
         return {
             "object": "account_link",
             "created": now,
             "expires_at": now + 300,
-            "url": f"{self.url}/connect/setup/e/{account_id}/{_rand(12)}",
+            "url": f"{self.url}/connect/setup/e/{account_id}/{code}",
         }
 
     def _transfer_create(self, params: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 from django import forms
 
 from billing.money import nanos_to_usd, usd_to_nanos
-from vendors.models import Endpoint
+from vendors.models import Endpoint, VendorMembership
 from vendors.pricing import SurgeCurveError, validate_surge_curve
 from vendors.services import MAX_SURGE_CAP
 
@@ -46,6 +46,38 @@ class VendorRegisterForm(forms.Form):
         help_text="Customers see it next to your models; your portal address is made from it.",
         widget=forms.TextInput(attrs={"autocomplete": "organization"}),
     )
+
+
+VENDOR_ROLE_HELP = (
+    "Owner: everything, including owners. Admin: members, pricing, revenue and payouts. "
+    "Developer: endpoints and conformance checks."
+)
+
+
+def vendor_role_choices(*, include_owner: bool) -> list[tuple[str, str]]:
+    return [
+        (value, label)
+        for value, label in VendorMembership.Role.choices
+        if include_owner or value != VendorMembership.Role.OWNER
+    ]
+
+
+class VendorInviteForm(forms.Form):
+    email = forms.EmailField(
+        label="Email address", widget=forms.EmailInput(attrs={"autocomplete": "off"})
+    )
+    role = forms.ChoiceField(label="Role", help_text=VENDOR_ROLE_HELP)
+
+    def __init__(self, *args: Any, can_grant_owner: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        role = self.fields["role"]
+        assert isinstance(role, forms.ChoiceField)
+        role.choices = vendor_role_choices(include_owner=can_grant_owner)
+        role.initial = VendorMembership.Role.DEVELOPER
+
+
+class VendorRoleForm(forms.Form):
+    role = forms.ChoiceField(label="Role", choices=VendorMembership.Role.choices)
 
 
 class EndpointForm(forms.Form):

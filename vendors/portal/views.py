@@ -1,5 +1,5 @@
 """Vendor portal pages: registration, endpoints, conformance checks, the pricing editor and
-revenue statements."""
+revenue statements (payouts and members are in ``payouts.py`` and ``members.py``)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from billing.money import format_usd
-from billing.selectors import vendor_payouts
+from billing.selectors import vendor_payout_account, vendor_payouts
 from billing.statements import month_bounds, vendor_revenue_periods, vendor_statement_csv
 from marketplace.console.access import AuthenticatedHttpRequest
 from marketplace.live.figures import vendor_today
@@ -94,12 +94,13 @@ def _endpoint_or_404(ctx: VendorContext, slug: str) -> Endpoint:
 @login_required
 def index(request: AuthenticatedHttpRequest) -> HttpResponse:
     memberships = selectors.vendor_memberships(user=request.user)
-    if len(memberships) == 1 and "all" not in request.GET:
+    invitations = selectors.vendor_invitations_for_user(user=request.user)
+    if len(memberships) == 1 and not invitations and "all" not in request.GET:
         return redirect("portal:dashboard", memberships[0].vendor.slug)
     return render(
         request,
         "portal/index.html",
-        {"memberships": memberships, "form": VendorRegisterForm()},
+        {"memberships": memberships, "invitations": invitations, "form": VendorRegisterForm()},
     )
 
 
@@ -126,7 +127,11 @@ def dashboard(request: AuthenticatedHttpRequest, ctx: VendorContext) -> HttpResp
     return render(
         request,
         "portal/dashboard.html",
-        _context(ctx, endpoints=selectors.vendor_endpoints(vendor=ctx.vendor)),
+        _context(
+            ctx,
+            endpoints=selectors.vendor_endpoints(vendor=ctx.vendor),
+            payout_account=vendor_payout_account(vendor_id=ctx.vendor.pk),
+        ),
     )
 
 
@@ -265,7 +270,12 @@ def revenue(request: AuthenticatedHttpRequest, ctx: VendorContext) -> HttpRespon
     return render(
         request,
         "portal/revenue.html",
-        _context(ctx, periods=periods, payouts=vendor_payouts(vendor_id=ctx.vendor.pk)[:24]),
+        _context(
+            ctx,
+            periods=periods,
+            payouts=vendor_payouts(vendor_id=ctx.vendor.pk)[:24],
+            payout_account=vendor_payout_account(vendor_id=ctx.vendor.pk),
+        ),
     )
 
 
