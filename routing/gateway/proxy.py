@@ -20,7 +20,6 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aiohttp
 import orjson
 import redis.asyncio as aioredis
 from django.conf import settings
@@ -44,6 +43,7 @@ from routing.errors import (
     UpstreamFailed,
 )
 from routing.gateway.auth import KeyInfo
+from routing.gateway.h1 import Response, UpstreamError, UpstreamProtocolError
 from routing.gateway.http import Send, send_json, send_sse, start_sse
 from routing.gateway.upstream import UpstreamPool, check_literal, upstream_headers
 from routing.live import LiveState, Reservation, Verdict
@@ -185,20 +185,6 @@ def key_period(period: str, now: datetime | None = None) -> tuple[str, int]:
     else:
         end = start + timedelta(days=_PERIOD_DAYS[period])
     return f"{period[0]}{start:%Y%m%d}", int((end - now).total_seconds()) + 3600
-
-
-async def read_limited(content: aiohttp.StreamReader, size: int) -> bytes:
-    """The body up to ``size`` bytes. ``StreamReader.read(n)`` returns what the buffer
-    holds, often one network chunk, so a single call can cut a large answer short."""
-    chunks: list[bytes] = []
-    received = 0
-    while received < size:
-        chunk = await content.read(size - received)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        received += len(chunk)
-    return b"".join(chunks)
 
 
 class Proxy:
@@ -612,11 +598,8 @@ class Proxy:
             async with asyncio.timeout(
                 min(settings.GATEWAY_FIRST_BYTE_TIMEOUT, max(remaining, 0.01))
             ):
-                response = await self.upstreams.session().post(
-                    url,
-                    data=orjson.dumps(body),
-                    headers=upstream_headers(endpoint.secret, job.request_id),
-                    allow_redirects=False,
+                response = await self.upstreams.post(
+                    url, orjson.dumps(body), upstream_headers(endpoint.secret, job.request_id)
                 )
         except UnsafeURLError as exc:
             attempt.outcome, attempt.detail = "refused", f"refused by the outbound guard: {exc}"
@@ -624,7 +607,7 @@ class Proxy:
         except TimeoutError:
             attempt.outcome, attempt.detail = "timeout", "no answer before the first-byte deadline"
             raise Retryable(attempt) from None
-        except aiohttp.ClientError as exc:
+        except UpstreamError as exc:
             attempt.outcome = "connect_error"
             attempt.detail = f"cannot reach the vendor ({type(exc).__name__})"
             raise Retryable(attempt) from None
@@ -632,11 +615,11 @@ class Proxy:
         served.ttfb_ms = int((time.monotonic() - t0) * 1000)
         try:
             if response.status != 200:
-                text = (await response.content.read(4096)).decode("utf-8", "replace")
+                text = (await response.read(4096)).decode("utf-8", "replace")
                 attempt.latency_ms = int((time.monotonic() - t0) * 1000)
                 if response.status in RETRYABLE_STATUS or response.status >= 500:
                     attempt.outcome, attempt.detail = "http_error", f"HTTP {response.status}"
-                    retry_after = _retry_after(response.headers.get("Retry-After"))
+                    retry_after = _retry_after(response.headers.get("retry-after"))
                     raise Retryable(attempt, retry_after=retry_after)
                 if response.status in VENDOR_AUTH_STATUS or 300 <= response.status < 400:
                     attempt.outcome, attempt.detail = (
@@ -655,7 +638,7 @@ class Proxy:
     async def _relay_json(
         self,
         job: Job,
-        response: aiohttp.ClientResponse,
+        response: Response,
         served: Served,
         send: Send,
         attempt: Attempt,
@@ -666,8 +649,8 @@ class Proxy:
         remaining = max(job.started + settings.GATEWAY_TOTAL_TIMEOUT - time.monotonic(), 0.01)
         try:
             async with asyncio.timeout(remaining):
-                raw = await read_limited(response.content, limit + 1)
-        except (TimeoutError, aiohttp.ClientError) as exc:
+                raw = await response.read(limit + 1)
+        except (TimeoutError, UpstreamError) as exc:
             attempt.outcome, attempt.detail = (
                 "read_error",
                 f"the answer broke off ({type(exc).__name__})",
@@ -720,7 +703,7 @@ class Proxy:
     async def _relay_stream(
         self,
         job: Job,
-        response: aiohttp.ClientResponse,
+        response: Response,
         served: Served,
         send: Send,
         attempt: Attempt,
@@ -732,7 +715,6 @@ class Proxy:
         usage_chunk: dict[str, Any] | None = None
         chunks_sent = 0
         deadline = job.started + settings.GATEWAY_TOTAL_TIMEOUT
-        content = response.content
         line_limit = settings.GATEWAY_MAX_UPSTREAM_BODY_BYTES
         received = 0
         restorer = job.redaction.stream() if job.redaction is not None else None
@@ -740,9 +722,9 @@ class Proxy:
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):
                 while True:
-                    line = await content.readline()
+                    line = await response.readline()
                     if not line:
-                        raise aiohttp.ClientPayloadError("the stream ended without [DONE]")
+                        raise UpstreamProtocolError("the stream ended without [DONE]")
                     received += len(line)
                     if received > line_limit:
                         raise ValueError("the stream is larger than the limit")
@@ -780,7 +762,7 @@ class Proxy:
                         data = data.replace(id_from, id_to, 1)
                     await send_sse(send, b"data: " + data + b"\n\n")
                     chunks_sent += 1
-        except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError, ValueError) as exc:
+        except (TimeoutError, UpstreamError, orjson.JSONDecodeError, ValueError) as exc:
             attempt.outcome = "stream_broken"
             attempt.detail = f"the stream broke off ({type(exc).__name__})"
             attempt.latency_ms = int((time.monotonic() - t0) * 1000)

@@ -1,4 +1,5 @@
-"""Calling vendors: one shared aiohttp session per event loop, guarded against SSRF.
+"""Calling vendors: one connection pool per event loop (``routing.gateway.h1``), guarded
+against SSRF.
 
 Every connection to a vendor goes through ``GuardedResolver``: the host name is resolved
 once, every address is checked by ``vendors.ssrf`` and only checked addresses are handed
@@ -14,12 +15,12 @@ import ipaddress
 import socket
 import time
 from functools import lru_cache
-from typing import Any
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from django.conf import settings
 
+from routing.gateway.h1 import H1Pool, Response
 from vendors.ssrf import UnsafeURLError, address_is_allowed, parse_url
 
 
@@ -76,43 +77,34 @@ def check_literal(url: str) -> None:
 
 
 class UpstreamPool:
-    """The process's aiohttp sessions, one per event loop (normally exactly one)."""
+    """The process's vendor connections: one ``H1Pool`` per event loop (normally one)."""
 
     def __init__(self) -> None:
-        self._sessions: dict[int, aiohttp.ClientSession] = {}
+        self._pools: dict[int, H1Pool] = {}
 
-    def session(self) -> aiohttp.ClientSession:
+    def pool(self) -> H1Pool:
         loop = asyncio.get_running_loop()
-        session = self._sessions.get(id(loop))
-        if session is None or session.closed:
-            connector = aiohttp.TCPConnector(
-                limit=0,  # capacity is enforced per endpoint by the router, not here
-                limit_per_host=0,
-                ttl_dns_cache=30,
+        pool = self._pools.get(id(loop))
+        if pool is None:
+            pool = H1Pool(
+                connect_timeout=settings.GATEWAY_CONNECT_TIMEOUT,
+                keepalive=30.0,
                 resolver=GuardedResolver(),
-                enable_cleanup_closed=True,
-                keepalive_timeout=30,
             )
-            session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    sock_connect=settings.GATEWAY_CONNECT_TIMEOUT,
-                ),
-                auto_decompress=True,
-                skip_auto_headers=("User-Agent",),
-                json_serialize=None,  # type: ignore[arg-type]
-            )
-            self._sessions[id(loop)] = session
-        return session
+            self._pools[id(loop)] = pool
+        return pool
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> Response:
+        """POST to a vendor; the response once its headers arrived (see ``routing.gateway.h1``)."""
+        return await self.pool().post(url, body, headers)
 
     async def close(self) -> None:
-        for session in list(self._sessions.values()):
-            await session.close()
-        self._sessions.clear()
+        for pool in list(self._pools.values()):
+            await pool.close()
+        self._pools.clear()
 
 
-def upstream_headers(secret: str, request_id: str) -> dict[str, Any]:
+def upstream_headers(secret: str, request_id: str) -> dict[str, str]:
     headers = {"Content-Type": "application/json", "X-Request-ID": request_id}
     if secret:
         headers["Authorization"] = f"Bearer {secret}"
