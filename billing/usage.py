@@ -37,7 +37,7 @@ from billing.ledger import account_for_organization, account_for_vendor, platfor
 from billing.models import LedgerAccount, LedgerTransaction
 from billing.money import split_fee
 from marketplace.live.figures import usage_batch_messages
-from marketplace.live.groups import live_publish
+from marketplace.live.groups import live_publish_soon
 from marketplace.models import Organization
 from marketplace.redis_client import sync_client
 from vendors.models import Vendor
@@ -270,10 +270,10 @@ def record_events(events: list[dict[str, Any]]) -> tuple[int, int]:
                 _post_batch(cursor, txn, posted, vendors)
         _observe_quality([e for e in fresh if e["rid"] in inserted])
         # Live dashboards: one message per organisation, vendor and the operations group with
-        # this batch's sums, sent once the batch is committed (never for a rolled-back one).
-        messages = usage_batch_messages(new_rows)
-        if messages:
-            transaction.on_commit(lambda: live_publish(messages))
+        # this batch's sums, built and sent once the batch is committed (never for a
+        # rolled-back one), on the publisher thread: the next batch does not wait for them.
+        if new_rows:
+            transaction.on_commit(lambda: live_publish_soon(lambda: usage_batch_messages(new_rows)))
     return len(inserted), len(events) - len(inserted)
 
 
@@ -327,8 +327,8 @@ def _post_batch(
 
 
 def _observe_quality(events: list[dict[str, Any]]) -> None:
-    """Feed each endpoint's observed success rate (one call per endpoint and tag)."""
-    from vendors.services import quality_observe
+    """Feed each endpoint's observed success rate (one call for the batch)."""
+    from vendors.services import quality_observe_many
 
     counts: dict[tuple[int, str | None], list[int]] = {}
     for event in events:
@@ -339,6 +339,4 @@ def _observe_quality(events: list[dict[str, Any]]) -> None:
             counter[1] += 1
         for failed in event.get("fail_eps") or ():
             counts.setdefault((int(failed), tag), [0, 0])[1] += 1
-    # Endpoint-id order: the same lock order in every worker.
-    for (endpoint_id, tag), (successes, total) in sorted(counts.items(), key=lambda kv: kv[0][0]):
-        quality_observe(endpoint_id, tag, successes, total)
+    quality_observe_many([(e, tag, s, n) for (e, tag), (s, n) in counts.items()])

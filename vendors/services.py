@@ -9,7 +9,19 @@ from datetime import timedelta
 
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
-from django.db.models import Avg, Case, CharField, Count, F, FloatField, Func, Sum, Value, When
+from django.db.models import (
+    Avg,
+    Case,
+    CharField,
+    Count,
+    F,
+    FloatField,
+    Func,
+    Q,
+    Sum,
+    Value,
+    When,
+)
 from django.utils import timezone
 from django.utils.text import slugify
 
@@ -371,28 +383,65 @@ def _rescore(row: EndpointQuality) -> bool:
     return abs(row.score - before) > MATERIAL_CHANGE
 
 
-@transaction.atomic
+Observation = tuple[int, str | None, int, int]  # (endpoint id, tag, successes, total)
+
+
 def quality_observe(endpoint_id: int, tag: str | None, successes: int, total: int) -> None:
     """Add served requests to the success counters of ``tag`` and of the overall ``"*"``.
 
-    Usage ingest calls it with counts aggregated per batch, once per (endpoint, tag)
-    group; ``tag`` None (or ``"*"``) counts towards the overall score only, so give each
-    request one tag (the first it was routed by) lest the overall count it twice.
+    ``tag`` None (or ``"*"``) counts towards the overall score only, so give each request
+    one tag (the first it was routed by) lest the overall count it twice.
     """
-    if any(isinstance(v, bool) or not isinstance(v, int) for v in (successes, total)):
-        raise VendorError("successes and total must be integers")
-    if not 0 <= successes <= total:
-        raise VendorError("successes must lie between 0 and total")
-    if total == 0 or not Endpoint.objects.filter(pk=endpoint_id).exists():
+    quality_observe_many([(endpoint_id, tag, successes, total)])
+
+
+@transaction.atomic
+def quality_observe_many(observations: Sequence[Observation]) -> None:
+    """``quality_observe`` for a whole ingest batch: a few statements, not a few per endpoint.
+
+    Usage ingest calls it with counts aggregated per batch and (endpoint, tag). Rows are
+    created if missing and locked in (endpoint, tag) order, the same order in every worker.
+    """
+    for _, _, successes, total in observations:
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in (successes, total)):
+            raise VendorError("successes and total must be integers")
+        if not 0 <= successes <= total:
+            raise VendorError("successes must lie between 0 and total")
+    counts: dict[tuple[int, str], list[int]] = {}
+    for endpoint_id, tag, successes, total in observations:
+        if total == 0:
+            continue
+        for each in {OVERALL} if not tag or tag == OVERALL else {OVERALL, tag}:
+            counter = counts.setdefault((endpoint_id, each), [0, 0])
+            counter[0] += successes
+            counter[1] += total
+    if not counts:
         return
-    tags = {OVERALL} if not tag or tag == OVERALL else {OVERALL, tag}
+    existing = set(
+        Endpoint.objects.filter(pk__in={e for e, _ in counts}).values_list("pk", flat=True)
+    )
+    counts = {key: n for key, n in counts.items() if key[0] in existing}
+    if not counts:
+        return
+    EndpointQuality.objects.bulk_create(
+        [EndpointQuality(endpoint_id=e, tag=t, score=PRIOR) for e, t in sorted(counts)],
+        ignore_conflicts=True,
+    )
+    wanted = Q()
+    for endpoint_id in sorted({e for e, _ in counts}):
+        wanted |= Q(endpoint_id=endpoint_id, tag__in=[t for e, t in counts if e == endpoint_id])
+    rows = list(
+        EndpointQuality.objects.select_for_update().filter(wanted).order_by("endpoint_id", "tag")
+    )
     moved = False
-    for row in _quality_rows(endpoint_id, tags):
+    for row in rows:
+        successes, total = counts[(row.endpoint_id, row.tag)]
         row.success_n, row.total_n = decayed_counters(
             row.success_n + successes, row.total_n + total
         )
         moved |= _rescore(row)
-        row.save(update_fields=["success_n", "total_n", "score", "updated_at"])
+        row.updated_at = timezone.now()
+    EndpointQuality.objects.bulk_update(rows, ["success_n", "total_n", "score", "updated_at"])
     if moved:
         _snapshot_changed()
 

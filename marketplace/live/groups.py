@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -67,3 +68,47 @@ def live_publish(messages: Sequence[GroupMessage]) -> int:
     helper.start()
     helper.join(timeout=10)
     return sent[0] if sent else 0
+
+
+class _Publisher:
+    """One daemon thread per process that builds and sends live figures off the caller's path.
+
+    Usage ingest hands over each committed batch and goes on with the next one; sending a
+    batch's figures is up to a few hundred channel-layer round trips, which used to hold the
+    ingest loop (a third of a batch's time, measured). The queue is bounded: if publishing
+    falls that far behind, a batch's figures are dropped and logged (the figures are a view;
+    ``live_numbers_push`` refreshes the tiles from the database every few seconds).
+    """
+
+    def __init__(self, capacity: int = 256) -> None:
+        self._queue: queue.Queue[Callable[[], Sequence[GroupMessage]]] = queue.Queue(capacity)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, build: Callable[[], Sequence[GroupMessage]]) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="live-publisher", daemon=True
+                )
+                self._thread.start()
+        try:
+            self._queue.put_nowait(build)
+        except queue.Full:
+            logger.warning("live figures of a usage batch dropped: the publisher is behind")
+
+    def _run(self) -> None:
+        while True:
+            build = self._queue.get()
+            try:
+                live_publish(build())
+            except Exception:
+                logger.warning("live figures not built", exc_info=True)
+
+
+_publisher = _Publisher()
+
+
+def live_publish_soon(build: Callable[[], Sequence[GroupMessage]]) -> None:
+    """Build and send messages on the process's publisher thread, in submission order."""
+    _publisher.submit(build)

@@ -37,6 +37,7 @@ from vendors.services import (
     endpoint_probe_quality,
     feedback_record,
     quality_observe,
+    quality_observe_many,
     quality_recompute,
 )
 
@@ -308,6 +309,23 @@ def test_it_accumulates_observed_successes_per_tag_and_overall():
     assert (rows["sql"].success_n, rows["sql"].total_n) == (9, 10)
     assert (rows[OVERALL].success_n, rows[OVERALL].total_n) == (14, 20)
     assert rows["sql"].score == pytest.approx((9 + K_SUCCESS * PRIOR) / (10 + K_SUCCESS))
+
+
+def test_one_batch_call_counts_every_endpoint_and_tag_like_separate_calls():
+    # given two endpoints, and a third that was deleted
+    sql = factories.endpoint(base_url="http://127.0.0.1:9/v1", tags=("sql",))
+    plain = factories.endpoint(base_url="http://127.0.0.1:9/v1")
+
+    # when one ingest batch reports them all at once
+    quality_observe_many(
+        [(sql.pk, "sql", 9, 10), (sql.pk, None, 5, 10), (plain.pk, None, 1, 4), (10**9, None, 1, 1)]
+    )
+
+    # then each row counts exactly its share, and nothing exists for the deleted endpoint
+    assert (_scores(sql)["sql"].success_n, _scores(sql)["sql"].total_n) == (9, 10)
+    assert (_scores(sql)[OVERALL].success_n, _scores(sql)[OVERALL].total_n) == (14, 20)
+    assert (_scores(plain)[OVERALL].success_n, _scores(plain)[OVERALL].total_n) == (1, 4)
+    assert set(EndpointQuality.objects.values_list("endpoint_id", flat=True)) == {sql.pk, plain.pk}
 
 
 def test_it_lets_a_large_volume_of_failures_pull_the_score_down():
