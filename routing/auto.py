@@ -62,12 +62,18 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+# Limits on what a vendor's ``tag_examples`` may add (per endpoint and tag, and per
+# example): shared with the vendor portal, which checks them when examples are declared.
+from vendors.tag_examples import MAX_EXAMPLE_CHARS, MAX_VENDOR_EXAMPLES_PER_TAG
+
 if TYPE_CHECKING:  # the real import is deferred: it loads onnxruntime
     from vendors.reference.embeddings import MiniLMEncoder
 
 __all__ = [
     "DEFAULT_THRESHOLD",
     "GENERAL_TAG",
+    "MAX_EXAMPLE_CHARS",
+    "MAX_VENDOR_EXAMPLES_PER_TAG",
     "TEMPERATURE",
     "Classification",
     "TagClassifier",
@@ -92,9 +98,6 @@ ENCODER_THREADS: Final = 1
 #: characters of English; the tokenizer truncates the rest).
 HEAD_CHARS: Final = 700
 TAIL_CHARS: Final = 300
-#: Limits on what a vendor's ``tag_examples`` may add: per endpoint and tag, and per example.
-MAX_VENDOR_EXAMPLES_PER_TAG: Final = 20
-MAX_EXAMPLE_CHARS: Final = 500
 
 FloatArray = npt.NDArray[np.float32]
 

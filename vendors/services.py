@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 
 from django.contrib.auth.models import User
@@ -55,6 +55,7 @@ from vendors.quality import (
     probe_tags,
 )
 from vendors.ssrf import UnsafeURLError, check_url
+from vendors.tag_examples import TagExamplesError, tag_examples_clean
 
 
 class VendorError(Exception):
@@ -107,6 +108,28 @@ def vendor_resume(*, vendor: Vendor) -> Vendor:
     return _set_vendor_status(vendor, Vendor.Status.APPROVED)
 
 
+def _declared_tag_examples(
+    tag_examples: Mapping[str, Sequence[str]], tags: Sequence[str]
+) -> dict[str, list[str]]:
+    """``tag_examples`` checked by ``vendors.tag_examples.tag_examples_clean`` for an
+    endpoint with ``tags``; a ``VendorError`` names the tag and the example's number."""
+    if not isinstance(tag_examples, Mapping):
+        raise VendorError("example prompts must map each capability tag to a list of prompts")
+    entries: list[tuple[str, str]] = []
+    numbers: list[int] = []
+    for tag, texts in tag_examples.items():
+        if isinstance(texts, str | bytes) or not isinstance(texts, Sequence):
+            raise VendorError(f"the example prompts for {tag!r} must be a list of prompts")
+        for number, text in enumerate(texts, start=1):
+            entries.append((tag, text))
+            numbers.append(number)
+    try:
+        return tag_examples_clean(entries, tags=tags)
+    except TagExamplesError as exc:
+        tag, _ = entries[exc.position]
+        raise VendorError(f"example prompt {numbers[exc.position]} for {tag!r}: {exc}") from exc
+
+
 def tags_ensure(slugs: Sequence[str]) -> list[CapabilityTag]:
     """The capability tags with these slugs, creating the missing ones."""
     tags = []
@@ -139,10 +162,16 @@ def endpoint_create(
     region: str = "eu",
     data_retention_days: int = 0,
     private_to: Organization | None = None,
+    tag_examples: Mapping[str, Sequence[str]] | None = None,
 ) -> Endpoint:
     """Register an endpoint for a vendor; it is pending until approved.
 
     The URL is checked against server-side request forgery here and again on every call.
+    ``tag_examples`` (``{tag: [example prompt, ...]}``) are the vendor's example prompts
+    for auto-routing: each key one of ``tags``, each prompt non-empty and at most
+    ``MAX_EXAMPLE_CHARS`` long, at most ``MAX_VENDOR_EXAMPLES_PER_TAG`` per tag (see
+    ``vendors.tag_examples``); repeated prompts are dropped. Anything else is refused with
+    a ``VendorError`` naming the tag and the prompt's number, and nothing is saved.
     """
     clean_slug = slugify(slug)
     if not clean_slug or clean_slug != slug:
@@ -163,6 +192,7 @@ def endpoint_create(
         raise VendorError("capacity must be at least 1")
     if context_length < 16:
         raise VendorError("context length must be at least 16 tokens")
+    examples = _declared_tag_examples(tag_examples or {}, tags)
     curve = surge_curve if surge_curve is not None else None
     if curve is not None:
         try:
@@ -185,6 +215,7 @@ def endpoint_create(
         region=region,
         data_retention_days=data_retention_days,
         private_to=private_to,
+        tag_examples=examples,
     )
     if curve is not None:
         endpoint.surge_curve = curve
@@ -646,6 +677,7 @@ def portal_endpoint_register(*, actor: User, vendor: Vendor, **fields: object) -
             "upstream_model": endpoint.upstream_model,
             "kind": endpoint.kind,
             "secret_set": bool(endpoint.secret_encrypted and fields.get("secret")),
+            "example_prompts": {tag: len(v) for tag, v in endpoint.tag_examples.items()},
         },
     )
     return endpoint

@@ -480,7 +480,9 @@ class PrivateEndpointForm(EndpointForm):
     """The vendor portal's endpoint form (the same fields, checks and placement of the
     service's errors) without what only a public listing needs; prices start at 0."""
 
-    OMITTED = ("domains", "languages", "region", "data_retention_days")
+    # Example prompts only feed auto-routing's shared classifier, which private endpoints
+    # never steer (routing.auto.tag_examples_from_db skips them).
+    OMITTED = ("domains", "languages", "region", "data_retention_days", "tag_examples")
     DEFAULTS: dict[str, Any] = {"domains": [], "languages": [], "region": "eu"}
 
     def __init__(self, *args: Any, vendor_slug: str = "private-organisation", **kwargs: Any):

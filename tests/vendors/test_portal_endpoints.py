@@ -190,3 +190,88 @@ def test_it_hides_other_vendors(vendor_owner, upstream):
     assert vendor_owner.get(url).status_code == 404
     conformance = reverse("portal:endpoint-conformance", args=[other.slug, theirs.slug])
     assert vendor_owner.post(conformance).status_code == 404
+
+
+EXAMPLES = (
+    "sql: Which customers spent most last month?\r\n"
+    "\r\n"
+    "SQL:  Write a query for the top 10 products by revenue.\r\n"
+    "chat: Tell me a joke: a short one.\r\n"
+)
+
+
+def test_it_saves_example_prompts_and_shows_them_on_the_endpoint(vendor_owner, upstream):
+    form_page = vendor_owner.get(
+        reverse("portal:endpoint-create", args=[vendor_owner.vendor.slug])
+    ).content.decode()
+    assert '<label for="id_tag_examples">Example prompts</label>' in form_page
+    assert 'aria-describedby="id_tag_examples_helptext"' in form_page
+
+    response = vendor_owner.post(
+        reverse("portal:endpoint-create", args=[vendor_owner.vendor.slug]),
+        endpoint_form(upstream.base_url, tag_examples=EXAMPLES),
+    )
+
+    endpoint = Endpoint.objects.get(vendor=vendor_owner.vendor)
+    assert endpoint.tag_examples == {
+        "sql": [
+            "Which customers spent most last month?",
+            "Write a query for the top 10 products by revenue.",
+        ],
+        "chat": ["Tell me a joke: a short one."],
+    }
+    page = vendor_owner.get(response["Location"]).content.decode()
+    assert "<li>Write a query for the top 10 products by revenue.</li>" in page
+    assert "<li>Tell me a joke: a short one.</li>" in page
+    entry = AuditLogEntry.objects.get(action="endpoint.register")
+    assert entry.details["example_prompts"] == {"sql": 2, "chat": 1}
+
+
+def test_an_endpoint_without_example_prompts_says_so(vendor_owner, upstream):
+    response = vendor_owner.post(
+        reverse("portal:endpoint-create", args=[vendor_owner.vendor.slug]),
+        endpoint_form(upstream.base_url),
+    )
+    assert Endpoint.objects.get(vendor=vendor_owner.vendor).tag_examples == {}
+    assert "None declared" in vendor_owner.get(response["Location"]).content.decode()
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("Which customers spent most last month?", "Line 3: write it as “tag: prompt”"),
+        ("sql:   ", "Line 3: the example prompt after “sql:” is empty."),
+        (
+            "legal: Review this contract.",
+            "Line 3: &#x27;legal&#x27; is not one of this endpoint&#x27;s capability tags "
+            "(chat, sql).",
+        ),
+        ("sql: " + "x" * 501, "Line 3: The example prompt has 501 characters; at most 500"),
+    ],
+)
+def test_it_names_the_line_of_a_bad_example_and_creates_nothing(
+    vendor_owner, upstream, line, message
+):
+    text = f"sql: Which customers spent most last month?\nchat: Hello there.\n{line}\n"
+    response = vendor_owner.post(
+        reverse("portal:endpoint-create", args=[vendor_owner.vendor.slug]),
+        endpoint_form(upstream.base_url, tag_examples=text),
+    )
+
+    page = response.content.decode()
+    assert response.status_code == 200
+    assert 'id="id_tag_examples_error"' in page
+    assert message in page, page[page.find("errorlist") - 300 : page.find("errorlist") + 500]
+    assert "chat: Hello there." in page  # the vendor's text is shown back to correct
+    assert not Endpoint.objects.exists()
+
+
+def test_it_names_the_line_of_one_example_too_many(vendor_owner, upstream):
+    lines = [f"sql: Query number {i}" for i in range(21)]
+    response = vendor_owner.post(
+        reverse("portal:endpoint-create", args=[vendor_owner.vendor.slug]),
+        endpoint_form(upstream.base_url, tag_examples="\n".join(["sql: Query number 0", *lines])),
+    )
+    page = response.content.decode()
+    assert "Line 22: &#x27;sql&#x27; has more than 20 example prompts" in page
+    assert not Endpoint.objects.exists()

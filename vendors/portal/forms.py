@@ -11,6 +11,12 @@ from billing.money import nanos_to_usd, usd_to_nanos
 from vendors.models import Endpoint, VendorMembership
 from vendors.pricing import SurgeCurveError, validate_surge_curve
 from vendors.services import MAX_SURGE_CAP
+from vendors.tag_examples import (
+    MAX_EXAMPLE_CHARS,
+    MAX_VENDOR_EXAMPLES_PER_TAG,
+    TagExamplesError,
+    tag_examples_clean,
+)
 
 SURGE_POINTS = 6  # rows offered by the pricing editor (blank rows are ignored)
 
@@ -80,6 +86,37 @@ class VendorRoleForm(forms.Form):
     role = forms.ChoiceField(label="Role", choices=VendorMembership.Role.choices)
 
 
+TAG_EXAMPLES_HELP = (
+    "One per line, written as <em>tag: prompt</em>, e.g. "
+    "<code>sql: Which customers spent most last month?</code> Once the endpoint is approved, "
+    'auto-routing (<code>model: "auto"</code>) learns from them which prompts belong to '
+    f"each tag. Only your tags above; at most {MAX_VENDOR_EXAMPLES_PER_TAG} per tag, "
+    f"{MAX_EXAMPLE_CHARS} characters each."
+)
+# Enough for 20 prompts of 500 characters for a few tags; more is refused before parsing.
+MAX_TAG_EXAMPLES_TEXT = 100_000
+
+
+def _example_lines(text: str) -> tuple[list[tuple[int, str, str]], list[str]]:
+    """``(line number, tag, prompt)`` for each non-blank line, and the lines' problems."""
+    entries: list[tuple[int, str, str]] = []
+    problems: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        tag, colon, prompt = line.partition(":")
+        if not colon or not tag.strip():
+            problems.append(
+                f"Line {number}: write it as “tag: prompt”, e.g. “sql: Which customers spent "
+                "most last month?”."
+            )
+        elif not prompt.strip():
+            problems.append(f"Line {number}: the example prompt after “{tag.strip()}:” is empty.")
+        else:
+            entries.append((number, tag.strip().lower(), prompt.strip()))
+    return entries, problems
+
+
 class EndpointForm(forms.Form):
     slug = forms.SlugField(
         label="Endpoint name",
@@ -113,6 +150,21 @@ class EndpointForm(forms.Form):
         help_text="Comma-separated, e.g. sql, chat. Customers route by tag:sql.",
         widget=forms.TextInput(attrs={"list": "known-tags", "autocomplete": "off"}),
     )
+    tag_examples = forms.CharField(
+        label="Example prompts",
+        required=False,
+        max_length=MAX_TAG_EXAMPLES_TEXT,
+        strip=False,  # line numbers in messages must match what the vendor typed
+        help_text=TAG_EXAMPLES_HELP,
+        widget=forms.Textarea(
+            attrs={
+                "rows": 4,
+                "spellcheck": "false",
+                "placeholder": "sql: Which customers spent most last month?\n"
+                "sql: Write a query for the top 10 products by revenue.",
+            }
+        ),
+    )
     domains = forms.CharField(
         label="Domains", required=False, help_text="Comma-separated, e.g. finance, legal."
     )
@@ -144,6 +196,7 @@ class EndpointForm(forms.Form):
 
     # Which field a service error belongs on, by a phrase of its message.
     ERROR_FIELDS = (
+        ("example prompt", "tag_examples"),  # before "capability tag": its messages name tags
         ("URL", "base_url"),
         ("slug", "slug"),
         ("exists already", "slug"),
@@ -164,6 +217,27 @@ class EndpointForm(forms.Form):
     def clean_languages(self) -> list[str]:
         return [lang.lower() for lang in _split(self.cleaned_data.get("languages", ""))]
 
+    def clean_tag_examples(self) -> list[tuple[int, str, str]]:
+        entries, problems = _example_lines(self.cleaned_data.get("tag_examples") or "")
+        if problems:
+            raise forms.ValidationError(problems)
+        return entries
+
+    def clean(self) -> dict[str, Any]:
+        """Check the example prompts against the tags, naming the offending line."""
+        data = super().clean() or {}
+        entries = data.get("tag_examples")
+        if "tag_examples" in self.fields and isinstance(entries, list) and "tags" in data:
+            try:
+                data["tag_examples"] = tag_examples_clean(
+                    [(tag, prompt) for _, tag, prompt in entries], tags=data["tags"]
+                )
+            except TagExamplesError as exc:
+                text = str(exc)
+                line = entries[exc.position][0]
+                self.add_error("tag_examples", f"Line {line}: {text[:1].upper()}{text[1:]}.")
+        return data
+
     def service_arguments(self) -> dict[str, Any]:
         data = self.cleaned_data
         return {
@@ -181,11 +255,12 @@ class EndpointForm(forms.Form):
             "data_retention_days": data["data_retention_days"],
             "price_input": usd_to_nanos(data["price_input_usd"]),
             "price_output": usd_to_nanos(data["price_output_usd"]),
+            "tag_examples": data.get("tag_examples") or {},
         }
 
     def add_service_error(self, message: str) -> None:
         for phrase, field in self.ERROR_FIELDS:
-            if phrase.lower() in message.lower():
+            if phrase.lower() in message.lower() and field in self.fields:
                 self.add_error(field, message)
                 return
         self.add_error(None, message)

@@ -91,6 +91,16 @@ def _endpoint_or_404(ctx: VendorContext, slug: str) -> Endpoint:
     return endpoint
 
 
+def _tag_examples(endpoint: Endpoint) -> list[tuple[str, list[str]]]:
+    """The endpoint's declared example prompts, by tag, for display (malformed ones left out)."""
+    declared = endpoint.tag_examples if isinstance(endpoint.tag_examples, dict) else {}
+    return [
+        (tag, [p for p in prompts if isinstance(p, str)])
+        for tag, prompts in sorted(declared.items())
+        if isinstance(prompts, list) and prompts
+    ]
+
+
 @login_required
 def index(request: AuthenticatedHttpRequest) -> HttpResponse:
     memberships = selectors.vendor_memberships(user=request.user)
@@ -174,6 +184,7 @@ def endpoint_detail(
             uptime=selectors.uptime(endpoint),
             live={**vendor_today(ctx.vendor.pk), **endpoints_live([endpoint])},
             ep=f"ep.{endpoint.pk}.",
+            tag_examples=_tag_examples(endpoint),
         ),
     )
 

@@ -1,7 +1,8 @@
 """The people who use Switchyard, end to end in a real browser:
 
 * a vendor signs up (verifying the email), registers an endpoint pointing at a test
-  upstream, runs the conformance check and edits the pricing with a live preview;
+  upstream (with example prompts for auto-routing), runs the conformance check and edits
+  the pricing with a live preview;
 * an administrator approves the vendor and the endpoint in the operations pages;
 * a customer signs up, creates an organisation and an API key, calls the gateway with the
   official openai SDK, sees the call on the usage page, and revokes the key.
@@ -23,6 +24,7 @@ from billing.money import usd_to_nanos
 from billing.selectors import organization_balance_by_id
 from billing.services import credit_grant
 from marketplace.models import ApiKey, Organization
+from routing.auto import tag_examples_from_db
 from tests import factories
 from tests.conftest import ingest_all
 from tests.support import fake_stripe
@@ -93,25 +95,51 @@ def test_a_vendor_registers_a_priced_endpoint_that_an_admin_approves(
     vendor = Vendor.objects.get(slug="tiny-models")
     assert vendor.status == Vendor.Status.PENDING
 
-    # Register an endpoint: a private address is refused on the URL field.
+    # Register an endpoint with two example prompts; mistakes are explained on their field.
     page.get_by_role("link", name="Register an endpoint").first.click()
     page.get_by_label("Endpoint name").fill("sql-small")
     page.get_by_label("Base URL").fill("http://10.20.30.40/v1")
     page.get_by_label("Upstream model").fill("fake-small")
     page.get_by_label("Secret (bearer token)").fill("vendor-secret")
     page.get_by_label("Capability tags").fill("sql, chat")
+    examples = page.get_by_label("Example prompts")
+    examples.press_sequentially("sql: Which customers spent most last month?")
+    examples.press("Enter")
+    examples.press_sequentially("legal: Is this clause enforceable?")  # not one of its tags
     page.get_by_label("Languages").fill("en")
     page.get_by_label("Input price").fill("0.2")
     page.get_by_label("Output price").fill("0.4")
+    shoot(page, "endpoint-form")
     page.get_by_role("button", name="Register endpoint").click()
+    # The form's own checks come first: the example on line 2 names a tag it lacks.
+    examples_error = page.locator("#id_tag_examples_error")
+    assert "Line 2: 'legal' is not one of this endpoint's capability tags" in (
+        examples_error.inner_text()
+    )
+    assert examples.get_attribute("aria-invalid") == "true"
+    shoot(page, "endpoint-form-example-error")
+    examples.fill(
+        "sql: Which customers spent most last month?\nchat: Summarise this thread in two sentences."
+    )
+    page.get_by_label("Secret (bearer token)").fill("vendor-secret")
+    page.get_by_role("button", name="Register endpoint").click()
+    # Then the service's: the private address is refused on the URL field.
     url_error = page.locator("#id_base_url_error")
     assert "The URL is refused" in url_error.inner_text()
     assert page.get_by_label("Base URL").get_attribute("aria-invalid") == "true"
+    expect(examples).to_have_value(
+        "sql: Which customers spent most last month?\nchat: Summarise this thread in two sentences."
+    )
     shoot(page, "endpoint-form-errors")
     page.get_by_label("Base URL").fill(upstream.base_url)
     page.get_by_label("Secret (bearer token)").fill("vendor-secret")
     page.get_by_role("button", name="Register endpoint").click()
     page.get_by_role("heading", name="tiny-models/sql-small").wait_for()
+    expect(page.get_by_text("Summarise this thread in two sentences.")).to_be_visible()
+    assert Endpoint.objects.get(vendor=vendor, slug="sql-small").tag_examples == {
+        "sql": ["Which customers spent most last month?"],
+        "chat": ["Summarise this thread in two sentences."],
+    }
 
     # Run the conformance check (htmx swaps the report in).
     page.get_by_role("button", name="Run the conformance check").click()
@@ -165,6 +193,8 @@ def test_a_vendor_registers_a_priced_endpoint_that_an_admin_approves(
     vendor.refresh_from_db()
     assert endpoint.status == Endpoint.Status.APPROVED
     assert vendor.status == Vendor.Status.APPROVED
+    # Approved, its example prompts now shape auto-routing's centroids.
+    assert "Summarise this thread in two sentences." in tag_examples_from_db()["chat"]
     ops.goto("/ops/audit/")
     expect(ops.get_by_text("endpoint.approve")).to_be_visible()
     shoot(ops, "ops-audit")

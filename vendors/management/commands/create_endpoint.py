@@ -1,3 +1,4 @@
+import json
 import os
 
 from django.core.management.base import BaseCommand, CommandError
@@ -30,6 +31,10 @@ class Command(BaseCommand):
             "--secret-env", help="name of an environment variable holding the secret"
         )
         parser.add_argument("--region", default="eu")
+        parser.add_argument(
+            "--examples-file",
+            help='JSON file of example prompts per tag for auto-routing: {"sql": ["...", ...]}',
+        )
         parser.add_argument("--approve", action="store_true")
 
     @transaction.atomic
@@ -42,6 +47,15 @@ class Command(BaseCommand):
             secret = os.environ.get(opts["secret_env"], "")
             if not secret:
                 raise CommandError(f"the environment variable {opts['secret_env']} is empty")
+        tag_examples = None
+        if opts["examples_file"]:
+            try:
+                with open(opts["examples_file"], encoding="utf-8") as f:
+                    tag_examples = json.load(f)
+            except (OSError, ValueError) as exc:
+                raise CommandError(f"cannot read {opts['examples_file']}: {exc}") from exc
+            if not isinstance(tag_examples, dict):
+                raise CommandError("the examples file must hold a JSON object {tag: [prompts]}")
         try:
             price_input = usd_to_nanos(opts["price_input_usd"])
             price_output = usd_to_nanos(opts["price_output_usd"])
@@ -61,6 +75,7 @@ class Command(BaseCommand):
                 price_output=price_output,
                 secret=secret,
                 region=opts["region"],
+                tag_examples=tag_examples,
             )
             if opts["approve"]:
                 endpoint = endpoint_approve(endpoint=endpoint)
