@@ -2,7 +2,7 @@
 
 One request: authenticate the key (in-process cache) -> read and validate the body ->
 route over the in-memory snapshot and live numbers (no I/O) -> ``Proxy.run``: reserve in
-Redis (one round trip), call the vendor over the shared aiohttp session, fall back on
+Redis (one round trip), call the vendor over the process's HTTP/1.1 pool, fall back on
 failure, settle (one round trip). No database query in steady state: the routing table
 and keys are loaded once and refreshed through Redis pub/sub; live numbers are refreshed
 in the background.

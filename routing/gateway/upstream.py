@@ -3,9 +3,9 @@ against SSRF.
 
 Every connection to a vendor goes through ``GuardedResolver``: the host name is resolved
 once, every address is checked by ``vendors.ssrf`` and only checked addresses are handed
-to the connector, so the address that was vetted is the address connected to (no DNS
-rebinding between check and connect). IP-literal hosts bypass resolvers in aiohttp and are
-checked in ``check_literal``. Redirects are never followed.
+to the connection, so the address that was vetted is the address connected to (no DNS
+rebinding between check and connect). IP-literal hosts are not resolved; they are checked
+in ``check_literal``. Redirects are never followed.
 """
 
 from __future__ import annotations
