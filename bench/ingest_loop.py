@@ -22,7 +22,7 @@ def main() -> int:
     import django
 
     django.setup()
-    from billing.usage import usage_ingest_batch
+    from billing.usage import linger_after, usage_ingest_batch
 
     stop = False
 
@@ -47,6 +47,7 @@ def main() -> int:
             totals["recorded"] += result.recorded
             totals["duplicates"] += result.duplicates
             totals["invalid"] += result.invalid
+            linger_after(result.read)
     print(json.dumps(totals), flush=True)
     return 0
 

@@ -16,7 +16,7 @@ from django.db import OperationalError
 from django.utils import timezone
 
 from billing.errors import PaymentProviderError
-from billing.usage import usage_ingest_batch
+from billing.usage import linger_after, usage_ingest_batch
 
 # Worth retrying: Stripe or the database were unreachable or busy for a moment.
 TRANSIENT = (
@@ -38,6 +38,7 @@ def usage_ingest(max_seconds: float = 0.9) -> int:
         total += result.recorded
         if result.read == 0:
             break
+        linger_after(result.read)
     return total
 
 

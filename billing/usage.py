@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -45,6 +46,18 @@ from vendors.models import Vendor
 logger = logging.getLogger("switchyard.ingest")
 
 CLAIM_IDLE_MS = 30_000  # default; settings.USAGE_CLAIM_IDLE_MS overrides
+# A drain loop that just read a small batch waits this long before reading again, so that
+# at moderate traffic a batch carries tens of events instead of a few: every batch costs a
+# commit and a dozen statements whatever its size (measured: 4 ms of CPU per event at one
+# request at a time without it). It delays billing by at most this much.
+SMALL_BATCH = 100
+LINGER_SECONDS = 0.05
+
+
+def linger_after(read: int) -> None:
+    """Wait a little after a small batch (see ``LINGER_SECONDS``); not after a large one."""
+    if 0 < read < SMALL_BATCH:
+        time.sleep(LINGER_SECONDS)
 
 
 @dataclass(frozen=True)

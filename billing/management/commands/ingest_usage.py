@@ -9,7 +9,7 @@ import time
 
 from django.core.management.base import BaseCommand
 
-from billing.usage import usage_ingest_batch
+from billing.usage import linger_after, usage_ingest_batch
 
 
 class Command(BaseCommand):
@@ -40,6 +40,8 @@ class Command(BaseCommand):
             if result.read:
                 self.stdout.write(f"ingested {result.recorded} (duplicates {result.duplicates})")
                 self.stdout.flush()
+                if not opts["once"]:
+                    linger_after(result.read)
             elif opts["once"]:
                 break
             else:
