@@ -119,7 +119,7 @@ def _token_logprobs(content: Any) -> list[float]:
             continue
         if math.isnan(logprob):
             continue
-        values.append(max(float(logprob), LOGPROB_FLOOR))
+        values.append(max(logprob, LOGPROB_FLOOR))
     return values
 
 
@@ -212,7 +212,7 @@ def _threshold(value: Any) -> float:
             param="cascade.threshold",
             code="invalid_value",
         )
-    return float(value)
+    return value
 
 
 def _max_tiers(value: Any) -> int:

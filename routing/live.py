@@ -738,7 +738,14 @@ class LiveCache:
             raw = table.get(str(ep).encode())
             if raw is None:
                 return None
-            value = float(raw)
+            # Redis stores the numbers as decimal text; orjson reads an int or a float
+            # (and refuses "nan"/"inf") without a float conversion of our own.
+            try:
+                value = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                return None
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return None
             return value if math.isfinite(value) else None
 
         self.numbers = {
