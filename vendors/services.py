@@ -7,8 +7,9 @@ import math
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 
+import orjson
 from django.contrib.auth.models import User
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import (
     Avg,
     Case,
@@ -471,8 +472,23 @@ def quality_observe_many(observations: Sequence[Observation]) -> None:
             row.success_n + successes, row.total_n + total
         )
         moved |= _rescore(row)
-        row.updated_at = timezone.now()
-    EndpointQuality.objects.bulk_update(rows, ["success_n", "total_n", "score", "updated_at"])
+    # One set-based UPDATE: Django's bulk_update builds a CASE per column and row, a sixth
+    # of an ingest batch's time (measured with cProfile on a 20-vendor batch).
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {EndpointQuality._meta.db_table} AS q"  # noqa: S608 - the model's own table
+            " SET success_n = r.s, total_n = r.t, score = r.score, updated_at = now()"
+            " FROM jsonb_to_recordset(%s::jsonb) AS r(id bigint, s bigint, t bigint,"
+            " score double precision) WHERE q.id = r.id",
+            [
+                orjson.dumps(
+                    [
+                        {"id": row.pk, "s": row.success_n, "t": row.total_n, "score": row.score}
+                        for row in rows
+                    ]
+                ).decode()
+            ],
+        )
     if moved:
         _snapshot_changed()
 
