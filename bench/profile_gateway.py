@@ -97,6 +97,7 @@ def serve(port: int, out: Path, what: str, gc_freeze: bool) -> int:
     (gc.callbacks) over the window. ``gc_freeze``: call gc.freeze() once the app is loaded
     (the experiment behind a proposed fix; the product code is not changed).
     """
+    import collections
     import cProfile
     import gc
     import json
@@ -140,6 +141,15 @@ def serve(port: int, out: Path, what: str, gc_freeze: bool) -> int:
                         "counts": gc.get_count(),
                         "thresholds": gc.get_threshold(),
                         "frozen": gc.get_freeze_count(),
+                        # What a full collection has to walk: the oldest generation by type
+                        # and by the module that defined the type.
+                        "imported_since_start": sorted(
+                            {name.split(".")[0] for name in set(sys.modules) - loaded}
+                        ),
+                        "gen2_objects": len(oldest := gc.get_objects(2)),
+                        "gen2_top_types": collections.Counter(
+                            f"{type(o).__module__}.{type(o).__qualname__}" for o in oldest
+                        ).most_common(25),
                     }
                 )
             )
@@ -151,6 +161,7 @@ def serve(port: int, out: Path, what: str, gc_freeze: bool) -> int:
         gc.collect()
         gc.freeze()
 
+    loaded = set(sys.modules)
     signal.signal(signal.SIGUSR1, start)
     signal.signal(signal.SIGUSR2, stop)
     config = uvicorn.Config(
@@ -399,6 +410,10 @@ def gc_report(path: Path, samples: CellSamples, cpu: float, frozen: bool) -> str
             f"median {pauses[len(pauses) // 2] * 1e3:.2f} ms, max {pauses[-1] * 1e3:.2f} ms, "
             f"{total / max(n, 1) * 1e6:.1f} us per request"
         )
+    if "gen2_objects" in data:
+        out.append(f"  oldest generation after the load: {data['gen2_objects']} objects, by type:")
+        out.extend(f"    {count:8d}  {name}" for name, count in data["gen2_top_types"][:12])
+        out.append(f"  packages imported after start-up: {', '.join(data['imported_since_start'])}")
     return "\n".join(out)
 
 

@@ -117,9 +117,34 @@ class EmbeddedRedis:
             except TimeoutError:
                 if time.monotonic() > deadline:
                     raise
+        self._wait_loaded()
         if self.persistent:
             (self.data_dir / "redis.owner").write_text(f"{self.process.pid} {self.port}")
         return self
+
+    def _wait_loaded(self, timeout: float = 600.0) -> None:
+        """Redis accepts connections while it loads its append-only file, but answers every
+        command with LOADING until it is done (seconds for a few hundred MB): wait for it."""
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=2)
+        deadline = time.monotonic() + timeout
+        told = False
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.BusyLoadingError:
+                    if not told:
+                        print("devenv: Redis is loading its data...", file=sys.stderr, flush=True)
+                        told = True
+                    exited = self.process is None or self.process.poll() is not None
+                    if exited or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+        finally:
+            client.close()
 
     def stop(self) -> None:
         if not self.owned:

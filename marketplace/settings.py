@@ -316,6 +316,10 @@ GATEWAY_TRACE_TTL_SECONDS = env_int("GATEWAY_TRACE_TTL_SECONDS", 86_400, minimum
 # Settlements Redis could not take (it was down after a vendor answered) wait here.
 SWITCHYARD_SPOOL_DIR = env_str("SWITCHYARD_SPOOL_DIR", str(VAR_DIR / "spool"))
 GATEWAY_LIVE_REFRESH_SECONDS = env_float("GATEWAY_LIVE_REFRESH_SECONDS", 0.25)
+# Freeze start-up's objects out of the garbage collector's reach (routing/gateway/gcpause.py),
+# and once more after this many requests: full collections then pause for a fraction.
+GATEWAY_GC_FREEZE = env_bool("GATEWAY_GC_FREEZE", True)
+GATEWAY_GC_REFREEZE_AFTER = env_int("GATEWAY_GC_REFREEZE_AFTER", 2000, minimum=0)
 GATEWAY_CIRCUIT_FAILURES = env_int("GATEWAY_CIRCUIT_FAILURES", 5, minimum=1)
 GATEWAY_CIRCUIT_COOLDOWN_SECONDS = env_float("GATEWAY_CIRCUIT_COOLDOWN_SECONDS", 30.0)
 # Fallback retries in flight across all replicas: at most max(MIN, RATIO x requests in flight).

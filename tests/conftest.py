@@ -56,8 +56,15 @@ class RunningServer:
         return httpx.Client(base_url=self.url, headers=headers, timeout=30, **kwargs)  # type: ignore[arg-type]
 
 
-def start_asgi_server(app: object) -> RunningServer:
-    """Serve ``app`` with uvicorn on a free loopback port in a background thread."""
+def start_asgi_server(app: object, *, gc_freeze: bool = False) -> RunningServer:
+    """Serve ``app`` with uvicorn on a free loopback port in a background thread.
+
+    The server shares pytest's process, so the gateway's start-up ``gc.freeze()``
+    (routing/gateway/gcpause.py) would freeze every test's leftovers: off unless asked for.
+    """
+    gateway = getattr(app, "gateway", None)
+    if gateway is not None and not gc_freeze:
+        gateway.gc.enabled, gateway.gc.remaining = False, 0
     port = free_port()
     config = uvicorn.Config(
         app,

@@ -54,6 +54,7 @@ from routing.gateway.auth import KeyCache, KeyInfo
 from routing.gateway.auth_limit import AuthFailureLimiter
 from routing.gateway.cached import AnswerTee, entry_from_answer, send_hit
 from routing.gateway.db import off_loop
+from routing.gateway.gcpause import GcFreezer
 from routing.gateway.http import (
     ClientGone,
     Receive,
@@ -123,6 +124,9 @@ class GatewayApp:
         self._sweeper: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._resp: RespClient | None = None
+        self.gc = GcFreezer(
+            enabled=settings.GATEWAY_GC_FREEZE, refreeze_after=settings.GATEWAY_GC_REFREEZE_AFTER
+        )
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -192,6 +196,7 @@ class GatewayApp:
                 except Exception as exc:  # pragma: no cover - reported to the server
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
+                self.gc.at_startup()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.aclose()
@@ -345,6 +350,8 @@ class GatewayApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._ensure_loop_state()
+        if self.gc.remaining:
+            self.gc.request_served()
         # 128 random bits as 32 hex digits, the shape of uuid4().hex without building a UUID.
         request_id = f"gen-{os.urandom(16).hex()}"
         request_id_var.set(request_id)

@@ -80,3 +80,49 @@ def test_log_lines_are_json_with_the_request_id_and_no_secrets():
 def test_pages_answer_with_a_request_id(client):
     response = client.get("/healthz")
     assert response["X-Request-ID"].startswith("req-")
+
+
+def test_the_gateway_freezes_start_up_objects_and_again_after_warm_up(upstream):
+    """Full collections skip what start-up loaded (routing/gateway/gcpause.py)."""
+    import gc
+
+    from marketplace.asgi import build_application
+    from routing.gateway.gcpause import GcFreezer
+    from tests.conftest import start_asgi_server
+
+    endpoint = factories.endpoint(base_url=upstream.base_url)
+    customer = factories.customer()
+    app = build_application()
+    app.gateway.gc = GcFreezer(enabled=True, refreeze_after=3)
+    gc.unfreeze()
+    running = start_asgi_server(app, gc_freeze=True)
+    try:
+        at_startup = gc.get_freeze_count()
+        assert at_startup > 0
+        body = {"model": endpoint.full_slug, "messages": [{"role": "user", "content": "x"}]}
+        with running.client(customer.key) as client:
+            for _ in range(2):
+                assert client.post("/v1/chat/completions", json=body).status_code == 200
+            assert app.gateway.gc.remaining == 1
+            held = []  # objects alive across the re-freeze, so there is something to freeze
+            held.append(object.__new__(type("Kept", (), {})))
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+            after_warm_up = gc.get_freeze_count()
+            assert app.gateway.gc.remaining == 0
+            assert after_warm_up > at_startup
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+        # Once only: later objects are not frozen (frozen ones freed by refcount leave it).
+        assert gc.get_freeze_count() <= after_warm_up
+    finally:
+        running.server.should_exit = True
+        running.thread.join(timeout=10)
+        gc.unfreeze()
+
+
+def test_in_process_test_servers_never_freeze_the_test_process(gateway_server):
+    import gc
+
+    assert gateway_server.gateway.gc.enabled is False
+    with gateway_server.client() as client:
+        assert client.get("/readyz").status_code == 200
+    assert gc.get_freeze_count() == 0
