@@ -125,7 +125,9 @@ class GatewayApp:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._resp: RespClient | None = None
         self.gc = GcFreezer(
-            enabled=settings.GATEWAY_GC_FREEZE, refreeze_after=settings.GATEWAY_GC_REFREEZE_AFTER
+            enabled=settings.GATEWAY_GC_FREEZE,
+            refreeze_after=settings.GATEWAY_GC_REFREEZE_AFTER,
+            young_threshold=settings.GATEWAY_GC_YOUNG_THRESHOLD,
         )
 
     # --- lifecycle ------------------------------------------------------------------------

@@ -93,12 +93,14 @@ def test_the_gateway_freezes_start_up_objects_and_again_after_warm_up(upstream):
     endpoint = factories.endpoint(base_url=upstream.base_url)
     customer = factories.customer()
     app = build_application()
-    app.gateway.gc = GcFreezer(enabled=True, refreeze_after=3)
+    app.gateway.gc = GcFreezer(enabled=True, refreeze_after=3, young_threshold=5000)
     gc.unfreeze()
+    thresholds = gc.get_threshold()
     running = start_asgi_server(app, gc_freeze=True)
     try:
         at_startup = gc.get_freeze_count()
         assert at_startup > 0
+        assert gc.get_threshold() == (5000, *thresholds[1:])
         body = {"model": endpoint.full_slug, "messages": [{"role": "user", "content": "x"}]}
         with running.client(customer.key) as client:
             for _ in range(2):
@@ -117,6 +119,7 @@ def test_the_gateway_freezes_start_up_objects_and_again_after_warm_up(upstream):
         running.server.should_exit = True
         running.thread.join(timeout=10)
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
 
 
 def test_in_process_test_servers_never_freeze_the_test_process(gateway_server):
@@ -126,3 +129,4 @@ def test_in_process_test_servers_never_freeze_the_test_process(gateway_server):
     with gateway_server.client() as client:
         assert client.get("/readyz").status_code == 200
     assert gc.get_freeze_count() == 0
+    assert gc.get_threshold()[0] == 700  # CPython's default, as pytest left it
