@@ -320,9 +320,9 @@ GATEWAY_LIVE_REFRESH_SECONDS = env_float("GATEWAY_LIVE_REFRESH_SECONDS", 0.25)
 # and once more after this many requests: full collections then pause for a fraction.
 GATEWAY_GC_FREEZE = env_bool("GATEWAY_GC_FREEZE", True)
 GATEWAY_GC_REFREEZE_AFTER = env_int("GATEWAY_GC_REFREEZE_AFTER", 2000, minimum=0)
-# Young-generation threshold (CPython's default 700; 0 keeps it): a request allocates a few
-# hundred containers, so at 700 a collection ran every 14 requests.
-GATEWAY_GC_YOUNG_THRESHOLD = env_int("GATEWAY_GC_YOUNG_THRESHOLD", 10_000, minimum=0)
+# Young-generation threshold once start-up is frozen; 0 keeps CPython's 700. Higher means
+# fewer but longer pauses (see routing/gateway/gcpause.py for the measured trade-off).
+GATEWAY_GC_YOUNG_THRESHOLD = env_int("GATEWAY_GC_YOUNG_THRESHOLD", 0, minimum=0)
 GATEWAY_CIRCUIT_FAILURES = env_int("GATEWAY_CIRCUIT_FAILURES", 5, minimum=1)
 GATEWAY_CIRCUIT_COOLDOWN_SECONDS = env_float("GATEWAY_CIRCUIT_COOLDOWN_SECONDS", 30.0)
 # Fallback retries in flight across all replicas: at most max(MIN, RATIO x requests in flight).
