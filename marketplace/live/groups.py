@@ -47,14 +47,9 @@ def live_publish(messages: Sequence[GroupMessage]) -> int:
     if layer is None:
         return 0
 
-    async def send_all() -> int:
-        for group, message in messages:
-            await layer.group_send(group, message)
-        return len(messages)
-
     def run() -> int:
         try:
-            return async_to_sync(send_all)()
+            return async_to_sync(_send_all)(layer, messages)
         except Exception:
             logger.warning("live figures not published", exc_info=True)
             return 0
@@ -68,6 +63,12 @@ def live_publish(messages: Sequence[GroupMessage]) -> int:
     helper.start()
     helper.join(timeout=10)
     return sent[0] if sent else 0
+
+
+async def _send_all(layer: Any, messages: Sequence[GroupMessage]) -> int:
+    for group, message in messages:
+        await layer.group_send(group, message)
+    return len(messages)
 
 
 class _Publisher:
@@ -98,12 +99,19 @@ class _Publisher:
             logger.warning("live figures of a usage batch dropped: the publisher is behind")
 
     def _run(self) -> None:
+        # One event loop for the thread's life: the channel layer keeps its Redis
+        # connections per loop, and ``async_to_sync`` per batch built a loop and connected
+        # again every time (6 ms of CPU per batch, three quarters of a small batch's cost).
+        loop = asyncio.new_event_loop()
         while True:
             build = self._queue.get()
             try:
-                live_publish(build())
+                messages = build()
+                layer = get_channel_layer() if messages else None
+                if layer is not None:
+                    loop.run_until_complete(_send_all(layer, messages))
             except Exception:
-                logger.warning("live figures not built", exc_info=True)
+                logger.warning("live figures not published", exc_info=True)
 
 
 _publisher = _Publisher()
