@@ -304,9 +304,13 @@ def _post_batch(
             vendor_id = record["vendor_id"]
             by_vendor[vendor_id] = by_vendor.get(vendor_id, 0) + record["vendor_share"]
         fees += record["platform_fee"]
-    # The accounts in one query; the first charge of an organisation or vendor creates its.
+    # The accounts in one query (the platform's revenue too); the first charge of an
+    # organisation or vendor creates its account.
+    revenue = f"platform:{LedgerAccount.Kind.PLATFORM_REVENUE}"
     codes = {f"org:{o}:credit": o for o in by_org} | {f"vendor:{v}:payable": v for v in by_vendor}
-    accounts = dict(LedgerAccount.objects.filter(code__in=codes).values_list("code", "pk"))
+    accounts = dict(
+        LedgerAccount.objects.filter(code__in=[*codes, revenue]).values_list("code", "pk")
+    )
     missing = [code for code in codes if code not in accounts]
     if missing:
         organizations = Organization.objects.in_bulk(
@@ -320,7 +324,10 @@ def _post_batch(
     legs = [(accounts[f"org:{o}:credit"], n) for o, n in sorted(by_org.items())]
     legs += [(accounts[f"vendor:{v}:payable"], n) for v, n in sorted(by_vendor.items())]
     if fees:
-        legs.append((platform_account(LedgerAccount.Kind.PLATFORM_REVENUE).pk, fees))
+        revenue_id = (
+            accounts.get(revenue) or platform_account(LedgerAccount.Kind.PLATFORM_REVENUE).pk
+        )
+        legs.append((revenue_id, fees))
     first = records[0]["request_id"]
     cursor.execute(
         "INSERT INTO billing_ledgertransaction (id, kind, idempotency_key, memo, created_at)"

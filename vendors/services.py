@@ -427,12 +427,12 @@ def quality_observe(endpoint_id: int, tag: str | None, successes: int, total: in
     quality_observe_many([(endpoint_id, tag, successes, total)])
 
 
-@transaction.atomic
 def quality_observe_many(observations: Sequence[Observation]) -> None:
-    """``quality_observe`` for a whole ingest batch: a few statements, not a few per endpoint.
+    """``quality_observe`` for a whole ingest batch: three statements, however many endpoints.
 
     Usage ingest calls it with counts aggregated per batch and (endpoint, tag). Rows are
     created if missing and locked in (endpoint, tag) order, the same order in every worker.
+    Observations of endpoints deleted meanwhile are dropped.
     """
     for _, _, successes, total in observations:
         if any(isinstance(v, bool) or not isinstance(v, int) for v in (successes, total)):
@@ -449,16 +449,31 @@ def quality_observe_many(observations: Sequence[Observation]) -> None:
             counter[1] += total
     if not counts:
         return
-    existing = set(
-        Endpoint.objects.filter(pk__in={e for e, _ in counts}).values_list("pk", flat=True)
-    )
-    counts = {key: n for key, n in counts.items() if key[0] in existing}
-    if not counts:
-        return
-    EndpointQuality.objects.bulk_create(
-        [EndpointQuality(endpoint_id=e, tag=t, score=PRIOR) for e, t in sorted(counts)],
-        ignore_conflicts=True,
-    )
+    # Inside the caller's transaction without a savepoint of its own (usage ingest calls it
+    # once per batch): an error rolls the whole batch back, as it would anyway.
+    with transaction.atomic(savepoint=False):
+        _observe_counts(counts)
+
+
+_CREATE_QUALITY_ROWS = (
+    "INSERT INTO {table} (endpoint_id, tag, probe_pass, probe_n, feedback_sum, feedback_n,"
+    " success_n, total_n, score, updated_at)"
+    " SELECT r.e, r.t, 0, 0, 0, 0, 0, 0, %s, now()"
+    " FROM jsonb_to_recordset(%s::jsonb) AS r(e bigint, t text)"
+    " JOIN {endpoints} AS ep ON ep.id = r.e ORDER BY r.e, r.t"
+    " ON CONFLICT (endpoint_id, tag) DO NOTHING"
+)
+
+
+def _observe_counts(counts: dict[tuple[int, str], list[int]]) -> None:
+    # The missing rows, for endpoints that still exist, in one statement.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _CREATE_QUALITY_ROWS.format(
+                table=EndpointQuality._meta.db_table, endpoints=Endpoint._meta.db_table
+            ),
+            [PRIOR, orjson.dumps([{"e": e, "t": t} for e, t in sorted(counts)]).decode()],
+        )
     wanted = Q()
     for endpoint_id in sorted({e for e, _ in counts}):
         wanted |= Q(endpoint_id=endpoint_id, tag__in=[t for e, t in counts if e == endpoint_id])
