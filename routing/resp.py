@@ -77,10 +77,15 @@ class _Protocol(asyncio.Protocol):
         self.reader = hiredis.Reader(replyError=ResponseError)
         self.pending: deque[asyncio.Future[Any]] = deque()
         self.closed = False
+        # Commands sent during one turn of the event loop go out in one write at its end:
+        # concurrent requests share a system call (and Redis a read) instead of one each.
+        self._outgoing: list[bytes] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self.transport = cast(asyncio.Transport, transport)
+        self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -104,6 +109,7 @@ class _Protocol(asyncio.Protocol):
 
     def _fail(self, error: Exception) -> None:
         self.closed = True
+        self._outgoing.clear()
         while self.pending:
             future = self.pending.popleft()
             if not future.done():
@@ -114,10 +120,20 @@ class _Protocol(asyncio.Protocol):
     def send(self, command: bytes) -> asyncio.Future[Any]:
         if self.closed or self.transport is None or self.transport.is_closing():
             raise RedisConnectionError("connection to Redis is closed")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        assert self._loop is not None
+        future: asyncio.Future[Any] = self._loop.create_future()
         self.pending.append(future)
-        self.transport.write(command)
+        if not self._outgoing:
+            self._loop.call_soon(self._flush)
+        self._outgoing.append(command)
         return future
+
+    def _flush(self) -> None:
+        data = b"".join(self._outgoing)
+        self._outgoing.clear()
+        if not self.closed and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+        # else: _fail has already failed every pending future, these commands' included
 
 
 class RespClient:

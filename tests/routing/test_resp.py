@@ -168,3 +168,36 @@ def test_the_c_packer_and_the_python_packer_agree():
     assert pack(*args) == _pack(args)
     # hiredis refuses int subclasses; the Python packer sends their number
     assert pack("SET", "k", Flag.ON) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n1\r\n"
+
+
+def test_commands_of_one_event_loop_turn_leave_in_one_write():
+    async def main():  # type: ignore[no-untyped-def]
+        client = RespClient(settings.REDIS_URL)
+        try:
+            await client.execute("PING")  # connected
+            protocol = client._protocol
+            assert protocol is not None and protocol.transport is not None
+            transport = protocol.transport
+            writes: list[bytes] = []
+            real_write = transport.write
+
+            def counting_write(data: bytes) -> None:  # a spy on the event loop's transport
+                writes.append(data)
+                real_write(data)
+
+            transport.write = counting_write  # type: ignore[method-assign]
+            replies = await asyncio.gather(
+                *(client.execute("INCR", "sy:test:w") for _ in range(50))
+            )
+            later = await client.execute("GET", "sy:test:w")
+            return replies, later, writes
+        finally:
+            await client.aclose()
+
+    sync_client().delete("sy:test:w")
+    replies, later, writes = _run(main())
+    assert replies == list(range(1, 51))
+    assert later == b"50"
+    # the fifty INCRs in one write, the GET (a later turn) in another
+    assert len(writes) == 2
+    assert writes[0].count(b"INCR") == 50
