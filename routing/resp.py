@@ -58,7 +58,8 @@ def pack(*args: Arg) -> bytes:
     IntEnum), which the Python packer below then encodes or refuses with a clear message.
     """
     try:
-        return hiredis.pack_command(args)
+        # hiredis's stub types the argument as a one-element tuple; it takes any length.
+        return hiredis.pack_command(args)  # type: ignore[arg-type]
     except TypeError:
         return _pack(args)
 
