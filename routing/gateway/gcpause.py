@@ -10,11 +10,11 @@ pause WAS the p99 at concurrency 64.
 ``gc.freeze()`` moves every object alive at that moment into a permanent generation that
 collections skip. What start-up loaded lives as long as the process anyway, so:
 
-* at start-up, after the routing table is loaded: one ``gc.collect()`` (so no garbage is
-  frozen) and ``gc.freeze()``;
+* at start-up (ASGI lifespan): one ``gc.collect()`` (so no garbage is frozen) and
+  ``gc.freeze()``;
 * once, after the first ``refreeze_after`` requests: ``gc.freeze()`` again, for what the
-  first requests loaded lazily (modules imported inside functions, compiled templates,
-  connection pools). No collection first: it would be a pause under load, and what it
+  first requests loaded lazily (the routing table, modules imported inside functions,
+  compiled templates, connection pools: 45,000 objects in the measurement). No collection first: it would be a pause under load, and what it
   might leave frozen is a bounded, one-time amount.
 
 The young generation's threshold can be raised too (``GATEWAY_GC_YOUNG_THRESHOLD``; off by
