@@ -201,6 +201,8 @@ def start_gateway(port: int, run_dir: Path) -> Proc:
         "--no-access-log",
         "--log-level",
         "warning",
+        # As docker-compose.yml runs it: the client IP comes from TRUSTED_PROXIES alone.
+        "--no-proxy-headers",
     ]
     handle = log_path.open("wb")
     popen = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)

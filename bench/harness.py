@@ -120,6 +120,7 @@ def gateway(port: int, run_dir: Path, name: str = "gateway", **env: str) -> Proc
     cmd = [str(PYTHON), "-m", "uvicorn", "marketplace.asgi:application"]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop"]
     cmd += ["--http", "httptools", "--no-access-log", "--log-level", "warning"]
+    cmd += ["--no-proxy-headers"]  # as docker-compose.yml runs it
     return Proc(name, cmd, run_dir / f"{name}.log", child_env(**env), port=port)
 
 

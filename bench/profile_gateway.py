@@ -172,6 +172,7 @@ def serve(port: int, out: Path, what: str, gc_freeze: bool) -> int:
         http="httptools",
         access_log=False,
         log_level="warning",
+        proxy_headers=False,  # as docker-compose.yml runs it
     )
     uvicorn.Server(config).run()
     return 0
