@@ -14,8 +14,9 @@ collections skip. What start-up loaded lives as long as the process anyway, so:
   ``gc.freeze()``;
 * once, after the first ``refreeze_after`` requests: ``gc.freeze()`` again, for what the
   first requests loaded lazily (the routing table, modules imported inside functions,
-  compiled templates, connection pools: 45,000 objects in the measurement). No collection first: it would be a pause under load, and what it
-  might leave frozen is a bounded, one-time amount.
+  compiled templates, connection pools: 45,000 objects in the measurement). No collection
+  first: it would be a pause under load, and what it might leave frozen is a bounded,
+  one-time amount.
 
 The young generation's threshold can be raised too (``GATEWAY_GC_YOUNG_THRESHOLD``; off by
 default). Measured with ``--mode gc``: at 10,000 instead of CPython's 700, the young
