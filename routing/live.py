@@ -240,17 +240,20 @@ return {1, rpm - used, half_open and 1 or 0, tpm - tokens_used}
 
 # Shared tail of release and settle: free the lease, update utilisation and the circuit.
 _FINISH = """
-local function finish(slots, trial, lease, ep, capacity, now, alpha, failed, threshold)
+-- ``flags``: 1 if the reservation was a retry (its lease is in sy:rb:retry), + 2 if it was
+-- a half-open circuit's trial (its lease may be the trial key's value); otherwise neither
+-- can hold the lease, and the two commands are skipped.
+local function finish(slots, trial, lease, ep, capacity, now, alpha, failed, threshold, flags)
   redis.call('ZREM', 'sy:holds', lease)
   redis.call('HDEL', 'sy:holdinfo', lease)
   redis.call('ZREM', slots, lease)
-  redis.call('ZREM', 'sy:rb:retry', lease)
+  if flags % 2 == 1 then redis.call('ZREM', 'sy:rb:retry', lease) end
   redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
   local n = redis.call('ZCARD', slots)
   redis.call('HSET', 'sy:live:inflight', ep, n)
   local u = tonumber(redis.call('HGET', 'sy:live:util', ep) or '0')
   redis.call('HSET', 'sy:live:util', ep, u + alpha * (n / capacity - u))
-  local was_trial = redis.call('GET', trial) == lease
+  local was_trial = flags >= 2 and redis.call('GET', trial) == lease
   if was_trial then redis.call('DEL', trial) end
   if failed == 1 then
     local fails = redis.call('HINCRBY', 'sy:live:cbfail', ep, 1)
@@ -273,10 +276,11 @@ local credit, slots, keyspend, trial, orgspend = KEYS[1], KEYS[2], KEYS[3], KEYS
 local hold, lease, now, ep = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local capacity, alpha, failed = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local threshold, retry_until = tonumber(ARGV[8]), tonumber(ARGV[9])
+local flags = tonumber(ARGV[10])
 redis.call('INCRBY', credit, hold)
 if keyspend ~= '' then redis.call('DECRBY', keyspend, hold) end
 if orgspend ~= '' then redis.call('DECRBY', orgspend, hold) end
-finish(slots, trial, lease, ep, capacity, now, alpha, failed, threshold)
+finish(slots, trial, lease, ep, capacity, now, alpha, failed, threshold, flags)
 if retry_until > now then redis.call('HSET', 'sy:live:cooldown', ep, retry_until) end
 return 1
 """
@@ -292,7 +296,7 @@ local refund, lease, now, ep = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local capacity, alpha, failed = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local threshold, latency, lat_alpha = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local event, trace_json, trace_ttl = ARGV[11], ARGV[12], tonumber(ARGV[13])
-local tokens = tonumber(ARGV[14])
+local tokens, flags = tonumber(ARGV[14]), tonumber(ARGV[17])
 if affinity ~= '' and failed == 0 then redis.call('SET', affinity, ep, 'EX', ARGV[15]) end
 redis.call('ZREM', 'sy:rb:active', ARGV[16])
 if tpm_key ~= '' and tokens > 0 then
@@ -304,7 +308,7 @@ if tonumber(refund) ~= 0 then
   if keyspend ~= '' then redis.call('DECRBY', keyspend, refund) end
   if orgspend ~= '' then redis.call('DECRBY', orgspend, refund) end
 end
-finish(slots, trial, lease, ep, capacity, now, alpha, failed, threshold)
+finish(slots, trial, lease, ep, capacity, now, alpha, failed, threshold, flags)
 if latency >= 0 then
   local l = tonumber(redis.call('HGET', 'sy:live:lat', ep) or latency)
   redis.call('HSET', 'sy:live:lat', ep, l + lat_alpha * (latency - l))
@@ -403,6 +407,7 @@ class Reservation:
     keyspend: str  # '' when the key has no credit limit
     half_open_trial: bool
     ratelimit_remaining: int
+    retry: bool = False  # reserved by a fallback hop (counted in the shared retry budget)
     tpm_key: str = ""  # '' when the key has no tokens-per-minute limit
     tokens_remaining: int = 0
     orgspend: str = ""  # '' when the organisation has no monthly budget
@@ -536,6 +541,7 @@ class LiveState:
                 lease=lease,
                 keyspend=keyspend,
                 half_open_trial=bool(int(result[2])),
+                retry=attempt > 0,
                 ratelimit_remaining=int(result[1]),
                 tpm_key=tpm_key(key_id, window) if rate_limit_tpm else "",
                 tokens_remaining=int(result[3]),
@@ -568,6 +574,7 @@ class LiveState:
                 _failed_flag(vendor_failed),
                 self.config.circuit_threshold,
                 repr(retry_until),
+                _finish_flags(reservation),
             ],
         )
 
@@ -616,6 +623,7 @@ class LiveState:
                 tokens,
                 AFFINITY_TTL_SECONDS,
                 request_id,
+                _finish_flags(reservation),
             ],
         )
 
@@ -672,6 +680,11 @@ class LiveState:
             return None
         loaded: dict[str, Any] = orjson.loads(raw)
         return loaded
+
+
+def _finish_flags(reservation: Reservation) -> int:
+    """The ``flags`` argument of the scripts' ``finish`` (see there)."""
+    return (1 if reservation.retry else 0) + (2 if reservation.half_open_trial else 0)
 
 
 def _failed_flag(vendor_failed: bool | None) -> int:

@@ -306,6 +306,53 @@ def test_retries_in_flight_stay_within_the_shared_budget():
     assert verdicts == [Verdict.OK] * 4 + [Verdict.RETRY_BUDGET] * 4
 
 
+def test_a_finished_retry_gives_its_place_in_the_retry_budget_back():
+    sync_client().set(credit_key(1), 10**12)
+    config = LiveConfig(retry_budget_ratio=0.0, retry_budget_min=1)
+
+    def reserve(state: LiveState, lease: str, attempt: int):  # type: ignore[no-untyped-def]
+        return state.reserve(
+            organization_id=1,
+            key_id=5,
+            endpoint_id=10,
+            capacity=1000,
+            hold=1,
+            lease=lease,
+            rate_limit_rpm=None,
+            key_credit_limit=None,
+            key_period="all",
+            key_period_ttl=60,
+            attempt=attempt,
+            request_id=f"req-{lease}",
+        )
+
+    async def scenario(state: LiveState) -> list[Verdict]:
+        first = await reserve(state, "a", attempt=1)
+        blocked = await reserve(state, "b", attempt=1)  # the one place is taken
+        assert first.reservation is not None and first.reservation.retry
+        await state.settle(
+            first.reservation,
+            cost=0,
+            vendor_failed=False,
+            latency_ms=5,
+            event=None,
+            request_id="req-a",
+            trace=None,
+        )
+        after_settle = await reserve(state, "c", attempt=1)
+        assert after_settle.reservation is not None
+        await state.release(after_settle.reservation, vendor_failed=None)
+        after_release = await reserve(state, "d", attempt=1)
+        return [first.verdict, blocked.verdict, after_settle.verdict, after_release.verdict]
+
+    assert _run(scenario, config) == [
+        Verdict.OK,
+        Verdict.RETRY_BUDGET,
+        Verdict.OK,
+        Verdict.OK,
+    ]
+
+
 def _reserve_leg(state: LiveState, *, hold: int, lease: str, budget: str):  # type: ignore[no-untyped-def]
     return state.reserve(
         organization_id=1,
