@@ -13,7 +13,12 @@ from django.db import transaction
 from marketplace.redis_client import sync_client
 
 CHANNEL = "sy:invalidate"
+# The routing table changed in a way requests must see at once (an endpoint suspended, a
+# price changed): each replica reloads it before answering its next request.
 SNAPSHOT = "snapshot"
+# Only quality scores moved (usage ingest, probes, feedback: continuously, under load): each
+# replica reloads in the background and keeps routing on the table it has meanwhile.
+QUALITY = "quality"
 
 
 def key_message(key_hash: str) -> str:

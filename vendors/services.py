@@ -67,6 +67,11 @@ def _snapshot_changed() -> None:
     invalidation.publish_after_commit(invalidation.SNAPSHOT)
 
 
+def _quality_changed() -> None:
+    """Scores moved: gateways reload in the background (no request waits for it)."""
+    invalidation.publish_after_commit(invalidation.QUALITY)
+
+
 @transaction.atomic
 def vendor_create(*, name: str, slug: str | None = None, owner: User | None = None) -> Vendor:
     """Register a vendor; it stays pending until an admin approves it."""
@@ -505,7 +510,7 @@ def _observe_counts(counts: dict[tuple[int, str], list[int]]) -> None:
             ],
         )
     if moved:
-        _snapshot_changed()
+        _quality_changed()
 
 
 def _probe_evidence(endpoint: Endpoint) -> dict[str, tuple[float, int]]:
@@ -567,7 +572,7 @@ def quality_recompute(endpoint: Endpoint) -> dict[str, float]:
         row.save()
         scores[row.tag] = row.score
     if moved:
-        _snapshot_changed()
+        _quality_changed()
     return scores
 
 

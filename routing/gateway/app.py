@@ -102,6 +102,9 @@ class GatewayApp:
         self._snapshot_at = 0.0
         self._snapshot_lock: asyncio.Lock | None = None
         self._snapshot_reload: asyncio.Task[None] | None = None
+        self._reload_again = False
+        self._quality_reload: asyncio.Task[None] | None = None
+        self._snapshot_announced = 0  # SNAPSHOT messages received (see _reload_snapshot)
         self._redis: aioredis.Redis | None = None
         self.live: LiveState | None = None
         self.live_cache: LiveCache | None = None
@@ -209,7 +212,7 @@ class GatewayApp:
         if self._mcp_server is not None:
             await self._mcp_server.stop()
             self._mcp_server = None
-        for task in (self._listener, self._sweeper, self._snapshot_reload):
+        for task in (self._listener, self._sweeper, self._snapshot_reload, self._quality_reload):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -242,7 +245,10 @@ class GatewayApp:
                     text = data.decode() if isinstance(data, bytes) else str(data)
                     if text.startswith("key:"):
                         self.keys.forget(text[4:])
+                    elif text == invalidation.QUALITY:
+                        self._reload_in_background()
                     elif text == invalidation.SNAPSHOT:
+                        self._snapshot_announced += 1
                         self._snapshot_at = 0.0
                         if self._classifier is not None:  # tag examples may have changed
                             self._classifier = await off_loop(classifier_from_db)(
@@ -316,11 +322,32 @@ class GatewayApp:
         assert self._snapshot is not None
         return self._snapshot
 
-    async def _reload_snapshot(self) -> None:
+    def _reload_in_background(self) -> None:
+        """Reload the routing table without making any request wait (quality scores moved).
+
+        Messages that arrive while a reload runs set ``_reload_again``: one more reload
+        follows, however many arrived, so a burst of score changes costs two loads at most.
+        """
+        if self._snapshot is None:
+            return  # nothing loaded yet: the next request loads the current table
+        self._reload_again = True
+        if self._quality_reload is None or self._quality_reload.done():
+            self._quality_reload = asyncio.get_running_loop().create_task(
+                self._reload_while_asked()
+            )
+
+    async def _reload_while_asked(self) -> None:
+        while self._reload_again:
+            self._reload_again = False
+            await self._reload_snapshot(force=True)
+
+    async def _reload_snapshot(self, *, force: bool = False) -> None:
         refresh = settings.GATEWAY_SNAPSHOT_REFRESH_SECONDS
         assert self._snapshot_lock is not None
         async with self._snapshot_lock:
-            if self._snapshot is None or time.monotonic() - self._snapshot_at >= refresh:
+            stale = time.monotonic() - self._snapshot_at >= refresh
+            if force or self._snapshot is None or stale:
+                announced = self._snapshot_announced
                 try:
                     self._snapshot, catalog = await off_loop(_load_snapshot)()
                     self._tools = (self._snapshot, catalog)
@@ -331,7 +358,10 @@ class GatewayApp:
                         raise Unavailable("the routing table cannot be loaded") from None
                     # The database is away: keep serving the last routing table.
                     logger.warning("snapshot refresh failed; serving the cached one", exc_info=True)
-                self._snapshot_at = time.monotonic()
+                # A change announced while this load ran may be missing from what it read:
+                # then the table stays due, and the next request loads it again.
+                fresh = announced == self._snapshot_announced
+                self._snapshot_at = time.monotonic() if fresh else 0.0
 
     async def authenticate(
         self, scope: Scope, headers: dict[str, str], api: str | None = None

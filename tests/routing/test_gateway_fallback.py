@@ -481,3 +481,39 @@ def test_it_reads_a_vendor_answer_that_arrives_in_pieces(gateway_server, upstrea
         )
     assert response.status_code == 200, response.text
     assert [item["index"] for item in response.json()["data"]] == list(range(2048))
+
+
+def test_moved_quality_scores_reach_routing_without_holding_requests(gateway_server, upstream):
+    """A quality change is loaded in the background: requests are served on the table the
+    gateway has while the reload waits (here: for a lock on the endpoints table)."""
+    import time
+
+    from django.db import connection, transaction
+
+    from marketplace import invalidation
+    from vendors.services import quality_observe
+
+    endpoint = factories.endpoint(base_url=upstream.base_url, tags=("sql",))
+    customer = factories.customer()
+    body = {"model": "tag:sql", "messages": MESSAGES, "provider": {"min_quality": 0.4}}
+    with gateway_server.client(customer.key) as client:
+        assert client.post("/v1/chat/completions", json=body).status_code == 200  # loaded
+        with transaction.atomic():
+            # every answer of the endpoint failed: its score falls far below 0.4
+            quality_observe(endpoint.pk, None, 0, 1000)
+            with connection.cursor() as cursor:
+                cursor.execute("LOCK TABLE vendors_endpoint IN ACCESS EXCLUSIVE MODE")
+            invalidation.publish_now(invalidation.QUALITY)  # the reload now waits on the lock
+            time.sleep(0.3)
+            during = client.post("/v1/chat/completions", json=body, timeout=10)
+        # committed: the lock is gone and the on-commit "quality" message is out
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            after = client.post("/v1/chat/completions", json=body)
+            if after.status_code != 200:
+                break
+            time.sleep(0.1)
+    assert during.status_code == 200  # served from the table it had, not kept waiting
+    assert after.status_code == 404
+    assert after.json()["error"]["code"] == "no_matching_endpoint"
+    assert "below_min_quality" in after.json()["error"]["message"]

@@ -355,7 +355,7 @@ def _next_message(listener) -> bytes | None:  # type: ignore[no-untyped-def]
     return None
 
 
-def test_it_publishes_a_snapshot_invalidation_only_when_a_score_moves_materially(
+def test_it_publishes_a_quality_invalidation_only_when_a_score_moves_materially(
     django_capture_on_commit_callbacks,
 ):
     # given a gateway replica listening for invalidations
@@ -369,10 +369,10 @@ def test_it_publishes_a_snapshot_invalidation_only_when_a_score_moves_materially
         with django_capture_on_commit_callbacks(execute=True) as immaterial:
             quality_observe(endpoint.pk, None, 1, 1)
 
-        # then only the first published "snapshot"
+        # then only the first published "quality" (gateways reload in the background)
         assert len(material) == 1
         assert immaterial == []
-        assert _next_message(listener) == invalidation.SNAPSHOT.encode()
+        assert _next_message(listener) == invalidation.QUALITY.encode()
     finally:
         listener.close()
 
