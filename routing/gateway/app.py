@@ -239,6 +239,7 @@ class GatewayApp:
                 failing = False
                 # Anything published while we were not subscribed is lost: start afresh.
                 self.keys.clear()
+                self._snapshot_announced += 1
                 self._snapshot_at = 0.0
                 async for message in pubsub.listen():
                     data = message.get("data")

@@ -45,6 +45,18 @@ def _wait_for_semantic_entry(organization_id: int) -> None:
         time.sleep(0.05)
 
 
+def _exact_entry_key(organization_id: int) -> bytes:
+    """The one exact entry's key; it is stored after the answer went out, so wait for it."""
+    from marketplace.redis_client import sync_client
+
+    deadline = time.monotonic() + 30
+    while not (keys := sync_client().keys(f"sy:cache:{organization_id}:x:*")):
+        assert time.monotonic() < deadline, "the exact entry was never stored"
+        time.sleep(0.02)
+    (key,) = keys
+    return key
+
+
 def _reconciled() -> bool:
     out = io.StringIO()
     call_command("reconcile", "--skip-stripe", stdout=out)
@@ -210,7 +222,7 @@ def test_a_request_accepts_no_answer_older_than_its_ttl(gateway_server, upstream
         client.post("/v1/chat/completions", json=_chat(model, cache={"ttl": 600}))
         # Given the stored answer is two minutes old...
         redis = sync_client()
-        (key,) = redis.keys(f"sy:cache:{customer.organization.pk}:x:*")
+        key = _exact_entry_key(customer.organization.pk)
         entry = orjson.loads(redis.get(key))
         entry["at"] -= 120_000
         redis.set(key, orjson.dumps(entry), ex=600)
