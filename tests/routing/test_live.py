@@ -39,6 +39,7 @@ def _reserve(
     rpm=None,
     key_limit=None,
     key_id=5,
+    attempt=0,
 ):  # type: ignore[no-untyped-def]
     return state.reserve(
         organization_id=org,
@@ -51,6 +52,21 @@ def _reserve(
         key_credit_limit=key_limit,
         key_period="all",
         key_period_ttl=3600,
+        attempt=attempt,
+        request_id=f"req-{lease}",
+    )
+
+
+def _settle_free(state: LiveState, reservation, request_id: str):  # type: ignore[no-untyped-def]
+    """A successful answer that cost nothing: no event, no trace."""
+    return state.settle(
+        reservation,
+        cost=0,
+        vendor_failed=False,
+        latency_ms=5,
+        event=None,
+        request_id=request_id,
+        trace=None,
     )
 
 
@@ -145,15 +161,7 @@ def test_the_circuit_opens_after_consecutive_failures_then_half_opens_for_one_tr
         trial = await _reserve(state, lease="trial")
         seen.append(trial.verdict)
         seen.append((await _reserve(state, lease="second-trial")).verdict)  # one trial at a time
-        await state.settle(
-            trial.reservation,
-            cost=0,
-            vendor_failed=False,
-            latency_ms=5,
-            event=None,
-            request_id="gen-t",
-            trace=None,
-        )
+        await _settle_free(state, trial.reservation, "gen-t")
         seen.append((await _reserve(state, lease="closed-again")).verdict)
         return seen
 
@@ -310,39 +318,15 @@ def test_a_finished_retry_gives_its_place_in_the_retry_budget_back():
     sync_client().set(credit_key(1), 10**12)
     config = LiveConfig(retry_budget_ratio=0.0, retry_budget_min=1)
 
-    def reserve(state: LiveState, lease: str, attempt: int):  # type: ignore[no-untyped-def]
-        return state.reserve(
-            organization_id=1,
-            key_id=5,
-            endpoint_id=10,
-            capacity=1000,
-            hold=1,
-            lease=lease,
-            rate_limit_rpm=None,
-            key_credit_limit=None,
-            key_period="all",
-            key_period_ttl=60,
-            attempt=attempt,
-            request_id=f"req-{lease}",
-        )
-
     async def scenario(state: LiveState) -> list[Verdict]:
-        first = await reserve(state, "a", attempt=1)
-        blocked = await reserve(state, "b", attempt=1)  # the one place is taken
+        first = await _reserve(state, lease="a", attempt=1)
+        blocked = await _reserve(state, lease="b", attempt=1)  # the one place is taken
         assert first.reservation is not None and first.reservation.retry
-        await state.settle(
-            first.reservation,
-            cost=0,
-            vendor_failed=False,
-            latency_ms=5,
-            event=None,
-            request_id="req-a",
-            trace=None,
-        )
-        after_settle = await reserve(state, "c", attempt=1)
+        await _settle_free(state, first.reservation, "req-a")
+        after_settle = await _reserve(state, lease="c", attempt=1)
         assert after_settle.reservation is not None
         await state.release(after_settle.reservation, vendor_failed=None)
-        after_release = await reserve(state, "d", attempt=1)
+        after_release = await _reserve(state, lease="d", attempt=1)
         return [first.verdict, blocked.verdict, after_settle.verdict, after_release.verdict]
 
     assert _run(scenario, config) == [
