@@ -318,14 +318,16 @@ class SnapshotIndex:
         for row, curve in enumerate(distinct):
             points = curve or ((0.0, 1.0),)
             count = len(points)
-            x[row, :count] = [float(u) for u, _ in points]
-            y[row, :count] = [float(m) for _, m in points]
+            # The snapshot made the points numbers once (routing.snapshot); the arrays'
+            # dtype takes them as they are.
+            x[row, :count] = [u for u, _ in points]
+            y[row, :count] = [m for _, m in points]
             x[row, count:] = _PAD_START + np.arange(width - count)
             y[row, count:] = y[row, count - 1]
         self.curve_x, self.curve_y = x[which], y[which]
-        self.surge_cap = np.array([float(e.surge_cap) for e in endpoints], np.float64)
+        self.surge_cap = np.array([e.surge_cap for e in endpoints], np.float64)
         # Vectorised quotes must not overflow int64: base price x rounded multiplier.
-        top_multiplier = max(float(self.surge_cap.max(initial=1.0)), 1.0)
+        top_multiplier = max(self.surge_cap.max(initial=1.0).item(), 1.0)
         top_price = max(int(self.price_input.max(initial=0)), int(self.price_output.max(initial=0)))
         self._exact_quotes = top_price * (round(top_multiplier * _QUOTE_SCALE) + 1) >= 2**62
 
@@ -333,7 +335,7 @@ class SnapshotIndex:
         """``vendors.pricing.quote`` elementwise (nanos per million, rounded up)."""
         if self._exact_quotes:  # prices beyond int64 arithmetic: the slow, exact way
             return np.array(
-                [quote(int(b), float(m)) for b, m in zip(base, multiplier, strict=True)],
+                [quote(b, m) for b, m in zip(base.tolist(), multiplier.tolist(), strict=True)],
                 np.int64,
             )
         scaled = base * np.rint(multiplier * _QUOTE_SCALE).astype(np.int64)
