@@ -28,10 +28,10 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -448,6 +448,11 @@ class LiveState:
             return await self.fast.evalsha(script.sha, script.script, keys, args)
         return await script(keys=keys, args=args)
 
+    def _hot_now(self, script: Any, keys: list[Any], args: list[Any]) -> Awaitable[Any]:
+        if self.fast is not None:
+            return self.fast.evalsha_now(script.sha, script.script, keys, args)
+        return cast(Awaitable[Any], script(keys=keys, args=args))  # sent when awaited
+
     async def init_credit(self, organization_id: int, balance: int, version: bytes | None) -> None:
         from billing.credit import credit_version_key
 
@@ -578,7 +583,12 @@ class LiveState:
             ],
         )
 
-    async def settle(
+    async def settle(self, reservation: Reservation, **settlement: Any) -> None:
+        """Charge ``cost`` (never more than the hold), free the slot, emit event and trace;
+        ``tokens`` count towards the key's tokens-per-minute limit (see ``settle_now``)."""
+        await self.settle_now(reservation, **settlement)
+
+    def settle_now(
         self,
         reservation: Reservation,
         *,
@@ -590,10 +600,12 @@ class LiveState:
         trace: dict[str, Any] | None,
         tokens: int = 0,
         affinity_key: str | None = None,
-    ) -> None:
-        """Charge ``cost`` (never more than the hold), free the slot, emit event and trace;
-        ``tokens`` count towards the key's tokens-per-minute limit."""
-        await self._hot(
+    ) -> Awaitable[Any]:
+        """``settle``, written to Redis before this returns (on the gateway's pipelined
+        client): the caller sends its answer and then awaits the result, so the answer
+        never waits for Redis, and Redis has the settlement before the client has the
+        answer. A Redis error is raised by the await."""
+        return self._hot_now(
             self._settle,
             keys=[
                 credit_key(reservation.organization_id),

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, cast
 from urllib.parse import unquote, urlparse
 
@@ -118,18 +118,25 @@ class _Protocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def send(self, command: bytes) -> asyncio.Future[Any]:
+    def send(self, command: bytes, *, now: bool = False) -> asyncio.Future[Any]:
+        """Queue ``command`` for this turn's write; ``now``: write it (and the queue) at once."""
         if self.closed or self.transport is None or self.transport.is_closing():
             raise RedisConnectionError("connection to Redis is closed")
         assert self._loop is not None
         future: asyncio.Future[Any] = self._loop.create_future()
         self.pending.append(future)
+        if now:
+            self._outgoing.append(command)
+            self._flush()
+            return future
         if not self._outgoing:
             self._loop.call_soon(self._flush)
         self._outgoing.append(command)
         return future
 
     def _flush(self) -> None:
+        if not self._outgoing:
+            return  # written early by a ``now`` send
         data = b"".join(self._outgoing)
         self._outgoing.clear()
         if not self.closed and self.transport is not None and not self.transport.is_closing():
@@ -192,9 +199,37 @@ class RespClient:
     async def evalsha(self, sha: str, script: str, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
         """Run a Lua script by its SHA-1, loading it once if Redis does not know it."""
         protocol = await self._connection()
-        command = pack("EVALSHA", sha, len(keys), *keys, *args)
+        sent = protocol.send(pack("EVALSHA", sha, len(keys), *keys, *args))
+        return await self._reply(sent, sha, script, keys, args)
+
+    def evalsha_now(
+        self, sha: str, script: str, keys: Sequence[Arg], args: Sequence[Arg]
+    ) -> Awaitable[Any]:
+        """``evalsha``, but written to the socket before this returns when connected.
+
+        The caller can then do other work (send an answer to its client) and await the reply
+        after: Redis receives the command first. Not connected, nothing is sent until the
+        result is awaited (which connects first).
+        """
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            return self.evalsha(sha, script, keys, args)
         try:
-            return await protocol.send(command)
+            sent = protocol.send(pack("EVALSHA", sha, len(keys), *keys, *args), now=True)
+        except RedisConnectionError:  # closing: evalsha reconnects when awaited
+            return self.evalsha(sha, script, keys, args)
+        return self._reply(sent, sha, script, keys, args)
+
+    async def _reply(
+        self,
+        sent: asyncio.Future[Any],  # the EVALSHA below, already written
+        sha: str,
+        script: str,
+        keys: Sequence[Arg],
+        args: Sequence[Arg],
+    ) -> Any:
+        try:
+            return await sent
         except ResponseError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise

@@ -340,10 +340,20 @@ class Proxy:
                 # The client went away (or a bug): charge only what was delivered.
                 await asyncio.shield(self._finish(job, served, attempts, vendor_failed=False))
                 raise
-            await self._finish(job, served, attempts, vendor_failed=served.outcome != "success")
+            # The settlement is written to Redis before the answer's last bytes go to the
+            # client (a client never holds a complete answer Redis was not sent), and its
+            # reply is awaited after them: the answer does not wait for a Redis round trip.
+            settlement = self._settle_now(
+                job, served, attempts, vendor_failed=served.outcome != "success"
+            )
             job.served = served
-            if served.final is not None:
-                await served.final()
+            try:
+                if served.final is not None:
+                    await served.final()
+            except BaseException:
+                await asyncio.shield(self._settled(job, served, settlement))
+                raise
+            await self._settled(job, served, settlement)
             endpoint = candidate.endpoint
             metrics.REQUESTS.labels(
                 job.kind, endpoint.full_slug, endpoint.vendor_slug, served.outcome
@@ -473,6 +483,15 @@ class Proxy:
     async def _finish(
         self, job: Job, served: Served, attempts: list[Attempt], *, vendor_failed: bool
     ) -> None:
+        await self._settled(job, served, self._settle_now(job, served, attempts, vendor_failed))
+
+    def _settle_now(
+        self, job: Job, served: Served, attempts: list[Attempt], vendor_failed: bool
+    ) -> tuple[Awaitable[Any] | None, dict[str, Any] | None]:
+        """Write the settlement to Redis now; ``_settled`` awaits it (the answer goes between).
+
+        Returns the pending result (None: Redis refused it at once) and the usage event.
+        """
         delivered = served.outcome in ("success", "partial")
         cost = served.cost if delivered else 0
         served.cost = cost
@@ -503,7 +522,7 @@ class Proxy:
             }
         last = attempts[-1] if attempts else None
         try:
-            await self.live.settle(
+            pending = self.live.settle_now(
                 served.reservation,
                 cost=cost,
                 vendor_failed=vendor_failed,
@@ -519,6 +538,21 @@ class Proxy:
                 affinity_key=job.affinity_key,
             )
         except aioredis.RedisError:
+            pending = None
+        return pending, event
+
+    async def _settled(
+        self,
+        job: Job,
+        served: Served,
+        settlement: tuple[Awaitable[Any] | None, dict[str, Any] | None],
+    ) -> None:
+        pending, event = settlement
+        try:
+            if pending is None:
+                raise aioredis.ConnectionError("Redis refused the settlement")
+            await pending
+        except aioredis.RedisError:
             # The customer was served; Redis is away. Keep the settlement on local disk
             # (the replayer applies it when Redis is back), never lose the usage.
             if self.spool is None:
@@ -530,8 +564,8 @@ class Proxy:
                     "organization_id": reservation.organization_id,
                     "endpoint_id": reservation.endpoint_id,
                     "lease": reservation.lease,
-                    "refund": reservation.hold - cost,
-                    "cost": cost,
+                    "refund": reservation.hold - served.cost,
+                    "cost": served.cost,
                     "event": event,
                 }
             )

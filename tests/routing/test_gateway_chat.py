@@ -3,6 +3,8 @@ upstream: the answer, its cost, the usage record and the ledger charge."""
 
 from __future__ import annotations
 
+import threading
+
 import orjson
 import pytest
 
@@ -139,6 +141,47 @@ def test_it_charges_a_request_once_even_if_its_event_is_ingested_twice(gateway_s
     assert record_events([replay, replay]) == (0, 2)
     assert organization_balance(customer.organization) == balance
     assert UsageRecord.objects.filter(request_id=request_id).count() == 1
+
+
+def test_the_answer_does_not_wait_for_redis_to_record_its_settlement(gateway_server, upstream):
+    """The settlement is written to Redis, then the answer sent, then Redis's reply awaited:
+    with Redis holding writes back, the client has its answer before the charge is applied,
+    and the charge lands (once) when Redis resumes."""
+    from billing.credit import credit_key
+    from marketplace.redis_client import sync_client
+    from tests.support.cluster import wait_until
+
+    endpoint = factories.endpoint(base_url=upstream.base_url)
+    customer = factories.customer(credit_usd="10")
+    organization_id = customer.organization.pk
+    redis = sync_client()
+    with gateway_server.client(customer.key) as client:
+        body = {**CHAT, "model": endpoint.full_slug}
+        first = client.post("/v1/chat/completions", json=body).json()  # loads scripts and credit
+        settled = int(redis.get(credit_key(organization_id)))
+        upstream.script(["delay:500"])
+        answered = {}
+
+        def slow_request() -> None:
+            answered["response"] = client.post("/v1/chat/completions", json=body)
+
+        thread = threading.Thread(target=slow_request)
+        thread.start()
+        try:
+            assert wait_until(lambda: upstream.stats()["in_flight"] == 1)
+            held = int(redis.get(credit_key(organization_id)))  # the hold is taken
+            redis.execute_command("CLIENT", "PAUSE", 60_000, "WRITE")
+            thread.join(timeout=30)
+            # Answered while Redis holds the settlement back: only the hold is off the credit.
+            assert answered["response"].status_code == 200, answered["response"].text
+            assert int(redis.get(credit_key(organization_id))) == held < settled
+        finally:
+            redis.execute_command("CLIENT", "UNPAUSE")
+            thread.join()
+    cost = answered["response"].json()["usage"]["cost_nanos"]
+    assert wait_until(lambda: int(redis.get(credit_key(organization_id))) == settled - cost)
+    assert cost == first["usage"]["cost_nanos"] > 0
+    assert ingest_all() == 2
 
 
 def test_it_lists_models_the_key_may_use(gateway_server, upstream):

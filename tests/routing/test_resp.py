@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from django.conf import settings
@@ -201,3 +202,47 @@ def test_commands_of_one_event_loop_turn_leave_in_one_write():
     # the fifty INCRs in one write, the GET (a later turn) in another
     assert len(writes) == 2
     assert writes[0].count(b"INCR") == 50
+
+
+def test_evalsha_now_writes_before_it_returns_and_the_await_reads_the_reply():
+    sync_client().delete("sy:test:now")
+
+    def applied() -> bytes | None:
+        # A blocking read: this event loop cannot turn (nor flush anything) meanwhile.
+        for _ in range(200):
+            value = sync_client().get("sy:test:now")
+            if value is not None:
+                return value
+            time.sleep(0.01)
+        return None
+
+    async def main():  # type: ignore[no-untyped-def]
+        client = RespClient(settings.REDIS_URL)
+        try:
+            await client.execute("PING")  # connected
+            sync_client().script_load(SCRIPT)
+            pending = client.evalsha_now(_sha(SCRIPT), SCRIPT, ["sy:test:now"], [3, "x"])
+            seen = applied()  # before the loop turns: only a command already written counts
+            return seen, await pending
+        finally:
+            await client.aclose()
+
+    assert _run(main()) == (b"3", [3, b"x"])
+
+
+def test_evalsha_now_loads_an_unknown_script_when_awaited():
+    sync_client().script_flush()
+    sync_client().delete("sy:test:now")
+
+    async def main():  # type: ignore[no-untyped-def]
+        client = RespClient(settings.REDIS_URL)
+        try:
+            before = client.evalsha_now(_sha(SCRIPT), SCRIPT, ["sy:test:now"], [1, "a"])
+            first = await before  # not connected yet: connects when awaited
+            await client.execute("SCRIPT", "FLUSH")
+            second = await client.evalsha_now(_sha(SCRIPT), SCRIPT, ["sy:test:now"], [2, "b"])
+            return first, second
+        finally:
+            await client.aclose()
+
+    assert _run(main()) == ([1, b"a"], [3, b"b"])
