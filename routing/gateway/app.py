@@ -53,6 +53,7 @@ from routing.gateway import openapi
 from routing.gateway.auth import KeyCache, KeyInfo
 from routing.gateway.auth_limit import AuthFailureLimiter
 from routing.gateway.cached import AnswerTee, entry_from_answer, send_hit
+from routing.gateway.conf import hot
 from routing.gateway.db import off_loop
 from routing.gateway.gcpause import GcFreezer
 from routing.gateway.http import (
@@ -307,7 +308,7 @@ class GatewayApp:
                 logger.warning("hold sweep failed", exc_info=True)
 
     async def snapshot(self) -> Snapshot:
-        refresh = settings.GATEWAY_SNAPSHOT_REFRESH_SECONDS
+        refresh = hot.GATEWAY_SNAPSHOT_REFRESH_SECONDS
         if self._snapshot is not None and time.monotonic() - self._snapshot_at < refresh:
             return self._snapshot
         if self._snapshot is not None and self._snapshot_at:
@@ -343,7 +344,7 @@ class GatewayApp:
             await self._reload_snapshot(force=True)
 
     async def _reload_snapshot(self, *, force: bool = False) -> None:
-        refresh = settings.GATEWAY_SNAPSHOT_REFRESH_SECONDS
+        refresh = hot.GATEWAY_SNAPSHOT_REFRESH_SECONDS
         assert self._snapshot_lock is not None
         async with self._snapshot_lock:
             stale = time.monotonic() - self._snapshot_at >= refresh
@@ -393,7 +394,7 @@ class GatewayApp:
             # A trusted upstream id correlates our log lines with the caller's; the id we
             # bill and trace by stays ours, so a repeated header can never merge two requests.
             trusted = accept_request_id(
-                headers.get("x-request-id"), trusted=settings.TRUST_REQUEST_ID_HEADER
+                headers.get("x-request-id"), trusted=hot.TRUST_REQUEST_ID_HEADER
             )
             if trusted:
                 request_id_var.set(f"{trusted}/{request_id}")
@@ -656,7 +657,7 @@ class GatewayApp:
         and run ``body_handler`` once per Idempotency-Key (chat completions and embeddings)."""
         key = await self.authenticate(scope, headers, api=api)
         _check_content_type(headers)
-        raw = await read_body(receive, headers, settings.GATEWAY_MAX_BODY_BYTES)
+        raw = await read_body(receive, headers, hot.GATEWAY_MAX_BODY_BYTES)
 
         async def handle(out: Send) -> None:
             await body_handler(key, raw, out, request_id)
@@ -670,7 +671,7 @@ class GatewayApp:
 
     async def _chat_body(self, key: KeyInfo, raw: bytes, send: Send, request_id: str) -> None:
         body = parse_json(raw)
-        request = chat_request(body, max_messages=settings.GATEWAY_MAX_MESSAGES)
+        request = chat_request(body, max_messages=hot.GATEWAY_MAX_MESSAGES)
         if request.model == ORCHESTRATE:
             await Orchestration(self, key, body, request_id).run(send)
             return
@@ -723,7 +724,7 @@ class GatewayApp:
         key = await self.authenticate(scope, headers, api="tools")
         name = scope["path"][len(TOOLS_PREFIX) :]
         _check_content_type(headers)
-        raw = await read_body(receive, headers, settings.GATEWAY_MAX_BODY_BYTES)
+        raw = await read_body(receive, headers, hot.GATEWAY_MAX_BODY_BYTES)
 
         async def handle(out: Send) -> None:
             arguments, provider = tool_call_fields(parse_json(raw))
@@ -823,7 +824,7 @@ class GatewayApp:
         if cached is None:
             await self.proxy.run(job, candidates, send)
             return
-        tee = AnswerTee(send, settings.GATEWAY_CACHE_MAX_ANSWER_BYTES)
+        tee = AnswerTee(send, hot.GATEWAY_CACHE_MAX_ANSWER_BYTES)
         await self.proxy.run(job, candidates, tee)
         await self._cache_store(job, cached, tee, vector)
 
@@ -837,7 +838,7 @@ class GatewayApp:
             job.body,
             default_ttl=job.key.cache_ttl,
             default_similarity=job.key.cache_similarity,
-            max_ttl=settings.GATEWAY_CACHE_MAX_TTL_SECONDS,
+            max_ttl=hot.GATEWAY_CACHE_MAX_TTL_SECONDS,
         )
         if request is None:
             return None, None

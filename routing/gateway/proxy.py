@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -22,7 +23,6 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from django.conf import settings
 
 from billing.money import NANOS_PER_USD, request_cost
 from routing import metrics
@@ -43,6 +43,7 @@ from routing.errors import (
     UpstreamFailed,
 )
 from routing.gateway.auth import KeyInfo
+from routing.gateway.conf import hot
 from routing.gateway.h1 import Response, UpstreamError, UpstreamProtocolError
 from routing.gateway.http import Send, send_json, send_sse, start_sse
 from routing.gateway.upstream import UpstreamPool, check_literal, upstream_headers
@@ -174,17 +175,49 @@ def period_start(period: str, now: datetime | None = None) -> datetime | None:
     return None
 
 
-def key_period(period: str, now: datetime | None = None) -> tuple[str, int]:
-    """The id of the current credit-limit period and the seconds until it ends (+1 h)."""
-    now = now or datetime.now(UTC)
+_FOREVER_TTL = 400 * 24 * 3600  # a limit that never resets: its counter outlives any key
+
+
+def period_bounds(period: str, now: datetime) -> tuple[str, datetime | None, datetime | None]:
+    """The id of the period that holds ``now``, its start and its end (None: ``never``)."""
     start = period_start(period, now)
     if start is None:
-        return "all", 400 * 24 * 3600
+        return "all", None, None
     if period == "monthly":
         end = (start.replace(day=28) + timedelta(days=4)).replace(day=1)
     else:
         end = start + timedelta(days=_PERIOD_DAYS[period])
-    return f"{period[0]}{start:%Y%m%d}", int((end - now).total_seconds()) + 3600
+    return f"{period[0]}{start:%Y%m%d}", start, end
+
+
+class CurrentPeriods:
+    """The id of the current credit-limit period and the seconds until it ends (+1 h, the
+    TTL of its spend counter), each period's bounds kept until it ends.
+
+    Every request asks twice (its key's credit-limit period and its organisation's month);
+    the calendar arithmetic behind a fresh answer was 5 % of the gateway's CPU per request.
+    A clock that steps outside the kept bounds (either way) recomputes them.
+    """
+
+    def __init__(self) -> None:
+        self._bounds: dict[str, tuple[float, float, str]] = {}
+
+    def __call__(self, period: str, now: float | None = None) -> tuple[str, int]:
+        moment = time.time() if now is None else now
+        kept = self._bounds.get(period)
+        if kept is None or not kept[0] <= moment < kept[1]:
+            ident, start, end = period_bounds(period, datetime.fromtimestamp(moment, UTC))
+            if start is None or end is None:
+                kept = (-math.inf, math.inf, ident)
+            else:
+                kept = (start.timestamp(), end.timestamp(), ident)
+            self._bounds[period] = kept
+        if kept[1] == math.inf:
+            return kept[2], _FOREVER_TTL
+        return kept[2], int(kept[1] - moment) + 3600
+
+
+current_period = CurrentPeriods()
 
 
 class Proxy:
@@ -211,8 +244,8 @@ class Proxy:
         self, job: Job, candidate: Candidate, hold: int, attempt: int = 0
     ) -> tuple[Verdict, Reservation | None, int]:
         key = job.key
-        period, ttl = key_period(key.credit_limit_period)
-        org_period, org_ttl = key_period("monthly")
+        period, ttl = current_period(key.credit_limit_period)
+        org_period, org_ttl = current_period("monthly")
         for _ in range(4):
             result = await self.live.reserve(
                 organization_id=key.organization_id,
@@ -253,7 +286,7 @@ class Proxy:
 
     async def run(self, job: Job, candidates: list[Candidate], send: Send) -> None:
         attempts: list[Attempt] = []
-        deadline = job.started + settings.GATEWAY_TOTAL_TIMEOUT
+        deadline = job.started + hot.GATEWAY_TOTAL_TIMEOUT
         last_error: GatewayError | None = None
         tried = 0
         for candidate in candidates:
@@ -443,7 +476,7 @@ class Proxy:
         if job.kind == "embeddings":
             return request_cost(job.prompt_bound, 0, candidate.price_input, candidate.price_output)
         max_tokens = job.max_tokens or min(
-            settings.GATEWAY_DEFAULT_MAX_TOKENS, candidate.endpoint.context_length
+            hot.GATEWAY_DEFAULT_MAX_TOKENS, candidate.endpoint.context_length
         )
         return request_cost(
             job.prompt_bound, max_tokens, candidate.price_input, candidate.price_output
@@ -613,7 +646,7 @@ class Proxy:
         if job.kind == "chat":
             body.pop("max_completion_tokens", None)
             body["max_tokens"] = job.max_tokens or min(
-                settings.GATEWAY_DEFAULT_MAX_TOKENS, endpoint.context_length
+                hot.GATEWAY_DEFAULT_MAX_TOKENS, endpoint.context_length
             )
             if job.stream:
                 body["stream_options"] = {"include_usage": True}
@@ -625,13 +658,11 @@ class Proxy:
             price_input=served.candidate.price_input,
             price_output=served.candidate.price_output,
         )
-        remaining = job.started + settings.GATEWAY_TOTAL_TIMEOUT - t0
+        remaining = job.started + hot.GATEWAY_TOTAL_TIMEOUT - t0
         try:
             check_literal(url)
             # asyncio.timeout, not wait_for: no extra task per request on the hot path.
-            async with asyncio.timeout(
-                min(settings.GATEWAY_FIRST_BYTE_TIMEOUT, max(remaining, 0.01))
-            ):
+            async with asyncio.timeout(min(hot.GATEWAY_FIRST_BYTE_TIMEOUT, max(remaining, 0.01))):
                 response = await self.upstreams.post(
                     url, orjson.dumps(body), upstream_headers(endpoint.secret, job.request_id)
                 )
@@ -679,8 +710,8 @@ class Proxy:
         attempts: list[Attempt],
         t0: float,
     ) -> None:
-        limit = settings.GATEWAY_MAX_UPSTREAM_BODY_BYTES
-        remaining = max(job.started + settings.GATEWAY_TOTAL_TIMEOUT - time.monotonic(), 0.01)
+        limit = hot.GATEWAY_MAX_UPSTREAM_BODY_BYTES
+        remaining = max(job.started + hot.GATEWAY_TOTAL_TIMEOUT - time.monotonic(), 0.01)
         try:
             async with asyncio.timeout(remaining):
                 raw = await response.read(limit + 1)
@@ -748,8 +779,8 @@ class Proxy:
         id_from, id_to = b"", b""
         usage_chunk: dict[str, Any] | None = None
         chunks_sent = 0
-        deadline = job.started + settings.GATEWAY_TOTAL_TIMEOUT
-        line_limit = settings.GATEWAY_MAX_UPSTREAM_BODY_BYTES
+        deadline = job.started + hot.GATEWAY_TOTAL_TIMEOUT
+        line_limit = hot.GATEWAY_MAX_UPSTREAM_BODY_BYTES
         received = 0
         restorer = job.redaction.stream() if job.redaction is not None else None
         last_chunk: dict[str, Any] | None = None

@@ -20,6 +20,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from django.conf import settings
 
+from routing.gateway.conf import hot
 from routing.gateway.h1 import H1Pool, Response
 from vendors.ssrf import UnsafeURLError, address_is_allowed, parse_url
 
@@ -71,7 +72,7 @@ def _literal_verdict(url: str, allowed: tuple[str, ...]) -> str | None:
 
 def check_literal(url: str) -> None:
     """Refuse a URL whose host is a forbidden IP literal (cached per URL and setting)."""
-    verdict = _literal_verdict(url, tuple(settings.OUTBOUND_ALLOWED_NETWORKS))
+    verdict = _literal_verdict(url, tuple(hot.OUTBOUND_ALLOWED_NETWORKS))
     if verdict is not None:
         raise UnsafeURLError(verdict)
 
