@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -182,10 +182,12 @@ def wait_http(url: str, proc: Proc, timeout: float, ok: tuple[int, ...] = (200,)
     )
 
 
-def start_gateway(port: int, run_dir: Path) -> Proc:
+def start_gateway(port: int, run_dir: Path, prefix: Sequence[str] = ()) -> Proc:
+    """One uvicorn worker as production runs it; ``prefix``: a wrapper (valgrind) before it."""
     log_path = run_dir / "gateway.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "LOG_LEVEL": "WARNING"}
     cmd = [
+        *prefix,
         str(PROJECT_PYTHON),
         "-m",
         "uvicorn",
