@@ -31,7 +31,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -705,9 +705,12 @@ def _failed_flag(vendor_failed: bool | None) -> int:
     return 1 if vendor_failed else 0
 
 
-@dataclass(frozen=True, slots=True)
-class EndpointNumbers:
-    """What the router may know about an endpoint without asking Redis."""
+class EndpointNumbers(NamedTuple):
+    """What the router may know about an endpoint without asking Redis.
+
+    A named tuple: a refresh makes one per endpoint (10,000 every 250 ms in a large
+    marketplace), and a frozen dataclass costs a ``__setattr__`` per field to build.
+    """
 
     inflight: int = 0
     utilisation: float = 0.0
@@ -716,6 +719,44 @@ class EndpointNumbers:
     latency_ms: float | None = None
     requests: int = 0
     success_ratio: float | None = None
+
+
+def _numbers_by_id(table: dict[bytes, bytes]) -> dict[int, int | float]:
+    """A live hash (endpoint id -> a number as Redis stores it, decimal text) as numbers.
+
+    Parsed as two JSON arrays, ids and values, in two C calls: one parse per field (70,000
+    per refresh over 10,000 endpoints) took 125 ms of the event loop every 250 ms. orjson
+    reads an int or a float without a float conversion of our own, and refuses "nan" and
+    "inf"; a table holding any such value (or a field that is not an id) is read field by
+    field instead, leaving those fields out.
+    """
+    if not table:
+        return {}
+    try:
+        ids = orjson.loads(b"[" + b",".join(table) + b"]")
+        values = orjson.loads(b"[" + b",".join(table.values()) + b"]")
+    except orjson.JSONDecodeError:
+        return _numbers_one_by_one(table)
+    if len(ids) != len(table) or len(values) != len(table):
+        return _numbers_one_by_one(table)  # a field or value with a comma in it
+    if not set(map(type, ids)) <= _INT or not set(map(type, values)) <= _NUMBER:
+        return _numbers_one_by_one(table)  # (map and set: C loops, not a Python one)
+    return dict(zip(ids, values, strict=True))
+
+
+_INT, _NUMBER = frozenset((int,)), frozenset((int, float))
+
+
+def _numbers_one_by_one(table: dict[bytes, bytes]) -> dict[int, int | float]:
+    out: dict[int, int | float] = {}
+    for field, raw in table.items():
+        try:
+            endpoint_id, value = orjson.loads(field), orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        if type(endpoint_id) is int and type(value) in _NUMBER and math.isfinite(value):
+            out[endpoint_id] = value
+    return out
 
 
 class LiveCache:
@@ -752,36 +793,18 @@ class LiveCache:
         pipe = self._client.pipeline(transaction=False)
         for key in (INFLIGHT, UTILISATION, CIRCUIT, COOLDOWN, LATENCY, REQUESTS, OUTCOMES):
             pipe.hgetall(key)
-        inflight, util, circuit, cooldown, latency, requests, outcomes = await pipe.execute()
-        ids = {
-            int(k)
-            for table in (inflight, util, circuit, cooldown, latency, requests)
-            for k in table
-        }
-
-        def num(table: dict[bytes, bytes], ep: int) -> float | None:
-            raw = table.get(str(ep).encode())
-            if raw is None:
-                return None
-            # Redis stores the numbers as decimal text; orjson reads an int or a float
-            # (and refuses "nan"/"inf") without a float conversion of our own.
-            try:
-                value = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                return None
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                return None
-            return value if math.isfinite(value) else None
-
+        raw = await pipe.execute()
+        inflight, util, circuit, cooldown, latency, requests, outcomes = map(_numbers_by_id, raw)
+        ids = set().union(inflight, util, circuit, cooldown, latency, requests)
         self.numbers = {
-            ep: EndpointNumbers(
-                inflight=int(num(inflight, ep) or 0),
-                utilisation=num(util, ep) or 0.0,
-                circuit_opened_at=num(circuit, ep),
-                cooldown_until=num(cooldown, ep) or 0.0,
-                latency_ms=num(latency, ep),
-                requests=int(num(requests, ep) or 0),
-                success_ratio=num(outcomes, ep),
+            ep: EndpointNumbers(  # positionally: the fields in their order
+                int(inflight.get(ep) or 0),
+                util.get(ep) or 0.0,
+                circuit.get(ep),
+                cooldown.get(ep) or 0.0,
+                latency.get(ep),
+                int(requests.get(ep) or 0),
+                outcomes.get(ep),
             )
             for ep in ids
         }

@@ -419,3 +419,42 @@ def test_the_budget_of_a_gateway_that_died_comes_back_with_the_sweep():
 
 def test_a_budget_for_an_unknown_balance_asks_for_it():
     assert _run(lambda s: s.budget_open(1, 10, "b1", ttl=60)) is Verdict.CREDIT_UNKNOWN
+
+
+def test_the_live_cache_leaves_out_numbers_it_cannot_trust():
+    """A hash with a value that is not a finite number (or a field that is not an endpoint
+    id) loses only that field; the others are read as usual."""
+    client = sync_client()
+    client.hset("sy:live:util", mapping={"7": "0.25", "8": "nan", "9": "inf", "oops": "0.5"})
+    client.hset("sy:live:lat", mapping={"7": "120.5", "8": "80", "9": "1e3"})
+    client.hset("sy:live:req", mapping={"7": "3", "8": "true", "9": "5"})
+
+    async def scenario(state: LiveState) -> dict:  # type: ignore[type-arg]
+        cache = LiveCache(state.client)
+        await cache.refresh()
+        return cache.numbers
+
+    numbers = _run(scenario)
+    assert set(numbers) == {7, 8, 9}
+    assert (numbers[7].utilisation, numbers[7].latency_ms, numbers[7].requests) == (0.25, 120.5, 3)
+    assert (numbers[8].utilisation, numbers[8].latency_ms, numbers[8].requests) == (0.0, 80, 0)
+    assert (numbers[9].utilisation, numbers[9].latency_ms, numbers[9].requests) == (0.0, 1000.0, 5)
+    assert isinstance(numbers[7].requests, int) and isinstance(numbers[9].latency_ms, float)
+
+
+def test_the_live_cache_reads_ten_thousand_endpoints():
+    client = sync_client()
+    ids = range(1, 10_001)
+    client.hset("sy:live:inflight", mapping={str(i): i % 5 for i in ids})
+    client.hset("sy:live:util", mapping={str(i): i / 20_000 for i in ids})
+    client.hset("sy:live:ok", mapping={str(i): 1 for i in ids})
+
+    async def scenario(state: LiveState) -> dict:  # type: ignore[type-arg]
+        cache = LiveCache(state.client)
+        await cache.refresh()
+        return cache.numbers
+
+    numbers = _run(scenario)
+    assert len(numbers) == 10_000
+    assert numbers[9_999].inflight == 4 and numbers[9_999].utilisation == 9_999 / 20_000
+    assert numbers[10_000].success_ratio == 1 and numbers[10_000].latency_ms is None
