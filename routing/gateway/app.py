@@ -114,6 +114,7 @@ class GatewayApp:
         self.cache: ResponseCache | None = None
         self.auth_limiter: AuthFailureLimiter | None = None
         self.live_view = LiveView()
+        self._live_made: dict[int, tuple[EndpointNumbers, EndpointLive]] = {}
         # Route decisions shared by identical requests within one live-numbers epoch.
         self._decisions: dict[Any, tuple[RouteDecision, dict[str, Any]]] = {}
         self._decisions_snapshot: Snapshot | None = None
@@ -265,11 +266,25 @@ class GatewayApp:
                 await asyncio.sleep(0.5)
 
     def _rebuild_live_view(self, numbers: dict[int, EndpointNumbers]) -> None:
-        """Turn the live numbers into the router's view (once per refresh, not per request)."""
+        """Turn the live numbers into the router's view (once per refresh, not per request).
+
+        An endpoint whose circuit is closed and whose numbers did not move since the last
+        refresh keeps its ``EndpointLive``: in a large marketplace most endpoints are idle
+        between two refreshes, and building 10,000 of them took 35 ms of every refresh.
+        """
         now = time.time()
         cooldown = settings.GATEWAY_CIRCUIT_COOLDOWN_SECONDS
-        table = {}
+        table: dict[int, EndpointLive] = {}
+        previous = self._live_made
+        made: dict[int, tuple[EndpointNumbers, EndpointLive]] = {}
         for endpoint_id, n in numbers.items():
+            closed = n.circuit_opened_at is None and n.cooldown_until <= now
+            if closed:
+                kept = previous.get(endpoint_id)
+                if kept is not None and kept[0] == n:
+                    table[endpoint_id] = kept[1]
+                    made[endpoint_id] = kept
+                    continue
             circuit, trial = "closed", False
             if n.cooldown_until > now:
                 circuit = "open"  # the vendor asked for quiet with Retry-After
@@ -279,7 +294,7 @@ class GatewayApp:
                 else:
                     # The reserve script hands the single trial slot out atomically.
                     circuit, trial = "half_open", True
-            table[endpoint_id] = EndpointLive(
+            live = EndpointLive(
                 inflight=n.inflight,
                 utilisation=n.utilisation,
                 circuit=circuit,
@@ -288,6 +303,10 @@ class GatewayApp:
                 requests=n.requests,
                 success_ratio=n.success_ratio,
             )
+            table[endpoint_id] = live
+            if closed:  # only a closed circuit's view depends on the numbers alone
+                made[endpoint_id] = (n, live)
+        self._live_made = made
         view = LiveView(table)
         if self._snapshot is not None:
             view.prepare(self._snapshot)
