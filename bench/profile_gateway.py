@@ -1,7 +1,7 @@
 """Profile Switchyard's gateway under load: where does the CPU of one request go?
 
     .venv/bin/python -m marketplace.devenv --data-dir var/bench exec -- \\
-        .venv/bin/python -m bench.profile_gateway [--mode py-spy|cprofile|both]
+        .venv/bin/python -m bench.profile_gateway [--mode py-spy|cprofile|both|gc|callgrind]
         [--concurrency 16] [--seconds 8] [--stream] [--top 40]
 
 Starts the instant fake upstream, seeds a customer/key/endpoint through the services (as
@@ -16,6 +16,9 @@ After a warm-up it measures the gateway's CPU time per request from /proc and pr
 * ``cprofile``: runs the gateway in a child with cProfile switched on only for the
   measured window (SIGUSR1 / SIGUSR2); gives exact call counts per request, but inflates
   small-function costs (tracing overhead), so read its times relative to each other.
+* ``gc``: garbage-collector pauses and latency, as is and with ``gc.freeze()``.
+* ``callgrind``: machine instructions per request, counted by valgrind in the measured
+  window only; repeatable on a busy machine, for an A/B of two commits (``callgrind_run``).
 
 Prints the top functions by self time and by inclusive time (project code), in
 microseconds per request, and writes the raw data under var/bench-run/<stamp>/.
