@@ -279,7 +279,7 @@ class TagClassifier:
             for tag in self.tags:
                 end = start + len(cleaned[tag])
                 mean = vectors[start:end].mean(axis=0)
-                centroids.append(mean / max(float(np.linalg.norm(mean)), 1e-12))
+                centroids.append(mean / np.maximum(np.linalg.norm(mean), 1e-12))
                 start = end
             self._centroids = np.stack(centroids).astype(np.float32)
 
@@ -317,8 +317,9 @@ class TagClassifier:
         weights = np.exp(logits - logits.max())
         probabilities = weights / weights.sum()
         best = int(probabilities.argmax())
-        confidence = float(probabilities[best])
-        scores = {tag: float(p) for tag, p in zip(self.tags, probabilities.tolist(), strict=True)}
+        shares = probabilities.tolist()  # Python floats, for the trace's JSON
+        confidence = shares[best]
+        scores = dict(zip(self.tags, shares, strict=True))
         predicted = self.tags[best]
         if confidence < self.threshold or not math.isfinite(confidence):
             return self._fallback(scores, predicted, confidence)
@@ -400,7 +401,7 @@ def classifier_from_db(
     from django.conf import settings
 
     if threshold is None:
-        threshold = float(getattr(settings, "AUTO_ROUTING_THRESHOLD", DEFAULT_THRESHOLD))
+        threshold = getattr(settings, "AUTO_ROUTING_THRESHOLD", DEFAULT_THRESHOLD)
     if fallback_tag is None:
         fallback_tag = str(getattr(settings, "AUTO_ROUTING_FALLBACK_TAG", GENERAL_TAG))
     examples = tag_examples_from_db()

@@ -332,7 +332,7 @@ def _fraction(value: Mapping[str, Any], key: str, param: str) -> float | None:
         raise BadRequest(f"`{where}` must be a number", param=where, code="invalid_type")
     if not (math.isfinite(number) and 0.0 <= number <= 1.0):
         raise BadRequest(f"`{where}` must lie between 0 and 1", param=where, code="invalid_value")
-    return float(number)
+    return number
 
 
 def _max_price(value: Any, param: str) -> MaxPrice | None:

@@ -39,7 +39,6 @@ import math
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -458,8 +457,3 @@ def balanced_scores(
     price = normalised_lower_better(blended_price)
     latency = normalised_lower_better(latency_ms)
     return W_QUALITY * quality + W_PRICE * price + W_LATENCY * latency, price, latency
-
-
-def as_json_number(value: Any) -> float | None:
-    number = float(value)
-    return number if math.isfinite(number) else None

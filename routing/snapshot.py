@@ -115,7 +115,8 @@ def endpoint_view(endpoint: Endpoint, quality: Mapping[str, float] | None = None
         price_output=endpoint.price_output,
         context_length=endpoint.context_length,
         capacity=endpoint.capacity,
-        surge_curve=tuple((float(u), float(m)) for u, m in endpoint.surge_curve),
+        # Numbers already (vendors.pricing.validate_surge_curve refuses anything else).
+        surge_curve=tuple((u, m) for u, m in endpoint.surge_curve),
         surge_cap=endpoint.surge_cap,
         region=endpoint.region,
         data_retention_days=endpoint.data_retention_days,
