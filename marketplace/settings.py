@@ -316,6 +316,11 @@ GATEWAY_TRACE_TTL_SECONDS = env_int("GATEWAY_TRACE_TTL_SECONDS", 86_400, minimum
 # Settlements Redis could not take (it was down after a vendor answered) wait here.
 SWITCHYARD_SPOOL_DIR = env_str("SWITCHYARD_SPOOL_DIR", str(VAR_DIR / "spool"))
 GATEWAY_LIVE_REFRESH_SECONDS = env_float("GATEWAY_LIVE_REFRESH_SECONDS", 0.25)
+# A refresh reads only the endpoints whose numbers changed (routing.live.LiveCache), and all
+# of them this often; changes are marked with the writing replica's clock, so each refresh
+# also re-reads what changed in the last GATEWAY_LIVE_CLOCK_SKEW_SECONDS.
+GATEWAY_LIVE_FULL_REFRESH_SECONDS = env_float("GATEWAY_LIVE_FULL_REFRESH_SECONDS", 60.0)
+GATEWAY_LIVE_CLOCK_SKEW_SECONDS = env_float("GATEWAY_LIVE_CLOCK_SKEW_SECONDS", 2.0)
 # Freeze start-up's objects out of the garbage collector's reach (routing/gateway/gcpause.py),
 # and once more after this many requests: full collections then pause for a fraction.
 GATEWAY_GC_FREEZE = env_bool("GATEWAY_GC_FREEZE", True)

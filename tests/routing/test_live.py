@@ -458,3 +458,112 @@ def test_the_live_cache_reads_ten_thousand_endpoints():
     assert len(numbers) == 10_000
     assert numbers[9_999].inflight == 4 and numbers[9_999].utilisation == 9_999 / 20_000
     assert numbers[10_000].success_ratio == 1 and numbers[10_000].latency_ms is None
+
+
+def test_a_refresh_reads_only_the_endpoints_the_scripts_marked_as_changed():
+    """After the first (full) read, a refresh reads the endpoints that reserve, release and
+    settle touched since the last one; a value written behind the scripts' back waits for
+    the next full read."""
+    sync_client().set(credit_key(1), 10**12)
+
+    async def scenario(state: LiveState) -> dict:  # type: ignore[type-arg]
+        idle = await _reserve(state, ep=11, lease="idle")
+        await _settle_free(state, idle.reservation, "g-idle")
+        cache = LiveCache(state.client, skew=0)  # the default re-reads the last 2 s too
+        seen = {"first": await cache.refresh()}
+        await state.client.hset(live_mod.INFLIGHT, "99", 7)  # not marked
+        busy = await _reserve(state, ep=12, lease="busy")
+        failed = await _reserve(state, ep=13, lease="failed")
+        await state.release(failed.reservation, vendor_failed=True, retry_until=time.time() + 60)
+        seen["second"] = await cache.refresh()
+        seen["busy"], seen["failed"] = cache.numbers[12], cache.numbers[13]
+        seen["unmarked_before"] = 99 in cache.numbers
+        await state.settle(
+            busy.reservation,
+            cost=0,
+            vendor_failed=False,
+            latency_ms=40,
+            event=None,
+            request_id="g-busy",
+            trace=None,
+        )
+        seen["third"] = await cache.refresh()
+        seen["settled"] = cache.numbers[12]
+        seen["quiet"] = await cache.refresh()
+        seen["full"] = await cache.refresh(full=True)
+        seen["unmarked_after"] = cache.numbers.get(99)
+        margin = LiveCache(state.client, skew=3600)  # for clocks up to an hour apart
+        await margin.refresh()
+        seen["margin"] = await margin.refresh()
+        return seen
+
+    seen = _run(scenario)
+    assert seen["first"] is None  # the first read is a full one
+    assert seen["second"] == {12, 13}  # 11 did not move, 99 was not marked
+    assert seen["busy"].inflight == 1 and seen["busy"].utilisation > 0
+    assert seen["failed"].inflight == 0 and seen["failed"].cooldown_until > time.time()
+    assert seen["failed"].success_ratio < 1
+    assert not seen["unmarked_before"]
+    assert seen["third"] == {12}
+    assert seen["settled"].inflight == 0 and seen["settled"].requests == 1
+    assert seen["settled"].latency_ms == pytest.approx(40)
+    assert seen["quiet"] == frozenset()
+    assert seen["full"] is None and seen["unmarked_after"].inflight == 7
+    assert seen["margin"] == {11, 12, 13}
+
+
+def test_a_refresh_reads_everything_when_too_many_endpoints_changed_or_it_is_time():
+    sync_client().set(credit_key(1), 10**12)
+
+    async def scenario(state: LiveState) -> list:  # type: ignore[type-arg]
+        cache = LiveCache(state.client, skew=0)
+        cache.MAX_CHANGED = 3
+        reads = [await cache.refresh()]
+        for ep in (21, 22):
+            await _reserve(state, ep=ep, lease=f"l{ep}")
+        reads.append(await cache.refresh())
+        for ep in (23, 24, 25):
+            await _reserve(state, ep=ep, lease=f"l{ep}")
+        reads.append(await cache.refresh())  # three changed: read everything
+        reads.append(sorted(cache.numbers))
+        every_time = LiveCache(state.client, full_every=0)
+        await every_time.refresh()
+        reads.append(await every_time.refresh())
+        return reads
+
+    first, two, many, ids, full_every_time = _run(scenario)
+    assert (first, two, many, full_every_time) == (None, {21, 22}, None, None)
+    assert ids == [21, 22, 23, 24, 25]
+
+
+def test_the_sweep_marks_the_in_flight_counts_it_corrects():
+    """A replica died holding a slot: the sweep recounts the endpoint's in-flight number,
+    and the other replicas' next refresh sees it without a full read."""
+    sync_client().set(credit_key(1), 10**12)
+
+    async def scenario(state: LiveState) -> tuple:  # type: ignore[type-arg]
+        await _reserve(state, ep=31, lease="dead-replica")
+        cache = LiveCache(state.client, skew=0)
+        await cache.refresh()
+        before = cache.numbers[31].inflight
+        await state.client.zadd(live_mod.slots_key(31), {"dead-replica": time.time() - 1})
+        await state.client.zadd("sy:holds", {"dead-replica": time.time() - 1})
+        await state.sweep_holds()
+        return before, await cache.refresh(), cache.numbers[31].inflight
+
+    assert _run(scenario) == (1, {31}, 0)
+
+
+def test_a_success_closes_a_circuit_opened_without_a_failure_count():
+    """The settle script closes a circuit only where it counted failures, or on the trial
+    of a half-open one: a circuit opened some other way still closes on its trial."""
+    sync_client().set(credit_key(1), 10**12)
+    sync_client().hset(live_mod.CIRCUIT, "10", time.time() - 100)  # no sy:live:cbfail
+
+    async def scenario(state: LiveState) -> tuple[bool, Verdict]:
+        trial = await _reserve(state, lease="trial")
+        await _settle_free(state, trial.reservation, "g-trial")
+        return trial.reservation.half_open_trial, (await _reserve(state, lease="next")).verdict
+
+    assert _run(scenario, LiveConfig(circuit_cooldown=30)) == (True, Verdict.OK)
+    assert sync_client().hget(live_mod.CIRCUIT, "10") is None

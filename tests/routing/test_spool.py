@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from django.conf import settings
 
 from billing.credit import USAGE_STREAM, credit_key
-from routing.live import LiveConfig, LiveState, Reservation
+from routing.live import LiveCache, LiveConfig, LiveState, Reservation
 from routing.spool import Spool, SpoolReplayer
 
 ORG, ENDPOINT, HOLD, COST = 41, 42, 10_000, 3_000
@@ -144,5 +144,24 @@ async def test_a_settlement_that_reached_redis_before_the_error_is_not_refunded_
         assert await SpoolReplayer(spool, client).replay_once() == 1
 
         assert int(await client.get(credit_key(ORG))) == CREDIT - COST
+    finally:
+        await client.aclose()
+
+
+async def test_a_replayed_settlement_frees_its_slot_where_the_routers_refresh_reads_it(tmp_path):
+    client = aioredis.Redis.from_url(settings.REDIS_URL)
+    live = LiveState(client)
+    cache = LiveCache(client, skew=0)
+    try:
+        await reserve(live, "lease-3")
+        await cache.refresh()
+        assert cache.numbers[ENDPOINT].inflight == 1
+        spool = Spool(tmp_path)
+        spool.append(settlement("gen-3", lease="lease-3"))  # Redis failed under the settle
+
+        assert await SpoolReplayer(spool, client).replay_once() == 1
+
+        assert await cache.refresh() == {ENDPOINT}  # read without waiting for a full read
+        assert cache.numbers[ENDPOINT].inflight == 0
     finally:
         await client.aclose()
