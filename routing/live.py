@@ -38,20 +38,25 @@ import redis.asyncio as aioredis
 
 from billing.credit import USAGE_STREAM, credit_key
 from routing.resp import RespClient
-from vendors.pricing import LIVE_UTILISATION_HASH
+from vendors.pricing import LIVE_UTILISATION_FIELD, live_key
 
 logger = logging.getLogger("switchyard.live")
 
-INFLIGHT = "sy:live:inflight"  # hash endpoint -> leases held now
-UTILISATION = LIVE_UTILISATION_HASH  # hash endpoint -> smoothed utilisation (EWMA)
-CIRCUIT = "sy:live:cb"  # hash endpoint -> opened-at epoch seconds (absent = closed)
-FAILURES = "sy:live:cbfail"  # hash endpoint -> consecutive failures
-COOLDOWN = "sy:live:cooldown"  # hash endpoint -> epoch until which a 429 asked us to wait
-LATENCY = "sy:live:lat"  # hash endpoint -> EWMA latency in ms
-REQUESTS = "sy:live:req"  # hash endpoint -> requests served (exploration counts)
-OUTCOMES = "sy:live:ok"  # hash endpoint -> EWMA of success (1) / vendor failure (0)
-# zset endpoint -> epoch seconds of the last change to any of the hashes above: every
-# script that writes them touches it, so a refresh reads only the endpoints that changed.
+# Each endpoint's live numbers are one hash, ``live_key(id)`` = ``sy:ep:<id>``, so that a
+# script reads them in one HMGET and writes them in one HSET. Its fields:
+INFLIGHT = "n"  # leases held now
+UTILISATION = LIVE_UTILISATION_FIELD  # "u": smoothed utilisation (EWMA)
+CIRCUIT = "cb"  # opened-at epoch seconds (absent = closed)
+FAILURES = "f"  # consecutive failures
+COOLDOWN = "cd"  # epoch seconds until which a 429 asked us to wait
+LATENCY = "l"  # EWMA latency in ms
+REQUESTS = "r"  # requests served (exploration counts)
+OUTCOMES = "ok"  # EWMA of success (1) / vendor failure (0)
+# What the router reads, in ``EndpointNumbers`` order.
+NUMBER_FIELDS = (INFLIGHT, UTILISATION, CIRCUIT, COOLDOWN, LATENCY, REQUESTS, OUTCOMES)
+# zset endpoint -> epoch seconds of the last change to its hash: every script that writes
+# one touches it, so a refresh reads only the endpoints that changed. Its members are also
+# every endpoint that has live numbers (the sweep and a full read go through them).
 TOUCHED = "sy:live:touched"
 
 UTILISATION_ALPHA = 0.3
@@ -148,10 +153,11 @@ if tpm > 0 then
   tokens_used = tonumber(redis.call('GET', tpm_key) or '0')
   if tokens_used >= tpm then return {-3, 0, redis.call('TTL', tpm_key)} end
 end
-local wait = redis.call('HGET', 'sy:live:cooldown', ep)
+local live = 'sy:ep:' .. ep
+local state = redis.call('HMGET', live, 'cd', 'cb', 'u')
+local wait, opened = state[1], state[2]
 if wait and tonumber(wait) > now then return {-6, 0, 0} end
 local half_open = false
-local opened = redis.call('HGET', 'sy:live:cb', ep)
 if opened then
   if now - tonumber(opened) < cooldown then return {-4, 0, 0} end
   if not redis.call('SET', trial, lease, 'NX', 'EX', trial_ttl) then return {-4, 0, 0} end
@@ -235,46 +241,58 @@ if attempt > 0 then
 else
   redis.call('ZADD', 'sy:rb:active', now + lease_ttl, request_id)
 end
-redis.call('HSET', 'sy:live:inflight', ep, n + 1)
-local u = tonumber(redis.call('HGET', 'sy:live:util', ep) or '0')
-redis.call('HSET', 'sy:live:util', ep, u + alpha * ((n + 1) / capacity - u))
+local u = tonumber(state[3] or '0')
+redis.call('HSET', live, 'n', n + 1, 'u', u + alpha * ((n + 1) / capacity - u))
 redis.call('ZADD', 'sy:live:touched', now, ep)
 return {1, rpm - used, half_open and 1 or 0, tpm - tokens_used}
 """
 
-# Shared tail of release and settle: free the lease, update utilisation and the circuit.
+# Shared tail of release and settle: free the lease, update the endpoint's live numbers
+# (one HMGET, one HSET) and its circuit.
 _FINISH = """
 -- ``flags``: 1 if the reservation was a retry (its lease is in sy:rb:retry), + 2 if it was
 -- a half-open circuit's trial (its lease may be the trial key's value); otherwise neither
--- can hold the lease, and the two commands are skipped.
-local function finish(slots, trial, lease, ep, capacity, now, alpha, failed, threshold, flags)
+-- can hold the lease, and the two commands are skipped. ``latency`` < 0: not measured;
+-- ``served`` = 1 counts a request served (settle).
+local function finish(slots, trial, lease, ep, capacity, now, alpha, failed, threshold, flags,
+                      latency, lat_alpha, served)
   redis.call('ZREM', 'sy:holds', lease)
   redis.call('HDEL', 'sy:holdinfo', lease)
   redis.call('ZREM', slots, lease)
   if flags % 2 == 1 then redis.call('ZREM', 'sy:rb:retry', lease) end
   redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
   local n = redis.call('ZCARD', slots)
-  redis.call('HSET', 'sy:live:inflight', ep, n)
-  local u = tonumber(redis.call('HGET', 'sy:live:util', ep) or '0')
-  redis.call('HSET', 'sy:live:util', ep, u + alpha * (n / capacity - u))
+  local live = 'sy:ep:' .. ep
+  local state = redis.call('HMGET', live, 'u', 'ok', 'l', 'f', 'r')
+  local u = tonumber(state[1] or '0')
+  local fields = {'n', n, 'u', u + alpha * (n / capacity - u)}
   local was_trial = flags >= 2 and redis.call('GET', trial) == lease
   if was_trial then redis.call('DEL', trial) end
-  redis.call('ZADD', 'sy:live:touched', now, ep)
   if failed == 1 then
-    local fails = redis.call('HINCRBY', 'sy:live:cbfail', ep, 1)
-    if was_trial or fails >= threshold then redis.call('HSET', 'sy:live:cb', ep, now) end
-    local ok = tonumber(redis.call('HGET', 'sy:live:ok', ep) or '1')
-    redis.call('HSET', 'sy:live:ok', ep, ok + 0.1 * (0 - ok))
+    local fails = tonumber(state[4] or '0') + 1
+    fields[#fields + 1], fields[#fields + 2] = 'f', fails
+    if was_trial or fails >= threshold then
+      fields[#fields + 1], fields[#fields + 2] = 'cb', now
+    end
+    local ok = tonumber(state[2] or '1')
+    fields[#fields + 1], fields[#fields + 2] = 'ok', ok + 0.1 * (0 - ok)
   elseif failed == 0 then
     -- The scripts open a circuit only beside a failure count (above) and close both
     -- together: with no count there is no circuit to close, unless this was the trial of
     -- one (opened some other way), which always closes it.
-    if redis.call('HDEL', 'sy:live:cbfail', ep) == 1 or flags >= 2 then
-      redis.call('HDEL', 'sy:live:cb', ep)
-    end
-    local ok = tonumber(redis.call('HGET', 'sy:live:ok', ep) or '1')
-    redis.call('HSET', 'sy:live:ok', ep, ok + 0.1 * (1 - ok))
+    if state[4] or flags >= 2 then redis.call('HDEL', live, 'f', 'cb') end
+    local ok = tonumber(state[2] or '1')
+    fields[#fields + 1], fields[#fields + 2] = 'ok', ok + 0.1 * (1 - ok)
   end
+  if latency >= 0 then
+    local l = tonumber(state[3] or latency)
+    fields[#fields + 1], fields[#fields + 2] = 'l', l + lat_alpha * (latency - l)
+  end
+  if served == 1 then
+    fields[#fields + 1], fields[#fields + 2] = 'r', tonumber(state[5] or '0') + 1
+  end
+  redis.call('HSET', live, unpack(fields))
+  redis.call('ZADD', 'sy:live:touched', now, ep)
 end
 """
 
@@ -289,8 +307,8 @@ local flags = tonumber(ARGV[10])
 redis.call('INCRBY', credit, hold)
 if keyspend ~= '' then redis.call('DECRBY', keyspend, hold) end
 if orgspend ~= '' then redis.call('DECRBY', orgspend, hold) end
-finish(slots, trial, lease, ep, capacity, now, alpha, failed, threshold, flags)
-if retry_until > now then redis.call('HSET', 'sy:live:cooldown', ep, retry_until) end
+finish(slots, trial, lease, ep, capacity, now, alpha, failed, threshold, flags, -1, 0, 0)
+if retry_until > now then redis.call('HSET', 'sy:ep:' .. ep, 'cd', retry_until) end
 return 1
 """
 )
@@ -317,12 +335,8 @@ if tonumber(refund) ~= 0 then
   if keyspend ~= '' then redis.call('DECRBY', keyspend, refund) end
   if orgspend ~= '' then redis.call('DECRBY', orgspend, refund) end
 end
-finish(slots, trial, lease, ep, capacity, now, alpha, failed, threshold, flags)
-if latency >= 0 then
-  local l = tonumber(redis.call('HGET', 'sy:live:lat', ep) or latency)
-  redis.call('HSET', 'sy:live:lat', ep, l + lat_alpha * (latency - l))
-end
-redis.call('HINCRBY', 'sy:live:req', ep, 1)
+finish(slots, trial, lease, ep, capacity, now, alpha, failed, threshold, flags, latency,
+       lat_alpha, 1)
 if event ~= '' then redis.call('XADD', stream, '*', 'e', event) end
 if trace_json ~= '' then redis.call('SET', trace, trace_json, 'EX', trace_ttl) end
 return 1
@@ -348,15 +362,14 @@ for _, lease in ipairs(expired) do
   redis.call('HDEL', 'sy:holdinfo', lease)
 end
 -- Slots of dead requests expire with their leases: recount the in-flight numbers the
--- routers read, or an endpoint would look full forever.
-local counts = redis.call('HGETALL', 'sy:live:inflight')
-for i = 1, #counts, 2 do
-  local slots = 'sy:slots:' .. counts[i]
-  redis.call('ZREMRANGEBYSCORE', slots, '-inf', ARGV[1])
-  local n = redis.call('ZCARD', slots)
-  if tostring(n) ~= counts[i + 1] then
-    redis.call('HSET', 'sy:live:inflight', counts[i], n)
-    redis.call('ZADD', 'sy:live:touched', ARGV[1], counts[i])
+-- routers read, or an endpoint would look full forever. (Every script that changes a
+-- slot set writes its count, so only a set that lost expired leases here needs one.)
+local endpoints = redis.call('ZRANGE', 'sy:live:touched', 0, -1)
+for _, ep in ipairs(endpoints) do
+  local slots = 'sy:slots:' .. ep
+  if redis.call('ZREMRANGEBYSCORE', slots, '-inf', ARGV[1]) > 0 then
+    redis.call('HSET', 'sy:ep:' .. ep, 'n', redis.call('ZCARD', slots))
+    redis.call('ZADD', 'sy:live:touched', ARGV[1], ep)
   end
 end
 return #expired
@@ -733,70 +746,132 @@ class EndpointNumbers(NamedTuple):
     success_ratio: float | None = None
 
 
-def _numbers_by_id(table: dict[bytes, bytes]) -> dict[int, int | float]:
-    """A live hash (endpoint id -> a number as Redis stores it, decimal text) as numbers.
+def read_numbers(ids: list[bytes], rows: list[list[bytes | None]]) -> dict[int, EndpointNumbers]:
+    """Endpoints' live hashes (their ``NUMBER_FIELDS``, None where absent) as numbers.
 
     Parsed as two JSON arrays, ids and values, in two C calls: one parse per field (70,000
-    per refresh over 10,000 endpoints) took 125 ms of the event loop every 250 ms. orjson
-    reads an int or a float without a float conversion of our own, and refuses "nan" and
-    "inf"; a table holding any such value (or a field that is not an id) is read field by
-    field instead, leaving those fields out.
+    per refresh over 10,000 endpoints) took 125 ms of the event loop. orjson reads an int or
+    a float without a conversion of our own, and refuses "nan" and "inf"; where any value
+    (or an id) is not a finite number, the rows are read field by field instead, leaving
+    those fields out. An endpoint with none of the fields but its success ratio has no
+    numbers (as one with no hash at all).
     """
-    if not table:
+    if not ids:
         return {}
+    width = len(NUMBER_FIELDS)
     try:
-        ids = orjson.loads(b"[" + b",".join(table) + b"]")
-        values = orjson.loads(b"[" + b",".join(table.values()) + b"]")
+        keys = orjson.loads(b"[" + b",".join(ids) + b"]")
+        flat = orjson.loads(
+            b"[" + b",".join([b"null" if v is None else v for row in rows for v in row]) + b"]"
+        )
     except orjson.JSONDecodeError:
-        return _numbers_one_by_one(table)
-    if len(ids) != len(table) or len(values) != len(table):
-        return _numbers_one_by_one(table)  # a field or value with a comma in it
-    if not set(map(type, ids)) <= _INT or not set(map(type, values)) <= _NUMBER:
-        return _numbers_one_by_one(table)  # (map and set: C loops, not a Python one)
-    return dict(zip(ids, values, strict=True))
+        return _read_numbers_one_by_one(ids, rows)
+    if (
+        len(keys) != len(ids)
+        or len(rows) != len(ids)
+        or len(flat) != width * len(ids)  # a value with a comma in it, or a short row
+        or not set(map(type, keys)) <= _INT
+        or not set(map(type, flat)) <= _NUMBER_OR_NONE  # (map and set: C loops)
+    ):
+        return _read_numbers_one_by_one(ids, rows)
+    numbers = {}
+    values = iter(flat)
+    rows_of_seven = zip(*[values] * width, strict=False)  # (lengths checked above)
+    for ep, (n, u, cb, cd, lat, r, ok) in zip(keys, rows_of_seven, strict=True):
+        if n is None and u is None and cb is None and cd is None and lat is None and r is None:
+            continue  # nothing but a success ratio
+        numbers[ep] = EndpointNumbers(  # positionally: the fields in their order
+            int(n or 0), u or 0.0, cb, cd or 0.0, lat, int(r or 0), ok
+        )
+    return numbers
 
 
-_INT, _NUMBER = frozenset((int,)), frozenset((int, float))
+_INT, _NUMBER_OR_NONE = frozenset((int,)), frozenset((int, float, type(None)))
 
 
-def _endpoint_numbers(tables: list[dict[int, int | float]], ep: int) -> EndpointNumbers:
-    """One endpoint's numbers from the parsed tables, in ``_TABLES`` order."""
-    inflight, util, circuit, cooldown, latency, requests, outcomes = tables
+def _read_numbers_one_by_one(
+    ids: list[bytes], rows: list[list[bytes | None]]
+) -> dict[int, EndpointNumbers]:
+    numbers = {}
+    for field, row in zip(ids, rows, strict=False):
+        try:
+            ep = orjson.loads(field)
+        except orjson.JSONDecodeError:
+            continue
+        if type(ep) is not int or len(row) != len(NUMBER_FIELDS):
+            continue
+        values = [_finite_or_none(raw) for raw in row]
+        if values[:-1].count(None) < len(NUMBER_FIELDS) - 1:
+            numbers[ep] = _endpoint_numbers(*values)
+    return numbers
+
+
+def _finite_or_none(raw: bytes | None) -> int | float | None:
+    if raw is None:
+        return None
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return value if type(value) in (int, float) and math.isfinite(value) else None
+
+
+def _endpoint_numbers(
+    inflight: float | None,
+    utilisation: float | None,
+    circuit: float | None,
+    cooldown: float | None,
+    latency: float | None,
+    requests: float | None,
+    outcomes: float | None,
+) -> EndpointNumbers:
     return EndpointNumbers(  # positionally: the fields in their order
-        int(inflight.get(ep) or 0),
-        util.get(ep) or 0.0,
-        circuit.get(ep),
-        cooldown.get(ep) or 0.0,
-        latency.get(ep),
-        int(requests.get(ep) or 0),
-        outcomes.get(ep),
+        int(inflight or 0),
+        utilisation or 0.0,
+        circuit,
+        cooldown or 0.0,
+        latency,
+        int(requests or 0),
+        outcomes,
     )
 
 
-def _numbers_one_by_one(table: dict[bytes, bytes]) -> dict[int, int | float]:
-    out: dict[int, int | float] = {}
-    for field, raw in table.items():
-        try:
-            endpoint_id, value = orjson.loads(field), orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            continue
-        if type(endpoint_id) is int and type(value) in _NUMBER and math.isfinite(value):
-            out[endpoint_id] = value
-    return out
+def read_numbers_now(client: Any, endpoint_ids: list[int]) -> dict[int, EndpointNumbers]:
+    """The live numbers of ``endpoint_ids``, read with a synchronous redis-py client (the
+    dashboards' tasks and pages): one pipelined HMGET per endpoint."""
+    pipe = client.pipeline(transaction=False)
+    for ep in endpoint_ids:
+        pipe.hmget(live_key(ep), NUMBER_FIELDS)
+    rows = pipe.execute()
+    return read_numbers([str(ep).encode() for ep in endpoint_ids], rows)
 
 
 # The endpoints whose live numbers changed since ARGV[1] (epoch seconds), at most ARGV[2] of
-# them, and their fields in KEYS[2..]: one round trip, one consistent read. More than
-# ARGV[2] (Lua's ``unpack`` has a limit) returns the ids alone: the caller reads all.
+# them (more: the ids alone, and the caller reads everything), each with its numbers
+# (``NUMBER_FIELDS``): one round trip, one consistent read.
 _CHANGED = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf', 'LIMIT', 0, ARGV[2])
 local out = {ids}
-if #ids == 0 or #ids >= tonumber(ARGV[2]) then return out end
-for i = 2, #KEYS do out[i] = redis.call('HMGET', KEYS[i], unpack(ids)) end
+if #ids >= tonumber(ARGV[2]) then return out end
+for i, ep in ipairs(ids) do
+  out[i + 1] = redis.call('HMGET', 'sy:ep:' .. ep, unpack(ARGV, 3))
+end
 return out
 """
 
-_TABLES = (INFLIGHT, UTILISATION, CIRCUIT, COOLDOWN, LATENCY, REQUESTS, OUTCOMES)
+# One step of a full read: ZSCAN of KEYS[1] from cursor ARGV[1], about ARGV[2] endpoints,
+# each with its numbers (``NUMBER_FIELDS``, ARGV[3..]). ZSCAN returns every endpoint that
+# stays in the set for the whole scan, however scores move meanwhile (reading by rank would
+# skip the endpoints that a concurrent touch shifts down).
+_SCAN = """
+local reply = redis.call('ZSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
+local found, ids, rows = reply[2], {}, {}
+for i = 1, #found, 2 do
+  ids[#ids + 1] = found[i]
+  rows[#rows + 1] = redis.call('HMGET', 'sy:ep:' .. found[i], unpack(ARGV, 3))
+end
+return {reply[1], ids, rows}
+"""
 
 
 class LiveCache:
@@ -814,6 +889,8 @@ class LiveCache:
 
     #: more changed endpoints than this in one refresh: read everything instead
     MAX_CHANGED = 4000
+    #: endpoints per script in a full read
+    CHUNK = 500
 
     def __init__(
         self,
@@ -833,6 +910,7 @@ class LiveCache:
         self.on_refresh = on_refresh
         self._task: asyncio.Task[None] | None = None
         self._changed = client.register_script(_CHANGED)
+        self._scan = client.register_script(_SCAN)
         self._since: float | None = None  # epoch seconds: changes after this are unread
         self._full_at = 0.0  # monotonic time of the last full read
 
@@ -863,34 +941,43 @@ class LiveCache:
         return changed
 
     async def _read_all(self) -> None:
-        pipe = self._client.pipeline(transaction=False)
-        for key in _TABLES:
-            pipe.hgetall(key)
-        raw = await pipe.execute()
-        tables = [_numbers_by_id(table) for table in raw]
-        ids = set().union(*tables[:-1])  # an endpoint known only by its success ratio: none
-        self.numbers = {ep: _endpoint_numbers(tables, ep) for ep in ids}
+        """Every endpoint with live numbers, about ``CHUNK`` per script (Redis serves other
+        clients between two; one script over 10,000 endpoints would stall it)."""
+        cursor: bytes | int = 0
+        ids: list[bytes] = []
+        rows: list[list[bytes | None]] = []
+        while True:
+            cursor, found, numbers = await self._scan(
+                keys=[TOUCHED], args=[cursor, self.CHUNK, *NUMBER_FIELDS]
+            )
+            ids += found
+            rows += numbers
+            if int(cursor) == 0:
+                break
+        self.numbers = read_numbers(ids, rows)
 
     async def _read_changed(self, since: float) -> frozenset[int] | None:
         """The endpoints changed since ``since``, read into ``numbers``; None: too many."""
-        reply = await self._changed(keys=[TOUCHED, *_TABLES], args=[repr(since), self.MAX_CHANGED])
-        fields = reply[0]
-        if len(fields) >= self.MAX_CHANGED:
+        reply = await self._changed(
+            keys=[TOUCHED], args=[repr(since), self.MAX_CHANGED, *NUMBER_FIELDS]
+        )
+        ids = reply[0]
+        if len(ids) >= self.MAX_CHANGED:
             return None
-        ids = _numbers_by_id(dict.fromkeys(fields, b"0"))  # the ids, validated as in a table
-        if len(ids) != len(fields):
-            return None  # a member that is not an endpoint id: let a full read sort it out
-        tables = [
-            _numbers_by_id({f: v for f, v in zip(fields, values, strict=True) if v is not None})
-            for values in reply[1:]
-        ]
+        read = read_numbers(ids, reply[1:])
+        changed = []
         numbers = self.numbers
-        for ep in ids:
-            if any(ep in table for table in tables[:-1]):
-                numbers[ep] = _endpoint_numbers(tables, ep)
+        for raw in ids:
+            try:
+                ep = int(raw)
+            except ValueError:
+                continue  # not an endpoint id: nothing a router could look up
+            changed.append(ep)
+            if ep in read:
+                numbers[ep] = read[ep]
             else:
                 numbers.pop(ep, None)
-        return frozenset(ids)
+        return frozenset(changed)
 
     async def _run(self) -> None:
         failing = False

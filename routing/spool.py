@@ -54,7 +54,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 and delta ~= 0 then
   redis.call('INCRBY', KEYS[1], delta)
 end
 redis.call('ZREM', KEYS[2], ARGV[2])
-redis.call('HSET', 'sy:live:inflight', ARGV[3], redis.call('ZCARD', KEYS[2]))
+redis.call('HSET', 'sy:ep:' .. ARGV[3], 'n', redis.call('ZCARD', KEYS[2]))
 local clock = redis.call('TIME')
 redis.call('ZADD', 'sy:live:touched', clock[1] + clock[2] / 1e6, ARGV[3])
 if ARGV[4] ~= '' then redis.call('XADD', KEYS[3], '*', 'e', ARGV[4]) end

@@ -11,9 +11,15 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-# The Redis hash where the gateway keeps each endpoint's smoothed utilisation (0..1): the
-# gateway writes it (routing.live), the vendor API reads it to show the price right now.
-LIVE_UTILISATION_HASH = "sy:live:util"
+# Each endpoint's live numbers are one Redis hash, ``sy:ep:<id>``, written by the gateway
+# (routing.live); its smoothed utilisation (0..1) is the field ``u``, which the vendor API
+# reads to show the price right now.
+LIVE_KEY_PREFIX = "sy:ep:"
+LIVE_UTILISATION_FIELD = "u"
+
+
+def live_key(endpoint_id: int | str) -> str:
+    return f"{LIVE_KEY_PREFIX}{endpoint_id}"
 
 
 class SurgeCurveError(ValueError):

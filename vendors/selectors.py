@@ -249,13 +249,16 @@ def endpoint_utilisation(endpoint_ids: Iterable[int]) -> dict[int, float]:
     import redis
 
     from marketplace.redis_client import sync_client
-    from vendors.pricing import LIVE_UTILISATION_HASH
+    from vendors.pricing import LIVE_UTILISATION_FIELD, live_key
 
     ids = list(endpoint_ids)
     if not ids:
         return {}
     try:
-        raw = sync_client().hmget(LIVE_UTILISATION_HASH, [str(pk) for pk in ids])
+        pipe = sync_client().pipeline(transaction=False)
+        for pk in ids:
+            pipe.hget(live_key(pk), LIVE_UTILISATION_FIELD)
+        raw = pipe.execute()
     except redis.RedisError:  # the API shows base prices rather than fail
         raw = [None] * len(ids)
     result: dict[int, float] = {}

@@ -8,9 +8,8 @@ it saw (``PREVIOUS``) and divides the difference by the time since.
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -19,7 +18,7 @@ from django.conf import settings
 
 from marketplace.live.groups import OPS_GROUP, GroupMessage, vendor_group
 from marketplace.redis_client import sync_client
-from routing.live import CIRCUIT, INFLIGHT, LATENCY, OUTCOMES, REQUESTS, UTILISATION
+from routing.live import EndpointNumbers, read_numbers_now
 from vendors import selectors as vendor_selectors
 from vendors.models import Endpoint
 from vendors.pricing import quote, surge_multiplier
@@ -27,18 +26,7 @@ from vendors.pricing import quote, surge_multiplier
 LIVE_NUMBERS = "live.numbers"  # the consumers' handler: ``live_numbers``
 PREVIOUS = "sy:livepush:last"
 PREVIOUS_TTL_SECONDS = 600
-TABLES = (INFLIGHT, UTILISATION, CIRCUIT, LATENCY, REQUESTS, OUTCOMES)
-
-
-def _number(table: Mapping[bytes, bytes], endpoint_id: int) -> float | None:
-    raw = table.get(str(endpoint_id).encode())
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
+NOTHING_YET = EndpointNumbers()  # an endpoint that has served nothing since Redis started
 
 
 def circuit_state(opened_at: float | None, now: float, cooldown: float) -> str:
@@ -50,25 +38,25 @@ def circuit_state(opened_at: float | None, now: float, cooldown: float) -> str:
 
 def endpoint_values(
     endpoint: Endpoint,
-    tables: Mapping[str, Mapping[bytes, bytes]],
+    numbers: EndpointNumbers,
     *,
     now: float,
     rps: float | None,
 ) -> dict[str, Any]:
     """The live figures of one endpoint, keyed ``ep.<id>.<figure>``."""
     ep = endpoint.pk
-    utilisation = _number(tables[UTILISATION], ep) or 0.0
+    utilisation = numbers.utilisation
     multiplier = surge_multiplier(endpoint.surge_curve, utilisation, endpoint.surge_cap)
-    success = _number(tables[OUTCOMES], ep)
-    latency = _number(tables[LATENCY], ep)
+    success = numbers.success_ratio
+    latency = numbers.latency_ms
     cooldown = float(settings.GATEWAY_CIRCUIT_COOLDOWN_SECONDS)
     values: dict[str, Any] = {
         "utilisation": round(min(max(utilisation, 0.0), 1.0), 4),
-        "inflight": int(_number(tables[INFLIGHT], ep) or 0),
+        "inflight": numbers.inflight,
         "multiplier": f"{multiplier:.2f}\N{MULTIPLICATION SIGN}",
         "price_input": quote(endpoint.price_input, multiplier),
         "price_output": quote(endpoint.price_output, multiplier),
-        "circuit": circuit_state(_number(tables[CIRCUIT], ep), now, cooldown),
+        "circuit": circuit_state(numbers.circuit_opened_at, now, cooldown),
         "latency": round(latency) if latency is not None else None,
         "error_rate": round(1.0 - success, 4) if success is not None else None,
         "rps": round(rps, 2) if rps is not None else None,
@@ -76,29 +64,35 @@ def endpoint_values(
     return {f"ep.{ep}.{name}": value for name, value in values.items()}
 
 
-def _read(client: redis.Redis) -> tuple[dict[str, dict[bytes, bytes]], dict[str, Any]]:
-    pipe = client.pipeline(transaction=False)
-    for table in TABLES:
-        pipe.hgetall(table)
-    pipe.get(PREVIOUS)
-    *hashes, previous = pipe.execute()
-    tables = dict(zip(TABLES, hashes, strict=True))
+def _read(
+    client: redis.Redis, endpoints: list[Endpoint]
+) -> tuple[dict[int, EndpointNumbers], dict[str, Any]]:
+    numbers = read_numbers_now(client, [endpoint.pk for endpoint in endpoints])
+    previous = client.get(PREVIOUS)
     try:
         last = orjson.loads(previous) if previous else {}
     except orjson.JSONDecodeError:
         last = {}
-    return tables, last if isinstance(last, dict) else {}
+    return numbers, last if isinstance(last, dict) else {}
 
 
 def endpoints_live(endpoints: Iterable[Endpoint]) -> dict[str, Any]:
-    """The live figures of ``endpoints`` now (for a page's first render): one Redis round
-    trip; requests per second as of the last push."""
-    tables, last = _read(sync_client())
+    """The live figures of ``endpoints`` now (for a page's first render): two Redis round
+    trips; requests per second as of the last push."""
+    endpoints = list(endpoints)
+    numbers, last = _read(sync_client(), endpoints)
     rates = last.get("rps") or {}
     now = time.time()
     values: dict[str, Any] = {"live.rps": round(sum(rates.values()), 2) if rates else None}
     for endpoint in endpoints:
-        values.update(endpoint_values(endpoint, tables, now=now, rps=rates.get(str(endpoint.pk))))
+        values.update(
+            endpoint_values(
+                endpoint,
+                numbers.get(endpoint.pk, NOTHING_YET),
+                now=now,
+                rps=rates.get(str(endpoint.pk)),
+            )
+        )
     return values
 
 
@@ -112,9 +106,9 @@ def live_numbers_messages() -> list[GroupMessage]:
         .only("pk", "vendor_id", "price_input", "price_output", "surge_curve", "surge_cap")
     )
     client = sync_client()
-    tables, last = _read(client)
+    numbers, last = _read(client, endpoints)
     now = time.time()
-    counters = {str(ep.pk): int(_number(tables[REQUESTS], ep.pk) or 0) for ep in endpoints}
+    counters = {str(ep.pk): numbers.get(ep.pk, NOTHING_YET).requests for ep in endpoints}
     elapsed = now - float(last.get("at") or 0)
     previous = last.get("req") or {}
     rates: dict[str, float] = {}
@@ -130,7 +124,12 @@ def live_numbers_messages() -> list[GroupMessage]:
     by_vendor: dict[int, dict[str, Any]] = {}
     everything: dict[str, Any] = {}
     for endpoint in endpoints:
-        values = endpoint_values(endpoint, tables, now=now, rps=rates.get(str(endpoint.pk)))
+        values = endpoint_values(
+            endpoint,
+            numbers.get(endpoint.pk, NOTHING_YET),
+            now=now,
+            rps=rates.get(str(endpoint.pk)),
+        )
         by_vendor.setdefault(endpoint.vendor_id, {}).update(values)
         everything.update(values)
     everything["live.rps"] = round(sum(rates.values()), 2) if rates else None

@@ -243,7 +243,7 @@ def test_it_lists_usage_records_filtered_and_paginated(org_owner, upstream):
 
 def test_a_vendor_member_sees_endpoints_with_the_price_quoted_now(upstream):
     from marketplace.redis_client import sync_client
-    from vendors.pricing import LIVE_UTILISATION_HASH
+    from vendors.pricing import LIVE_UTILISATION_FIELD, live_key
 
     member = factories.user()
     vendor = portal_vendor_register(actor=member, name="Api Vendor")
@@ -254,7 +254,7 @@ def test_a_vendor_member_sees_endpoints_with_the_price_quoted_now(upstream):
         price_output_usd="2",
         surge_curve=[[0.0, 1.0], [1.0, 2.0]],
     )
-    sync_client().hset(LIVE_UTILISATION_HASH, str(endpoint.pk), "0.5")
+    sync_client().hset(live_key(endpoint.pk), LIVE_UTILISATION_FIELD, "0.5")
     client = _session(member)
     listed = client.get(f"/api/v1/vendors/{vendor.slug}/endpoints/")
     assert listed.status_code == 200

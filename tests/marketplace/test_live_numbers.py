@@ -15,7 +15,7 @@ from marketplace.live.numbers import PREVIOUS, live_numbers_messages
 from marketplace.redis_client import sync_client
 from routing.live import CIRCUIT, LATENCY, OUTCOMES, REQUESTS, UTILISATION
 from tests import factories
-from vendors.pricing import quote, surge_multiplier
+from vendors.pricing import live_key, quote, surge_multiplier
 
 pytestmark = pytest.mark.django_db
 
@@ -27,11 +27,16 @@ def test_it_prices_each_endpoint_at_its_utilisation_and_reports_its_circuit():
     other = factories.endpoint(base_url=BASE_URL)
     redis = sync_client()
     ep = str(busy.pk)
-    redis.hset(UTILISATION, ep, "0.9")
-    redis.hset(CIRCUIT, ep, str(time.time()))  # opened just now
-    redis.hset(LATENCY, ep, "41.6")
-    redis.hset(OUTCOMES, ep, "0.75")
-    redis.hset(REQUESTS, ep, "100")
+    redis.hset(
+        live_key(ep),
+        mapping={
+            UTILISATION: "0.9",
+            CIRCUIT: str(time.time()),  # opened just now
+            LATENCY: "41.6",
+            OUTCOMES: "0.75",
+            REQUESTS: "100",
+        },
+    )
 
     messages = dict(live_numbers_messages())
 
@@ -56,7 +61,7 @@ def test_it_derives_requests_per_second_from_the_gateways_counters():
     redis = sync_client()
     ep = str(endpoint.pk)
     # Given a push a while ago that saw 100 requests, and 160 served since then...
-    redis.hset(REQUESTS, ep, "160")
+    redis.hset(live_key(ep), REQUESTS, "160")
     redis.set(PREVIOUS, orjson.dumps({"at": time.time() - 30, "req": {ep: 100}}))
 
     ops = dict(live_numbers_messages())[OPS_GROUP]["values"]
@@ -70,7 +75,7 @@ def test_it_derives_requests_per_second_from_the_gateways_counters():
 
 def test_the_operations_live_page_renders_the_figures_for_staff(client):
     endpoint = factories.endpoint(base_url=BASE_URL)
-    sync_client().hset(CIRCUIT, str(endpoint.pk), str(time.time()))
+    sync_client().hset(live_key(endpoint.pk), CIRCUIT, str(time.time()))
     staff = factories.user()
     staff.is_staff = True
     staff.save()

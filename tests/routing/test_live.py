@@ -15,6 +15,7 @@ from billing.credit import credit_key, credit_version_key
 from marketplace.redis_client import sync_client
 from routing import live as live_mod
 from routing.live import LiveCache, LiveConfig, LiveState, Verdict
+from vendors.pricing import live_key
 
 
 def _run(fn, config: LiveConfig | None = None):  # type: ignore[no-untyped-def]
@@ -96,7 +97,7 @@ def test_it_never_gives_out_more_slots_than_the_capacity():
 
     verdicts = _run(burst)
     assert verdicts.count(Verdict.OK) == 3 and verdicts.count(Verdict.FULL) == 17
-    assert sync_client().hget(live_mod.INFLIGHT, "10") == b"3"
+    assert sync_client().hget(live_key(10), live_mod.INFLIGHT) == b"3"
 
 
 def test_a_slot_comes_back_when_its_lease_expires():
@@ -132,7 +133,7 @@ def test_settling_charges_the_cost_and_emits_event_and_trace_together():
     entries = sync_client().xrange("sy:usage")
     assert len(entries) == 1 and b"gen-1" in entries[0][1][b"e"]
     assert b'"organization_id":1' in sync_client().get("sy:trace:gen-1")
-    assert sync_client().hget(live_mod.INFLIGHT, "10") == b"0"
+    assert sync_client().hget(live_key(10), live_mod.INFLIGHT) == b"0"
 
 
 def test_releasing_gives_the_whole_hold_back():
@@ -157,7 +158,7 @@ def test_the_circuit_opens_after_consecutive_failures_then_half_opens_for_one_tr
             await state.release(r.reservation, vendor_failed=True)
         seen.append((await _reserve(state, lease="blocked")).verdict)
         # The cooldown passes: open since 31 s ago.
-        await state.client.hset(live_mod.CIRCUIT, "10", time.time() - 31)
+        await state.client.hset(live_key(10), live_mod.CIRCUIT, time.time() - 31)
         trial = await _reserve(state, lease="trial")
         seen.append(trial.verdict)
         seen.append((await _reserve(state, lease="second-trial")).verdict)  # one trial at a time
@@ -171,12 +172,12 @@ def test_the_circuit_opens_after_consecutive_failures_then_half_opens_for_one_tr
         Verdict.CIRCUIT_OPEN,
         Verdict.OK,
     ]
-    assert sync_client().hget(live_mod.CIRCUIT, "10") is None
+    assert sync_client().hget(live_key(10), live_mod.CIRCUIT) is None
 
 
 def test_a_failed_trial_opens_the_circuit_again():
     sync_client().set(credit_key(1), 10**12)
-    sync_client().hset(live_mod.CIRCUIT, "10", time.time() - 100)
+    sync_client().hset(live_key(10), live_mod.CIRCUIT, time.time() - 100)
 
     async def scenario(state: LiveState) -> Verdict:
         trial = await _reserve(state, lease="trial")
@@ -425,9 +426,11 @@ def test_the_live_cache_leaves_out_numbers_it_cannot_trust():
     """A hash with a value that is not a finite number (or a field that is not an endpoint
     id) loses only that field; the others are read as usual."""
     client = sync_client()
-    client.hset("sy:live:util", mapping={"7": "0.25", "8": "nan", "9": "inf", "oops": "0.5"})
-    client.hset("sy:live:lat", mapping={"7": "120.5", "8": "80", "9": "1e3"})
-    client.hset("sy:live:req", mapping={"7": "3", "8": "true", "9": "5"})
+    client.hset(live_key(7), mapping={"u": "0.25", "l": "120.5", "r": "3"})
+    client.hset(live_key(8), mapping={"u": "nan", "l": "80", "r": "true"})
+    client.hset(live_key(9), mapping={"u": "inf", "l": "1e3", "r": "5"})
+    client.hset(live_key("oops"), mapping={"u": "0.5"})
+    client.zadd(live_mod.TOUCHED, {"7": 1, "8": 1, "9": 1, "oops": 1})
 
     async def scenario(state: LiveState) -> dict:  # type: ignore[type-arg]
         cache = LiveCache(state.client)
@@ -445,9 +448,11 @@ def test_the_live_cache_leaves_out_numbers_it_cannot_trust():
 def test_the_live_cache_reads_ten_thousand_endpoints():
     client = sync_client()
     ids = range(1, 10_001)
-    client.hset("sy:live:inflight", mapping={str(i): i % 5 for i in ids})
-    client.hset("sy:live:util", mapping={str(i): i / 20_000 for i in ids})
-    client.hset("sy:live:ok", mapping={str(i): 1 for i in ids})
+    pipe = client.pipeline(transaction=False)
+    for i in ids:
+        pipe.hset(live_key(i), mapping={"n": i % 5, "u": i / 20_000, "ok": 1})
+    pipe.zadd(live_mod.TOUCHED, {str(i): 1 for i in ids})
+    pipe.execute()
 
     async def scenario(state: LiveState) -> dict:  # type: ignore[type-arg]
         cache = LiveCache(state.client)
@@ -471,13 +476,13 @@ def test_a_refresh_reads_only_the_endpoints_the_scripts_marked_as_changed():
         await _settle_free(state, idle.reservation, "g-idle")
         cache = LiveCache(state.client, skew=0)  # the default re-reads the last 2 s too
         seen = {"first": await cache.refresh()}
-        await state.client.hset(live_mod.INFLIGHT, "99", 7)  # not marked
+        await state.client.hset(live_key(11), live_mod.INFLIGHT, 7)  # not marked again
         busy = await _reserve(state, ep=12, lease="busy")
         failed = await _reserve(state, ep=13, lease="failed")
         await state.release(failed.reservation, vendor_failed=True, retry_until=time.time() + 60)
         seen["second"] = await cache.refresh()
         seen["busy"], seen["failed"] = cache.numbers[12], cache.numbers[13]
-        seen["unmarked_before"] = 99 in cache.numbers
+        seen["unmarked_before"] = cache.numbers[11].inflight
         await state.settle(
             busy.reservation,
             cost=0,
@@ -491,7 +496,7 @@ def test_a_refresh_reads_only_the_endpoints_the_scripts_marked_as_changed():
         seen["settled"] = cache.numbers[12]
         seen["quiet"] = await cache.refresh()
         seen["full"] = await cache.refresh(full=True)
-        seen["unmarked_after"] = cache.numbers.get(99)
+        seen["unmarked_after"] = cache.numbers[11].inflight
         margin = LiveCache(state.client, skew=3600)  # for clocks up to an hour apart
         await margin.refresh()
         seen["margin"] = await margin.refresh()
@@ -499,16 +504,16 @@ def test_a_refresh_reads_only_the_endpoints_the_scripts_marked_as_changed():
 
     seen = _run(scenario)
     assert seen["first"] is None  # the first read is a full one
-    assert seen["second"] == {12, 13}  # 11 did not move, 99 was not marked
+    assert seen["second"] == {12, 13}  # 11 was not marked again
     assert seen["busy"].inflight == 1 and seen["busy"].utilisation > 0
     assert seen["failed"].inflight == 0 and seen["failed"].cooldown_until > time.time()
     assert seen["failed"].success_ratio < 1
-    assert not seen["unmarked_before"]
+    assert seen["unmarked_before"] == 0
     assert seen["third"] == {12}
     assert seen["settled"].inflight == 0 and seen["settled"].requests == 1
     assert seen["settled"].latency_ms == pytest.approx(40)
     assert seen["quiet"] == frozenset()
-    assert seen["full"] is None and seen["unmarked_after"].inflight == 7
+    assert seen["full"] is None and seen["unmarked_after"] == 7
     assert seen["margin"] == {11, 12, 13}
 
 
@@ -558,7 +563,7 @@ def test_a_success_closes_a_circuit_opened_without_a_failure_count():
     """The settle script closes a circuit only where it counted failures, or on the trial
     of a half-open one: a circuit opened some other way still closes on its trial."""
     sync_client().set(credit_key(1), 10**12)
-    sync_client().hset(live_mod.CIRCUIT, "10", time.time() - 100)  # no sy:live:cbfail
+    sync_client().hset(live_key(10), live_mod.CIRCUIT, time.time() - 100)  # no failure count
 
     async def scenario(state: LiveState) -> tuple[bool, Verdict]:
         trial = await _reserve(state, lease="trial")
@@ -566,4 +571,4 @@ def test_a_success_closes_a_circuit_opened_without_a_failure_count():
         return trial.reservation.half_open_trial, (await _reserve(state, lease="next")).verdict
 
     assert _run(scenario, LiveConfig(circuit_cooldown=30)) == (True, Verdict.OK)
-    assert sync_client().hget(live_mod.CIRCUIT, "10") is None
+    assert sync_client().hget(live_key(10), live_mod.CIRCUIT) is None
