@@ -859,6 +859,45 @@ end
 return out
 """
 
+# Forget the live state of endpoints that no longer exist (ARGV: their ids), except while a
+# request still holds one of their slots (the next prune takes those).
+_PRUNE = """
+local now, pruned = tonumber(ARGV[1]), 0
+for i = 2, #ARGV do
+  local ep = ARGV[i]
+  local slots = 'sy:slots:' .. ep
+  redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+  if redis.call('EXISTS', slots) == 0 then
+    redis.call('DEL', 'sy:ep:' .. ep, 'sy:cbtrial:' .. ep)
+    redis.call('ZREM', 'sy:live:touched', ep)
+    pruned = pruned + 1
+  end
+end
+return pruned
+"""
+
+
+def prune_live_state(client: Any, existing: Callable[[list[int]], set[int]]) -> int:
+    """Drop the live numbers of endpoints that were deleted (synchronous redis-py client;
+    ``existing`` says which of some endpoint ids still exist). Without it the full refresh
+    and the hold sweep go through every endpoint that ever served a request."""
+    script = client.register_script(_PRUNE)
+    pruned = 0
+    cursor: int | bytes = 0
+    while True:
+        cursor, found = client.zscan(TOUCHED, cursor, count=500)
+        ids = [int(member) for member, _score in found if member.isdigit()]
+        # Members that are not endpoint ids were not written by the scripts: drop them too.
+        junk = [member for member, _score in found if not member.isdigit()]
+        if junk:
+            client.zrem(TOUCHED, *junk)
+        gone = sorted(set(ids) - existing(ids))
+        if gone:
+            pruned += int(script(keys=[], args=[repr(time.time()), *gone]))
+        if int(cursor) == 0:
+            return pruned
+
+
 # One step of a full read: ZSCAN of KEYS[1] from cursor ARGV[1], about ARGV[2] endpoints,
 # each with its numbers (``NUMBER_FIELDS``, ARGV[3..]). ZSCAN returns every endpoint that
 # stays in the set for the whole scan, however scores move meanwhile (reading by rank would

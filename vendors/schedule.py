@@ -12,6 +12,7 @@ from typing import Any
 HEALTH_PROBE_SECONDS = 30.0
 QUALITY_PROBE_SECONDS = 60.0 * 60
 HISTORY_PRUNE_SECONDS = 24 * 60.0 * 60
+LIVE_STATE_PRUNE_SECONDS = 60.0 * 60
 
 VENDORS_BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     "vendors-health-probe-all": {
@@ -23,6 +24,11 @@ VENDORS_BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
         "task": "vendors.tasks.quality_probe_all",
         "schedule": QUALITY_PROBE_SECONDS,
         "options": {"expires": QUALITY_PROBE_SECONDS - 600},
+    },
+    "vendors-live-state-prune": {
+        "task": "vendors.tasks.live_state_prune",
+        "schedule": LIVE_STATE_PRUNE_SECONDS,
+        "options": {"expires": LIVE_STATE_PRUNE_SECONDS - 600},
     },
     "vendors-history-prune": {
         "task": "vendors.tasks.vendor_history_prune",

@@ -88,6 +88,18 @@ def conformance_check_endpoint(endpoint_id: int) -> bool | None:
     return services.endpoint_check_conformance(endpoint=endpoint).passed
 
 
+@shared_task(name="vendors.tasks.live_state_prune", acks_late=True, ignore_result=True)
+def live_state_prune() -> int:
+    """Drop the gateway's live numbers of deleted endpoints from Redis (beat: hourly)."""
+    from marketplace.redis_client import sync_client
+    from routing.live import prune_live_state
+
+    def existing(ids: list[int]) -> set[int]:
+        return set(Endpoint.objects.filter(pk__in=ids).values_list("pk", flat=True))
+
+    return prune_live_state(sync_client(), existing)
+
+
 @shared_task(name="vendors.tasks.vendor_history_prune", acks_late=True, ignore_result=True)
 def vendor_history_prune() -> int:
     """Delete probe results and health checks older than 30 days (beat: daily)."""
