@@ -320,7 +320,7 @@ GATEWAY_LIVE_REFRESH_SECONDS = env_float("GATEWAY_LIVE_REFRESH_SECONDS", 0.25)
 # of them this often; changes are marked with the writing replica's clock, so each refresh
 # also re-reads what changed in the last GATEWAY_LIVE_CLOCK_SKEW_SECONDS.
 GATEWAY_LIVE_FULL_REFRESH_SECONDS = env_float("GATEWAY_LIVE_FULL_REFRESH_SECONDS", 60.0)
-GATEWAY_LIVE_CLOCK_SKEW_SECONDS = env_float("GATEWAY_LIVE_CLOCK_SKEW_SECONDS", 2.0)
+GATEWAY_LIVE_CLOCK_SKEW_SECONDS = env_float("GATEWAY_LIVE_CLOCK_SKEW_SECONDS", 0.5)
 # Freeze start-up's objects out of the garbage collector's reach (routing/gateway/gcpause.py),
 # and once more after this many requests: full collections then pause for a fraction.
 GATEWAY_GC_FREEZE = env_bool("GATEWAY_GC_FREEZE", True)

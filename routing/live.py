@@ -753,57 +753,62 @@ def read_numbers(ids: list[bytes], rows: list[list[bytes | None]]) -> dict[int, 
     per refresh over 10,000 endpoints) took 125 ms of the event loop. orjson reads an int or
     a float without a conversion of our own, and refuses "nan" and "inf"; where any value
     (or an id) is not a finite number, the rows are read field by field instead, leaving
-    those fields out. An endpoint with none of the fields but its success ratio has no
-    numbers (as one with no hash at all).
+    those fields (or rows) out. An endpoint with none of the fields but its success ratio
+    has no numbers (as one with no hash at all).
     """
     if not ids:
         return {}
-    width = len(NUMBER_FIELDS)
-    try:
-        keys = orjson.loads(b"[" + b",".join(ids) + b"]")
-        flat = orjson.loads(
-            b"[" + b",".join([b"null" if v is None else v for row in rows for v in row]) + b"]"
-        )
-    except orjson.JSONDecodeError:
-        return _read_numbers_one_by_one(ids, rows)
-    if (
-        len(keys) != len(ids)
-        or len(rows) != len(ids)
-        or len(flat) != width * len(ids)  # a value with a comma in it, or a short row
-        or not set(map(type, keys)) <= _INT
-        or not set(map(type, flat)) <= _NUMBER_OR_NONE  # (map and set: C loops)
-    ):
-        return _read_numbers_one_by_one(ids, rows)
+    keys, flat = _parse_all_at_once(ids, rows) or _parse_one_by_one(ids, rows)
     numbers = {}
     values = iter(flat)
-    rows_of_seven = zip(*[values] * width, strict=False)  # (lengths checked above)
+    rows_of_seven = zip(*[values] * len(NUMBER_FIELDS), strict=False)  # lengths checked
     for ep, (n, u, cb, cd, lat, r, ok) in zip(keys, rows_of_seven, strict=True):
-        if n is None and u is None and cb is None and cd is None and lat is None and r is None:
-            continue  # nothing but a success ratio
+        if ep is None or (
+            n is None and u is None and cb is None and cd is None and lat is None and r is None
+        ):
+            continue  # not an endpoint id, or nothing but a success ratio
         numbers[ep] = EndpointNumbers(  # positionally: the fields in their order
             int(n or 0), u or 0.0, cb, cd or 0.0, lat, int(r or 0), ok
         )
     return numbers
 
 
+_Parsed = tuple[list[int | None], list[int | float | None]]
 _INT, _NUMBER_OR_NONE = frozenset((int,)), frozenset((int, float, type(None)))
 
 
-def _read_numbers_one_by_one(
-    ids: list[bytes], rows: list[list[bytes | None]]
-) -> dict[int, EndpointNumbers]:
-    numbers = {}
+def _parse_all_at_once(ids: list[bytes], rows: list[list[bytes | None]]) -> _Parsed | None:
+    """Ids and values (row after row) in two C parses; None if anything is not as stored."""
+    try:
+        keys = orjson.loads(b"[" + b",".join(ids) + b"]")
+        flat = orjson.loads(
+            b"[" + b",".join([b"null" if v is None else v for row in rows for v in row]) + b"]"
+        )
+    except orjson.JSONDecodeError:
+        return None
+    if (
+        len(keys) != len(ids)
+        or len(rows) != len(ids)
+        or len(flat) != len(NUMBER_FIELDS) * len(ids)  # a value with a comma, a short row
+        or not set(map(type, keys)) <= _INT
+        or not set(map(type, flat)) <= _NUMBER_OR_NONE  # (map and set: C loops)
+    ):
+        return None
+    return keys, flat
+
+
+def _parse_one_by_one(ids: list[bytes], rows: list[list[bytes | None]]) -> _Parsed:
+    """The same, one field at a time: an id that is not one is None (its row skipped), a
+    value that is not a finite number None (that field left out)."""
+    keys: list[int | None] = []
+    flat: list[int | float | None] = []
     for field, row in zip(ids, rows, strict=False):
-        try:
-            ep = orjson.loads(field)
-        except orjson.JSONDecodeError:
+        if len(row) != len(NUMBER_FIELDS):
             continue
-        if type(ep) is not int or len(row) != len(NUMBER_FIELDS):
-            continue
-        values = [_finite_or_none(raw) for raw in row]
-        if values[:-1].count(None) < len(NUMBER_FIELDS) - 1:
-            numbers[ep] = _endpoint_numbers(*values)
-    return numbers
+        ep = _finite_or_none(field)
+        keys.append(ep if type(ep) is int else None)
+        flat.extend(_finite_or_none(raw) for raw in row)
+    return keys, flat
 
 
 def _finite_or_none(raw: bytes | None) -> int | float | None:
@@ -814,26 +819,6 @@ def _finite_or_none(raw: bytes | None) -> int | float | None:
     except orjson.JSONDecodeError:
         return None
     return value if type(value) in (int, float) and math.isfinite(value) else None
-
-
-def _endpoint_numbers(
-    inflight: float | None,
-    utilisation: float | None,
-    circuit: float | None,
-    cooldown: float | None,
-    latency: float | None,
-    requests: float | None,
-    outcomes: float | None,
-) -> EndpointNumbers:
-    return EndpointNumbers(  # positionally: the fields in their order
-        int(inflight or 0),
-        utilisation or 0.0,
-        circuit,
-        cooldown or 0.0,
-        latency,
-        int(requests or 0),
-        outcomes,
-    )
 
 
 def read_numbers_now(client: Any, endpoint_ids: list[int]) -> dict[int, EndpointNumbers]:
@@ -939,7 +924,7 @@ class LiveCache:
         | None = None,
         *,
         full_every: float = 60.0,
-        skew: float = 2.0,
+        skew: float = 0.5,
     ) -> None:
         self._client = client
         self.interval = interval
@@ -1004,19 +989,15 @@ class LiveCache:
         if len(ids) >= self.MAX_CHANGED:
             return None
         read = read_numbers(ids, reply[1:])
-        changed = []
+        # Members that are not endpoint ids are nothing a router could look up.
+        changed = frozenset(int(raw) for raw in ids if raw.isdigit())
         numbers = self.numbers
-        for raw in ids:
-            try:
-                ep = int(raw)
-            except ValueError:
-                continue  # not an endpoint id: nothing a router could look up
-            changed.append(ep)
+        for ep in changed:
             if ep in read:
                 numbers[ep] = read[ep]
             else:
                 numbers.pop(ep, None)
-        return frozenset(changed)
+        return changed
 
     async def _run(self) -> None:
         failing = False

@@ -474,7 +474,7 @@ def test_a_refresh_reads_only_the_endpoints_the_scripts_marked_as_changed():
     async def scenario(state: LiveState) -> dict:  # type: ignore[type-arg]
         idle = await _reserve(state, ep=11, lease="idle")
         await _settle_free(state, idle.reservation, "g-idle")
-        cache = LiveCache(state.client, skew=0)  # the default re-reads the last 2 s too
+        cache = LiveCache(state.client, skew=0)  # the default re-reads the last 0.5 s too
         seen = {"first": await cache.refresh()}
         await state.client.hset(live_key(11), live_mod.INFLIGHT, 7)  # not marked again
         busy = await _reserve(state, ep=12, lease="busy")
