@@ -71,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
                 key_credit_limit=None,
                 key_period="all",
                 key_period_ttl=3600,
-                request_id=f"req-{n}",
             )
             assert result.reservation is not None, result.verdict
             await state.settle(

@@ -115,8 +115,19 @@ class Verdict(IntEnum):
     ORG_BUDGET = -10
 
 
-RETRY_ACTIVE = "sy:rb:active"  # zset: requests in flight (lease expiry as score)
-RETRY_RETRYING = "sy:rb:retry"  # zset: retry attempts in flight
+RETRY_RETRYING = "sy:rb:retry"  # zset: retry attempts in flight (lease expiry as score)
+
+# Every request's credit hold is a member of HOLDS scored by its lease's expiry, written by
+# reserve and removed by settle or release: ``<lease>|<credit key>|<hold>|<key spend
+# key>|<org spend key>`` (the spend keys '' when not limited), so that the sweep can give
+# back the hold of a request whose gateway died from the member alone. HOLDS also counts
+# the requests in flight for the retry budget. An orchestrated request's budget hold
+# (whose amount its legs draw down) is a member of BUDGETS, its amount in HOLD_INFO.
+HOLDS = "sy:holds"
+BUDGETS = "sy:budgets"
+HOLD_INFO = "sy:holdinfo"
+# Reads a HOLDS member; the lease is whatever precedes the last four fields.
+HOLD_PATTERN = "^(.*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$"
 
 
 _RESERVE = """
@@ -126,19 +137,21 @@ local hold, capacity, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local now, lease_ttl, ep = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local rpm, rl_ttl, key_limit = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local alpha, cooldown, trial_ttl = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
-local spend_ttl = tonumber(ARGV[13])
-local attempt, request_id = tonumber(ARGV[15]), ARGV[16]
-local budget_ratio, budget_min = tonumber(ARGV[17]), tonumber(ARGV[18])
-local orgspend, org_budget, org_ttl = KEYS[7], tonumber(ARGV[19]), tonumber(ARGV[20])
-local budget_lease = ARGV[21]
+local spend_ttl, attempt = tonumber(ARGV[13]), tonumber(ARGV[15])
+local budget_ratio, budget_min = tonumber(ARGV[16]), tonumber(ARGV[17])
+local orgspend, org_budget, org_ttl = KEYS[7], tonumber(ARGV[18]), tonumber(ARGV[19])
+local budget_lease = ARGV[20]
+-- Leases expire at their score: what is held now scores above now. (Expired ones stay
+-- until the sweep gives their holds back.)
+local unexpired = '(' .. ARGV[4]
 
 -- Retry budget shared by every replica (Envoy's rule): retries in flight may not exceed
 -- max(budget_min, budget_ratio * requests in flight), so a failing vendor cannot multiply
--- the load on the others.
+-- the load on the others. A request in flight holds one lease (a failed attempt's is
+-- released before the next is reserved), so the holds count the requests.
 if attempt > 0 then
-  redis.call('ZREMRANGEBYSCORE', 'sy:rb:active', '-inf', now)
   redis.call('ZREMRANGEBYSCORE', 'sy:rb:retry', '-inf', now)
-  local active = redis.call('ZCARD', 'sy:rb:active')
+  local active = redis.call('ZCOUNT', 'sy:holds', unexpired, '+inf')
   local retrying = redis.call('ZCARD', 'sy:rb:retry')
   if retrying >= math.max(budget_min, budget_ratio * active) then return {-8, 0, 0} end
 end
@@ -163,8 +176,7 @@ if opened then
   if not redis.call('SET', trial, lease, 'NX', 'EX', trial_ttl) then return {-4, 0, 0} end
   half_open = true
 end
-redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
-local n = redis.call('ZCARD', slots)
+local n = redis.call('ZCOUNT', slots, unexpired, '+inf')
 if n >= capacity then
   if half_open then redis.call('DEL', trial) end
   return {-2, 0, 0}
@@ -214,10 +226,8 @@ redis.call('DECRBY', credit, hold - take)
 if take > 0 then
   local bcredit, bamount, brest = string.match(budget_info, '^([^|]*)|([^|]*)|(.*)$')
   redis.call('HSET', 'sy:holdinfo', budget_lease,
-    bcredit .. '|' .. (tonumber(bamount) - take) .. '|' .. brest)
+    bcredit .. '|' .. string.format('%d', tonumber(bamount) - take) .. '|' .. brest)
 end
--- Remember the hold so that it comes back by itself if this gateway dies (sweep_holds).
-redis.call('ZADD', 'sy:holds', now + lease_ttl, lease)
 local spend_key, org_key = '', ''
 if key_limit >= 0 then spend_key = keyspend end
 if org_budget >= 0 then
@@ -225,8 +235,10 @@ if org_budget >= 0 then
   redis.call('INCRBY', orgspend, hold)
   redis.call('EXPIRE', orgspend, org_ttl)
 end
-local info = credit .. '|' .. hold .. '|' .. spend_key .. '|' .. org_key
-redis.call('HSET', 'sy:holdinfo', lease, info)
+-- Remember the hold, with what to give back, so that it comes back by itself if this
+-- gateway dies (sweep_holds). ARGV[1], not ``hold``: a number would print as 1e+14.
+local held = lease .. '|' .. credit .. '|' .. ARGV[1] .. '|' .. spend_key .. '|' .. org_key
+redis.call('ZADD', 'sy:holds', now + lease_ttl, held)
 if key_limit >= 0 then
   redis.call('INCRBY', keyspend, hold)
   redis.call('EXPIRE', keyspend, spend_ttl)
@@ -236,32 +248,27 @@ if rpm > 0 then
   if used == 1 then redis.call('EXPIRE', rl, rl_ttl) end
 end
 redis.call('ZADD', slots, now + lease_ttl, lease)
-if attempt > 0 then
-  redis.call('ZADD', 'sy:rb:retry', now + lease_ttl, lease)
-else
-  redis.call('ZADD', 'sy:rb:active', now + lease_ttl, request_id)
-end
+if attempt > 0 then redis.call('ZADD', 'sy:rb:retry', now + lease_ttl, lease) end
 local u = tonumber(state[3] or '0')
 redis.call('HSET', live, 'n', n + 1, 'u', u + alpha * ((n + 1) / capacity - u))
 redis.call('ZADD', 'sy:live:touched', now, ep)
-return {1, rpm - used, half_open and 1 or 0, tpm - tokens_used}
+return {1, rpm - used, half_open and 1 or 0, tpm - tokens_used, held}
 """
 
 # Shared tail of release and settle: free the lease, update the endpoint's live numbers
 # (one HMGET, one HSET) and its circuit.
 _FINISH = """
+-- ``held``: the hold's member of sy:holds (reserve returned it). ``unexpired``: '(' .. now.
 -- ``flags``: 1 if the reservation was a retry (its lease is in sy:rb:retry), + 2 if it was
 -- a half-open circuit's trial (its lease may be the trial key's value); otherwise neither
 -- can hold the lease, and the two commands are skipped. ``latency`` < 0: not measured;
 -- ``served`` = 1 counts a request served (settle).
-local function finish(slots, trial, lease, ep, capacity, now, alpha, failed, threshold, flags,
-                      latency, lat_alpha, served)
-  redis.call('ZREM', 'sy:holds', lease)
-  redis.call('HDEL', 'sy:holdinfo', lease)
+local function finish(slots, trial, lease, held, ep, capacity, now, unexpired, alpha, failed,
+                      threshold, flags, latency, lat_alpha, served)
+  redis.call('ZREM', 'sy:holds', held)
   redis.call('ZREM', slots, lease)
   if flags % 2 == 1 then redis.call('ZREM', 'sy:rb:retry', lease) end
-  redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
-  local n = redis.call('ZCARD', slots)
+  local n = redis.call('ZCOUNT', slots, unexpired, '+inf')
   local live = 'sy:ep:' .. ep
   local state = redis.call('HMGET', live, 'u', 'ok', 'l', 'f', 'r')
   local u = tonumber(state[1] or '0')
@@ -303,11 +310,12 @@ local credit, slots, keyspend, trial, orgspend = KEYS[1], KEYS[2], KEYS[3], KEYS
 local hold, lease, now, ep = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local capacity, alpha, failed = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local threshold, retry_until = tonumber(ARGV[8]), tonumber(ARGV[9])
-local flags = tonumber(ARGV[10])
+local flags, held = tonumber(ARGV[10]), ARGV[11]
 redis.call('INCRBY', credit, hold)
 if keyspend ~= '' then redis.call('DECRBY', keyspend, hold) end
 if orgspend ~= '' then redis.call('DECRBY', orgspend, hold) end
-finish(slots, trial, lease, ep, capacity, now, alpha, failed, threshold, flags, -1, 0, 0)
+finish(slots, trial, lease, held, ep, capacity, now, '(' .. ARGV[3], alpha, failed, threshold,
+       flags, -1, 0, 0)
 if retry_until > now then redis.call('HSET', 'sy:ep:' .. ep, 'cd', retry_until) end
 return 1
 """
@@ -323,9 +331,8 @@ local refund, lease, now, ep = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local capacity, alpha, failed = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local threshold, latency, lat_alpha = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local event, trace_json, trace_ttl = ARGV[11], ARGV[12], tonumber(ARGV[13])
-local tokens, flags = tonumber(ARGV[14]), tonumber(ARGV[17])
+local tokens, held, flags = tonumber(ARGV[14]), ARGV[16], tonumber(ARGV[17])
 if affinity ~= '' and failed == 0 then redis.call('SET', affinity, ep, 'EX', ARGV[15]) end
-redis.call('ZREM', 'sy:rb:active', ARGV[16])
 if tpm_key ~= '' and tokens > 0 then
   redis.call('INCRBY', tpm_key, tokens)
   redis.call('EXPIRE', tpm_key, 61)
@@ -335,31 +342,47 @@ if tonumber(refund) ~= 0 then
   if keyspend ~= '' then redis.call('DECRBY', keyspend, refund) end
   if orgspend ~= '' then redis.call('DECRBY', orgspend, refund) end
 end
-finish(slots, trial, lease, ep, capacity, now, alpha, failed, threshold, flags, latency,
-       lat_alpha, 1)
+finish(slots, trial, lease, held, ep, capacity, now, '(' .. ARGV[3], alpha, failed, threshold,
+       flags, latency, lat_alpha, 1)
 if event ~= '' then redis.call('XADD', stream, '*', 'e', event) end
 if trace_json ~= '' then redis.call('SET', trace, trace_json, 'EX', trace_ttl) end
 return 1
 """
 )
 
-# Give back the holds of requests whose gateway died before settling (their lease expired).
+# Give back the holds of requests whose gateway died before settling (their lease expired),
+# and of orchestrated requests' budgets likewise.
 _SWEEP = """
-local expired = redis.call('ZRANGEBYSCORE', 'sy:holds', '-inf', ARGV[1], 'LIMIT', 0, 500)
-for _, lease in ipairs(expired) do
+local now = ARGV[1]
+local function give_back(credit, amount, keyspend, orgspend)
+  if redis.call('EXISTS', credit) == 1 then redis.call('INCRBY', credit, amount) end
+  if keyspend ~= '' and redis.call('EXISTS', keyspend) == 1 then
+    redis.call('DECRBY', keyspend, amount)
+  end
+  if orgspend ~= '' and redis.call('EXISTS', orgspend) == 1 then
+    redis.call('DECRBY', orgspend, amount)
+  end
+end
+-- A budget's amount (or that of a hold written by an older gateway, before holds carried
+-- their amounts) is in sy:holdinfo.
+local function give_back_info(lease)
   local info = redis.call('HGET', 'sy:holdinfo', lease)
   if info then
-    local credit, hold, keyspend, orgspend = string.match(info, '^([^|]*)|([^|]*)|([^|]*)|?(.*)$')
-    if redis.call('EXISTS', credit) == 1 then redis.call('INCRBY', credit, hold) end
-    if keyspend ~= '' and redis.call('EXISTS', keyspend) == 1 then
-      redis.call('DECRBY', keyspend, hold)
-    end
-    if orgspend and orgspend ~= '' and redis.call('EXISTS', orgspend) == 1 then
-      redis.call('DECRBY', orgspend, hold)
-    end
+    local credit, amount, keyspend, orgspend = string.match(info, '^([^|]*)|([^|]*)|([^|]*)|?(.*)$')
+    give_back(credit, amount, keyspend, orgspend or '')
   end
-  redis.call('ZREM', 'sy:holds', lease)
   redis.call('HDEL', 'sy:holdinfo', lease)
+end
+local expired = redis.call('ZRANGEBYSCORE', 'sy:holds', '-inf', now, 'LIMIT', 0, 500)
+for _, held in ipairs(expired) do
+  local lease, credit, amount, keyspend, orgspend = string.match(held, ARGV[2])  -- HOLD_PATTERN
+  if lease then give_back(credit, amount, keyspend, orgspend) else give_back_info(held) end
+  redis.call('ZREM', 'sy:holds', held)
+end
+local budgets = redis.call('ZRANGEBYSCORE', 'sy:budgets', '-inf', now, 'LIMIT', 0, 500)
+for _, lease in ipairs(budgets) do
+  give_back_info(lease)
+  redis.call('ZREM', 'sy:budgets', lease)
 end
 -- Slots of dead requests expire with their leases: recount the in-flight numbers the
 -- routers read, or an endpoint would look full forever. (Every script that changes a
@@ -367,17 +390,18 @@ end
 local endpoints = redis.call('ZRANGE', 'sy:live:touched', 0, -1)
 for _, ep in ipairs(endpoints) do
   local slots = 'sy:slots:' .. ep
-  if redis.call('ZREMRANGEBYSCORE', slots, '-inf', ARGV[1]) > 0 then
+  if redis.call('ZREMRANGEBYSCORE', slots, '-inf', now) > 0 then
     redis.call('HSET', 'sy:ep:' .. ep, 'n', redis.call('ZCARD', slots))
-    redis.call('ZADD', 'sy:live:touched', ARGV[1], ep)
+    redis.call('ZADD', 'sy:live:touched', now, ep)
   end
 end
-return #expired
+return #expired + #budgets
 """
 
 # Orchestrated requests: one hold for the whole request, taken before its first step.
-# It lives in sy:holds like any hold, so the sweep returns it if the gateway dies; each leg's
-# reserve moves what it needs from it (see _RESERVE), budget_close returns the rest.
+# It lives in sy:budgets, its amount in sy:holdinfo, so the sweep returns it if the gateway
+# dies; each leg's reserve moves what it needs from it (see _RESERVE), budget_close returns
+# the rest.
 _BUDGET_OPEN = """
 local credit, lease = KEYS[1], ARGV[1]
 local amount, expires = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -385,8 +409,8 @@ local balance = redis.call('GET', credit)
 if not balance then return -1 end
 if tonumber(balance) < amount then return 0 end
 redis.call('DECRBY', credit, amount)
-redis.call('ZADD', 'sy:holds', expires, lease)
-redis.call('HSET', 'sy:holdinfo', lease, credit .. '|' .. amount .. '||')
+redis.call('ZADD', 'sy:budgets', expires, lease)
+redis.call('HSET', 'sy:holdinfo', lease, credit .. '|' .. ARGV[2] .. '||')
 return 1
 """
 
@@ -396,7 +420,8 @@ local info = redis.call('HGET', 'sy:holdinfo', lease)
 if not info then return -1 end
 local credit, amount = string.match(info, '^([^|]*)|([^|]*)')
 if redis.call('EXISTS', credit) == 1 then redis.call('INCRBY', credit, amount) end
-redis.call('ZREM', 'sy:holds', lease)
+redis.call('ZREM', 'sy:budgets', lease)
+redis.call('ZREM', 'sy:holds', lease)  -- opened by an older gateway
 redis.call('HDEL', 'sy:holdinfo', lease)
 return tonumber(amount)
 """
@@ -429,6 +454,7 @@ class Reservation:
     capacity: int
     hold: int
     lease: str
+    held: str  # the hold's member of HOLDS
     keyspend: str  # '' when the key has no credit limit
     half_open_trial: bool
     ratelimit_remaining: int
@@ -511,7 +537,6 @@ class LiveState:
         key_credit_limit: int | None,
         rate_limit_tpm: int | None = None,
         attempt: int = 0,
-        request_id: str = "",
         org_budget: int | None = None,
         org_period: str = "",
         org_period_ttl: int = 0,
@@ -549,7 +574,6 @@ class LiveState:
                 key_period_ttl,
                 rate_limit_tpm or 0,
                 attempt,
-                request_id or lease,
                 self.config.retry_budget_ratio,
                 self.config.retry_budget_min,
                 -1 if org_budget is None else org_budget,
@@ -569,6 +593,7 @@ class LiveState:
                 capacity=capacity,
                 hold=hold,
                 lease=lease,
+                held=_text(result[4]),
                 keyspend=keyspend,
                 half_open_trial=bool(int(result[2])),
                 retry=attempt > 0,
@@ -605,6 +630,7 @@ class LiveState:
                 self.config.circuit_threshold,
                 repr(retry_until),
                 _finish_flags(reservation),
+                reservation.held,
             ],
         )
 
@@ -659,7 +685,7 @@ class LiveState:
                 self.config.trace_ttl,
                 tokens,
                 AFFINITY_TTL_SECONDS,
-                request_id,
+                reservation.held,
                 _finish_flags(reservation),
             ],
         )
@@ -669,7 +695,6 @@ class LiveState:
     ) -> None:
         """Record a request that holds nothing (every vendor failed): event and trace only."""
         pipe = self.client.pipeline(transaction=True)
-        pipe.zrem(RETRY_ACTIVE, request_id)
         pipe.xadd(USAGE_STREAM, {"e": orjson.dumps(event)})
         if trace:
             pipe.set(trace_key(request_id), orjson.dumps(trace), ex=self.config.trace_ttl)
@@ -689,7 +714,7 @@ class LiveState:
 
     async def budget_remaining(self, lease: str) -> int:
         """What is left of a budget hold (0 once closed or swept)."""
-        info = await self.client.hget("sy:holdinfo", lease)
+        info = await self.client.hget(HOLD_INFO, lease)
         if info is None:
             return 0
         text = info.decode() if isinstance(info, bytes) else str(info)
@@ -702,7 +727,7 @@ class LiveState:
     async def sweep_holds(self) -> int:
         """Return expired holds (their gateway died mid-request) to the credit; any replica
         may run it, each expired hold is returned once."""
-        return int(await self._sweep(keys=[], args=[repr(time.time())]))
+        return int(await self._sweep(keys=[], args=[repr(time.time()), HOLD_PATTERN]))
 
     async def affinity(self, key: str) -> int | None:
         value = await self.client.get(key)
@@ -717,6 +742,10 @@ class LiveState:
             return None
         loaded: dict[str, Any] = orjson.loads(raw)
         return loaded
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _finish_flags(reservation: Reservation) -> int:

@@ -29,7 +29,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from billing.credit import USAGE_STREAM, credit_key
-from routing.live import trace_key
+from routing.live import HOLD_PATTERN, Reservation, trace_key
 
 logger = logging.getLogger("switchyard.spool")
 
@@ -38,28 +38,57 @@ MARKER_TTL = 7 * 24 * 3600
 # Like settle, but applied at most once per request id, and the credit is adjusted only if
 # Redis still knows the organisation (after a data loss it is rebuilt from the ledger).
 # KEYS: credit, slots, stream, marker, trace. ARGV: refund, lease, endpoint, event, marker
-# ttl, cost.
+# ttl, cost, the hold's member of sy:holds ('' in a line spooled by an older gateway, whose
+# hold is the lease, its amounts in sy:holdinfo), HOLD_PATTERN.
 _REPLAY = """
 if not redis.call('SET', KEYS[4], '1', 'NX', 'EX', ARGV[5]) then return 0 end
-local held = redis.call('ZREM', 'sy:holds', ARGV[2]) == 1
-redis.call('HDEL', 'sy:holdinfo', ARGV[2])
+local lease, held = ARGV[2], ARGV[7]
+local keyspend, orgspend = '', ''
+if held == '' then
+  held = lease
+  redis.call('HDEL', 'sy:holdinfo', lease)
+else
+  local _, _, _, k, o = string.match(held, ARGV[8])
+  keyspend, orgspend = k or '', o or ''
+end
 local delta = 0
-if held then
+if redis.call('ZREM', 'sy:holds', held) == 1 then
   delta = tonumber(ARGV[1])
 elseif redis.call('EXISTS', KEYS[5]) == 0 then
   -- The sweep gave the whole hold back: what remains is the charge.
   delta = -tonumber(ARGV[6])
 end  -- else the settlement itself reached Redis (its trace is there): nothing to adjust
-if redis.call('EXISTS', KEYS[1]) == 1 and delta ~= 0 then
-  redis.call('INCRBY', KEYS[1], delta)
+if delta ~= 0 then
+  -- The credit and, as settle does, the key's and the organisation's spend counters.
+  if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBY', KEYS[1], delta) end
+  for _, spend in ipairs({keyspend, orgspend}) do
+    if spend ~= '' and redis.call('EXISTS', spend) == 1 then redis.call('DECRBY', spend, delta) end
+  end
 end
-redis.call('ZREM', KEYS[2], ARGV[2])
-redis.call('HSET', 'sy:ep:' .. ARGV[3], 'n', redis.call('ZCARD', KEYS[2]))
+redis.call('ZREM', KEYS[2], lease)
 local clock = redis.call('TIME')
-redis.call('ZADD', 'sy:live:touched', clock[1] + clock[2] / 1e6, ARGV[3])
+local now = clock[1] .. '.' .. string.format('%06d', clock[2])
+redis.call('HSET', 'sy:ep:' .. ARGV[3], 'n', redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf'))
+redis.call('ZADD', 'sy:live:touched', now, ARGV[3])
 if ARGV[4] ~= '' then redis.call('XADD', KEYS[3], '*', 'e', ARGV[4]) end
 return 1
 """
+
+
+def settlement_record(
+    request_id: str, reservation: Reservation, cost: int, event: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What the spool keeps of a settlement Redis did not take (one JSON line)."""
+    return {
+        "request_id": request_id,
+        "organization_id": reservation.organization_id,
+        "endpoint_id": reservation.endpoint_id,
+        "lease": reservation.lease,
+        "held": reservation.held,
+        "refund": reservation.hold - cost,
+        "cost": cost,
+        "event": event,
+    }
 
 
 def _owner_gone(path: Path) -> bool:
@@ -161,6 +190,8 @@ class SpoolReplayer:
                 orjson.dumps(record["event"]).decode() if record.get("event") else "",
                 MARKER_TTL,
                 int(record.get("cost", (record.get("event") or {}).get("cost", 0))),
+                record.get("held", ""),
+                HOLD_PATTERN,
             ],
         )
         return int(result)

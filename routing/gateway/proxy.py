@@ -50,7 +50,7 @@ from routing.gateway.upstream import UpstreamPool, check_literal, upstream_heade
 from routing.live import LiveState, Reservation, Verdict
 from routing.privacy import Redaction, StreamRestorer, restore_answer
 from routing.router import Candidate
-from routing.spool import Spool
+from routing.spool import Spool, settlement_record
 from vendors.ssrf import UnsafeURLError
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -257,7 +257,6 @@ class Proxy:
                 rate_limit_rpm=key.rate_limit_rpm,
                 rate_limit_tpm=key.rate_limit_tpm,
                 attempt=attempt,
-                request_id=job.request_id,
                 org_budget=key.org_budget,
                 org_period=org_period,
                 org_period_ttl=org_ttl,
@@ -591,17 +590,7 @@ class Proxy:
             if self.spool is None:
                 raise
             reservation = served.reservation
-            self.spool.append(
-                {
-                    "request_id": job.request_id,
-                    "organization_id": reservation.organization_id,
-                    "endpoint_id": reservation.endpoint_id,
-                    "lease": reservation.lease,
-                    "refund": reservation.hold - served.cost,
-                    "cost": served.cost,
-                    "event": event,
-                }
-            )
+            self.spool.append(settlement_record(job.request_id, reservation, served.cost, event))
 
     async def _record_failure(self, job: Job, attempts: list[Attempt], *, outcome: str) -> None:
         """A request no vendor answered: no charge, but the customer sees it on dashboards."""

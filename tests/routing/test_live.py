@@ -54,7 +54,6 @@ def _reserve(
         key_period="all",
         key_period_ttl=3600,
         attempt=attempt,
-        request_id=f"req-{lease}",
     )
 
 
@@ -276,38 +275,18 @@ def test_retries_in_flight_stay_within_the_shared_budget():
 
     async def scenario(state: LiveState) -> list[Verdict]:
         # 20 requests in flight (first attempts)...
-        for i in range(20):
-            await state.reserve(
-                organization_id=1,
-                key_id=5,
-                endpoint_id=10,
-                capacity=1000,
-                hold=1,
-                lease=f"first-{i}",
-                rate_limit_rpm=None,
-                key_credit_limit=None,
-                key_period="all",
-                key_period_ttl=60,
-                attempt=0,
-                request_id=f"req-{i}",
-            )
-        # ...then each wants a retry: at most max(3, 0.2 * 20) = 4 may run at once.
+        firsts = [
+            (await _reserve(state, ep=10, capacity=1000, hold=1, lease=f"first-{i}")).reservation
+            for i in range(20)
+        ]
+        # ...then 8 of them fail and want a retry, each after giving its first attempt back
+        # (as the proxy does): at most max(3, 0.2 * 20) = 4 retries may run at once.
         results = []
         for i in range(8):
-            r = await state.reserve(
-                organization_id=1,
-                key_id=5,
-                endpoint_id=11,
-                capacity=1000,
-                hold=1,
-                lease=f"retry-{i}",
-                rate_limit_rpm=None,
-                key_credit_limit=None,
-                key_period="all",
-                key_period_ttl=60,
-                attempt=1,
-                request_id=f"req-{i}",
-            )
+            first = firsts[i]
+            assert first is not None
+            await state.release(first, vendor_failed=None)
+            r = await _reserve(state, ep=11, capacity=1000, hold=1, lease=f"retry-{i}", attempt=1)
             results.append(r.verdict)
         return results
 
@@ -541,18 +520,75 @@ def test_a_refresh_reads_everything_when_too_many_endpoints_changed_or_it_is_tim
     assert ids == [21, 22, 23, 24, 25]
 
 
+def test_the_sweep_gives_back_the_hold_and_the_spend_of_a_request_whose_gateway_died():
+    """The hold's member says what to give back: the credit, the key's and the
+    organisation's spend; once, whichever replicas sweep."""
+    sync_client().set(credit_key(1), 1_000)
+    sync_client().set(live_mod.keyspend_key(5, "all"), 0)
+    sync_client().set(live_mod.orgspend_key(1, "2026-11"), 0)
+
+    async def scenario(state: LiveState) -> tuple[int, int]:
+        result = await state.reserve(
+            organization_id=1,
+            key_id=5,
+            endpoint_id=10,
+            capacity=10,
+            hold=300,
+            lease="gen-dead:1",
+            rate_limit_rpm=None,
+            key_credit_limit=10_000,
+            key_period="all",
+            key_period_ttl=3600,
+            org_budget=10_000,
+            org_period="2026-11",
+            org_period_ttl=3600,
+        )
+        assert result.reservation is not None
+        held = [
+            int(sync_client().get(key))
+            for key in (credit_key(1), "sy:keyspend:5:all", "sy:orgspend:1:2026-11")
+        ]
+        assert held == [700, 300, 300]
+        first = await state.sweep_holds()  # its lease expired at once (lease_ttl=-1)
+        return first, await state.sweep_holds()
+
+    assert _run(scenario, LiveConfig(lease_ttl=-1)) == (1, 0)
+    assert [
+        int(sync_client().get(key))
+        for key in (credit_key(1), "sy:keyspend:5:all", "sy:orgspend:1:2026-11")
+    ] == [1_000, 0, 0]
+    assert sync_client().zcard(live_mod.HOLDS) == 0
+
+
+def test_the_sweep_gives_back_a_hold_written_by_an_older_gateway():
+    """Before holds carried their amounts, a hold was its lease, its amounts in sy:holdinfo:
+    after an upgrade, the hold of a request such a gateway did not finish still comes back."""
+    sync_client().set(credit_key(1), 700)
+    sync_client().set(live_mod.keyspend_key(5, "all"), 300)
+    sync_client().zadd(live_mod.HOLDS, {"gen-old:1": time.time() - 1})
+    sync_client().hset(live_mod.HOLD_INFO, "gen-old:1", f"{credit_key(1)}|300|sy:keyspend:5:all|")
+
+    async def scenario(state: LiveState) -> int:
+        return await state.sweep_holds()
+
+    assert _run(scenario) == 1
+    assert int(sync_client().get(credit_key(1))) == 1_000
+    assert int(sync_client().get("sy:keyspend:5:all")) == 0
+    assert sync_client().hlen(live_mod.HOLD_INFO) == 0
+
+
 def test_the_sweep_marks_the_in_flight_counts_it_corrects():
     """A replica died holding a slot: the sweep recounts the endpoint's in-flight number,
     and the other replicas' next refresh sees it without a full read."""
     sync_client().set(credit_key(1), 10**12)
 
     async def scenario(state: LiveState) -> tuple:  # type: ignore[type-arg]
-        await _reserve(state, ep=31, lease="dead-replica")
+        dead = (await _reserve(state, ep=31, lease="dead-replica")).reservation
         cache = LiveCache(state.client, skew=0)
         await cache.refresh()
         before = cache.numbers[31].inflight
         await state.client.zadd(live_mod.slots_key(31), {"dead-replica": time.time() - 1})
-        await state.client.zadd("sy:holds", {"dead-replica": time.time() - 1})
+        await state.client.zadd(live_mod.HOLDS, {dead.held: time.time() - 1})
         await state.sweep_holds()
         return before, await cache.refresh(), cache.numbers[31].inflight
 

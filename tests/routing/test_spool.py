@@ -16,24 +16,29 @@ import redis.asyncio as aioredis
 from django.conf import settings
 
 from billing.credit import USAGE_STREAM, credit_key
-from routing.live import LiveCache, LiveConfig, LiveState, Reservation
-from routing.spool import Spool, SpoolReplayer
+from routing.live import LiveCache, LiveConfig, LiveState, Reservation, keyspend_key
+from routing.spool import Spool, SpoolReplayer, settlement_record
 
 ORG, ENDPOINT, HOLD, COST = 41, 42, 10_000, 3_000
 CREDIT = 1_000_000
 
 
-def settlement(request_id: str, lease: str = "lease-x") -> dict[str, object]:
-    event = {"rid": request_id, "org": ORG, "cost": COST}
-    return {
-        "request_id": request_id,
-        "organization_id": ORG,
-        "endpoint_id": ENDPOINT,
-        "lease": lease,
-        "refund": HOLD - COST,
-        "cost": COST,
-        "event": event,
-    }
+def settlement(request_id: str, reservation: Reservation | None = None) -> dict[str, object]:
+    """The line the gateway spools when Redis fails under a settle (of ``reservation``)."""
+    reservation = reservation or Reservation(
+        organization_id=ORG,
+        endpoint_id=ENDPOINT,
+        capacity=10,
+        hold=HOLD,
+        lease="lease-x",
+        held="",
+        keyspend="",
+        half_open_trial=False,
+        ratelimit_remaining=0,
+    )
+    return settlement_record(
+        request_id, reservation, COST, {"rid": request_id, "org": ORG, "cost": COST}
+    )
 
 
 async def stream_request_ids(client: aioredis.Redis) -> list[str]:
@@ -93,9 +98,9 @@ async def test_a_replayed_settlement_takes_its_hold_so_the_sweep_cannot_return_i
     client = aioredis.Redis.from_url(settings.REDIS_URL)
     live = LiveState(client, LiveConfig(lease_ttl=1))
     try:
-        await reserve(live, "lease-1")
+        reservation = await reserve(live, "lease-1")
         spool = Spool(tmp_path)
-        spool.append(settlement("gen-1", lease="lease-1"))  # Redis failed under the settle
+        spool.append(settlement("gen-1", reservation))  # Redis failed under the settle
         assert await SpoolReplayer(spool, client).replay_once() == 1
 
         await asyncio.sleep(1.2)  # the lease expires; every replica sweeps expired holds
@@ -110,11 +115,11 @@ async def test_a_settlement_replayed_after_its_hold_was_swept_charges_the_cost(t
     client = aioredis.Redis.from_url(settings.REDIS_URL)
     live = LiveState(client, LiveConfig(lease_ttl=-1))  # a lease expired before Redis was back
     try:
-        await reserve(live, "lease-2")
+        reservation = await reserve(live, "lease-2")
         await live.sweep_holds()
         assert int(await client.get(credit_key(ORG))) == CREDIT
         spool = Spool(tmp_path)
-        spool.append(settlement("gen-2", lease="lease-2"))
+        spool.append(settlement("gen-2", reservation))
 
         assert await SpoolReplayer(spool, client).replay_once() == 1
 
@@ -139,7 +144,7 @@ async def test_a_settlement_that_reached_redis_before_the_error_is_not_refunded_
             trace={"id": "gen-3"},
         )
         spool = Spool(tmp_path)
-        spool.append(settlement("gen-3", lease="lease-3"))
+        spool.append(settlement("gen-3", reservation))
 
         assert await SpoolReplayer(spool, client).replay_once() == 1
 
@@ -153,15 +158,69 @@ async def test_a_replayed_settlement_frees_its_slot_where_the_routers_refresh_re
     live = LiveState(client)
     cache = LiveCache(client, skew=0)
     try:
-        await reserve(live, "lease-3")
+        reservation = await reserve(live, "lease-3")
         await cache.refresh()
         assert cache.numbers[ENDPOINT].inflight == 1
         spool = Spool(tmp_path)
-        spool.append(settlement("gen-3", lease="lease-3"))  # Redis failed under the settle
+        spool.append(settlement("gen-3", reservation))  # Redis failed under the settle
 
         assert await SpoolReplayer(spool, client).replay_once() == 1
 
         assert await cache.refresh() == {ENDPOINT}  # read without waiting for a full read
         assert cache.numbers[ENDPOINT].inflight == 0
+    finally:
+        await client.aclose()
+
+
+async def test_a_replayed_settlement_returns_the_unused_hold_to_the_keys_spend_too(tmp_path):
+    """As settle does: the key's spend counter (its credit limit) ends at the cost."""
+    client = aioredis.Redis.from_url(settings.REDIS_URL)
+    live = LiveState(client)
+    try:
+        await live.init_credit(ORG, CREDIT, None)
+        await live.init_keyspend(7, "monthly", 0, 60)
+        result = await live.reserve(
+            organization_id=ORG,
+            key_id=7,
+            endpoint_id=ENDPOINT,
+            capacity=10,
+            hold=HOLD,
+            lease="lease-5",
+            rate_limit_rpm=None,
+            key_credit_limit=10 * HOLD,
+            key_period="monthly",
+            key_period_ttl=60,
+        )
+        assert result.reservation is not None
+        assert int(await client.get(keyspend_key(7, "monthly"))) == HOLD
+        spool = Spool(tmp_path)
+        spool.append(settlement("gen-5", result.reservation))  # Redis failed under the settle
+
+        assert await SpoolReplayer(spool, client).replay_once() == 1
+
+        assert int(await client.get(credit_key(ORG))) == CREDIT - COST
+        assert int(await client.get(keyspend_key(7, "monthly"))) == COST
+    finally:
+        await client.aclose()
+
+
+async def test_a_line_spooled_by_an_older_gateway_still_takes_its_hold(tmp_path):
+    """Before holds carried their amounts, a hold was its lease, its amounts in
+    sy:holdinfo; a line spooled then (no ``held``) is replayed after an upgrade."""
+    client = aioredis.Redis.from_url(settings.REDIS_URL)
+    live = LiveState(client, LiveConfig(lease_ttl=-1))
+    try:
+        await live.init_credit(ORG, CREDIT - HOLD, None)
+        await client.zadd("sy:holds", {"lease-x": 0})  # expired: the sweep would return it
+        await client.hset("sy:holdinfo", "lease-x", f"{credit_key(ORG)}|{HOLD}||")
+        spool = Spool(tmp_path)
+        spool.append(settlement("gen-6"))
+
+        assert await SpoolReplayer(spool, client).replay_once() == 1
+        await live.sweep_holds()
+
+        assert int(await client.get(credit_key(ORG))) == CREDIT - COST
+        assert await client.zcard("sy:holds") == 0
+        assert await client.hlen("sy:holdinfo") == 0
     finally:
         await client.aclose()
