@@ -83,6 +83,10 @@ TARGET_DELAY_RATIO = {16: 0.95, 64: 0.85}
 TARGET_STREAM_TTFT_MS = 1.0
 TARGET_STREAM_WHOLE_MS = 1.5
 TARGET_RSS_MB = 300.0
+# Where the targets were set (the issue), LiteLLM spent 11-12 ms of CPU per non-streamed
+# request. On another machine the targets in milliseconds do not transfer; the gateway's CPU
+# relative to LiteLLM's, measured in the same run, does (see ``machine_yardstick``).
+ISSUE_LITELLM_CPU_MS = 11.5
 
 
 def log(message: str) -> None:
@@ -1037,7 +1041,30 @@ def render(
         )
     passed = sum(c["pass"] for c in checks)
     lines.append(f"  {passed} of {len(checks)} targets met")
+    lines += ["", *machine_yardstick(comparison)]
     return "\n".join(lines)
+
+
+def machine_yardstick(comparison: dict[str, dict[str, Any]]) -> list[str]:
+    """How fast this machine is next to the issue's, and the gateway's CPU target scaled by
+    it: a yardstick for slower or busier machines, not a PASS (the targets are absolute)."""
+    lines = []
+    for key in ("instant/json/c1", "instant/json/c16", "instant/json/c64"):
+        c = comparison.get(key)
+        if not c or not c["litellm_cpu_ms_per_request"] or c["gateway_cpu_ms_per_request"] is None:
+            continue
+        litellm, gateway = c["litellm_cpu_ms_per_request"], c["gateway_cpu_ms_per_request"]
+        scaled, factor = gateway / litellm * ISSUE_LITELLM_CPU_MS, litellm / ISSUE_LITELLM_CPU_MS
+        lines.append(
+            f"  {key}: LiteLLM {litellm:.1f} ms CPU per request ({factor:.1f}x "
+            f"the issue's machine); gateway/LiteLLM CPU {gateway / litellm:.4f} "
+            f"(target {TARGET_CPU_MS / ISSUE_LITELLM_CPU_MS:.4f}), i.e. {scaled:.2f} ms there"
+        )
+    if lines:
+        lines.insert(
+            0, "Yardstick (this machine against the issue's, by LiteLLM's CPU per request)"
+        )
+    return lines
 
 
 def versions(bench_python: Path) -> dict[str, str]:

@@ -118,16 +118,17 @@ class Verdict(IntEnum):
 RETRY_RETRYING = "sy:rb:retry"  # zset: retry attempts in flight (lease expiry as score)
 
 # Every request's credit hold is a member of HOLDS scored by its lease's expiry, written by
-# reserve and removed by settle or release: ``<lease>|<credit key>|<hold>|<key spend
-# key>|<org spend key>`` (the spend keys '' when not limited), so that the sweep can give
-# back the hold of a request whose gateway died from the member alone. HOLDS also counts
-# the requests in flight for the retry budget. An orchestrated request's budget hold
-# (whose amount its legs draw down) is a member of BUDGETS, its amount in HOLD_INFO.
+# reserve and removed by settle or release: ``<lease>|<endpoint>|<credit key>|<hold>|<key
+# spend key>|<org spend key>`` (the spend keys '' when not limited), so that the sweep can
+# give back the hold and the slot of a request whose gateway died from the member alone.
+# HOLDS also counts the requests in flight for the retry budget. An orchestrated request's
+# budget hold (whose amount its legs draw down) is a member of BUDGETS, its amount in
+# HOLD_INFO.
 HOLDS = "sy:holds"
 BUDGETS = "sy:budgets"
 HOLD_INFO = "sy:holdinfo"
-# Reads a HOLDS member; the lease is whatever precedes the last four fields.
-HOLD_PATTERN = "^(.*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$"
+# Reads a HOLDS member; the lease is whatever precedes the last five fields.
+HOLD_PATTERN = "^(.*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$"
 
 
 _RESERVE = """
@@ -237,7 +238,8 @@ if org_budget >= 0 then
 end
 -- Remember the hold, with what to give back, so that it comes back by itself if this
 -- gateway dies (sweep_holds). ARGV[1], not ``hold``: a number would print as 1e+14.
-local held = lease .. '|' .. credit .. '|' .. ARGV[1] .. '|' .. spend_key .. '|' .. org_key
+local held = lease .. '|' .. ep .. '|' .. credit .. '|' .. ARGV[1] .. '|' .. spend_key .. '|'
+  .. org_key
 redis.call('ZADD', 'sy:holds', now + lease_ttl, held)
 if key_limit >= 0 then
   redis.call('INCRBY', keyspend, hold)
@@ -373,10 +375,21 @@ local function give_back_info(lease)
   end
   redis.call('HDEL', 'sy:holdinfo', lease)
 end
+-- Each expired hold names its lease's endpoint: free that slot there and recount the
+-- in-flight number the routers read, or the endpoint would look busier than it is (full,
+-- at worst) until a script next touches it. The work follows the expired holds, not the
+-- endpoints: this script holds Redis for every replica while it runs.
+local recount = {}
 local expired = redis.call('ZRANGEBYSCORE', 'sy:holds', '-inf', now, 'LIMIT', 0, 500)
 for _, held in ipairs(expired) do
-  local lease, credit, amount, keyspend, orgspend = string.match(held, ARGV[2])  -- HOLD_PATTERN
-  if lease then give_back(credit, amount, keyspend, orgspend) else give_back_info(held) end
+  local lease, ep, credit, amount, keyspend, orgspend = string.match(held, ARGV[2])  -- HOLD_PATTERN
+  if lease then
+    give_back(credit, amount, keyspend, orgspend)
+    redis.call('ZREM', 'sy:slots:' .. ep, lease)
+    recount[ep] = true
+  else
+    give_back_info(held)
+  end
   redis.call('ZREM', 'sy:holds', held)
 end
 local budgets = redis.call('ZRANGEBYSCORE', 'sy:budgets', '-inf', now, 'LIMIT', 0, 500)
@@ -384,16 +397,10 @@ for _, lease in ipairs(budgets) do
   give_back_info(lease)
   redis.call('ZREM', 'sy:budgets', lease)
 end
--- Slots of dead requests expire with their leases: recount the in-flight numbers the
--- routers read, or an endpoint would look full forever. (Every script that changes a
--- slot set writes its count, so only a set that lost expired leases here needs one.)
-local endpoints = redis.call('ZRANGE', 'sy:live:touched', 0, -1)
-for _, ep in ipairs(endpoints) do
-  local slots = 'sy:slots:' .. ep
-  if redis.call('ZREMRANGEBYSCORE', slots, '-inf', now) > 0 then
-    redis.call('HSET', 'sy:ep:' .. ep, 'n', redis.call('ZCARD', slots))
-    redis.call('ZADD', 'sy:live:touched', now, ep)
-  end
+for ep in pairs(recount) do
+  local n = redis.call('ZCOUNT', 'sy:slots:' .. ep, '(' .. now, '+inf')
+  redis.call('HSET', 'sy:ep:' .. ep, 'n', n)
+  redis.call('ZADD', 'sy:live:touched', now, ep)
 end
 return #expired + #budgets
 """
@@ -873,18 +880,26 @@ end
 return out
 """
 
-# Forget the live state of endpoints that no longer exist (ARGV: their ids), except while a
-# request still holds one of their slots (the next prune takes those).
+# ARGV: now, the number of ids that follow of endpoints that no longer exist, those ids, then
+# the ids of endpoints that exist. Forget the live state of the first, except while a request
+# still holds one of their slots (the next prune takes those); drop the expired leases of the
+# others and recount them if any were. (The hold sweep frees the slot of every hold it gives
+# back; this catches a lease whose hold did not name its endpoint: an older gateway's.)
 _PRUNE = """
-local now, pruned = tonumber(ARGV[1]), 0
-for i = 2, #ARGV do
+local now, gone, pruned = ARGV[1], tonumber(ARGV[2]), 0
+for i = 3, #ARGV do
   local ep = ARGV[i]
   local slots = 'sy:slots:' .. ep
-  redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
-  if redis.call('EXISTS', slots) == 0 then
-    redis.call('DEL', 'sy:ep:' .. ep, 'sy:cbtrial:' .. ep)
-    redis.call('ZREM', 'sy:live:touched', ep)
-    pruned = pruned + 1
+  local trimmed = redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+  if i <= gone + 2 then
+    if redis.call('EXISTS', slots) == 0 then
+      redis.call('DEL', 'sy:ep:' .. ep, 'sy:cbtrial:' .. ep)
+      redis.call('ZREM', 'sy:live:touched', ep)
+      pruned = pruned + 1
+    end
+  elseif trimmed > 0 then
+    redis.call('HSET', 'sy:ep:' .. ep, 'n', redis.call('ZCARD', slots))
+    redis.call('ZADD', 'sy:live:touched', now, ep)
   end
 end
 return pruned
@@ -905,9 +920,11 @@ def prune_live_state(client: Any, existing: Callable[[list[int]], set[int]]) -> 
         junk = [member for member, _score in found if not member.isdigit()]
         if junk:
             client.zrem(TOUCHED, *junk)
-        gone = sorted(set(ids) - existing(ids))
-        if gone:
-            pruned += int(script(keys=[], args=[repr(time.time()), *gone]))
+        if ids:
+            kept = existing(ids)
+            gone = sorted(set(ids) - kept)
+            args = [repr(time.time()), len(gone), *gone, *sorted(kept)]
+            pruned += int(script(keys=[], args=args))
         if int(cursor) == 0:
             return pruned
 

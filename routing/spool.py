@@ -48,7 +48,7 @@ if held == '' then
   held = lease
   redis.call('HDEL', 'sy:holdinfo', lease)
 else
-  local _, _, _, k, o = string.match(held, ARGV[8])
+  local _, _, _, _, k, o = string.match(held, ARGV[8])
   keyspend, orgspend = k or '', o or ''
 end
 local delta = 0

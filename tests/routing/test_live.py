@@ -558,6 +558,9 @@ def test_the_sweep_gives_back_the_hold_and_the_spend_of_a_request_whose_gateway_
         for key in (credit_key(1), "sy:keyspend:5:all", "sy:orgspend:1:2026-11")
     ] == [1_000, 0, 0]
     assert sync_client().zcard(live_mod.HOLDS) == 0
+    # ...and its slot, where the routers read the endpoint's in-flight number.
+    assert sync_client().zcard(live_mod.slots_key(10)) == 0
+    assert sync_client().hget(live_key(10), live_mod.INFLIGHT) == b"0"
 
 
 def test_the_sweep_gives_back_a_hold_written_by_an_older_gateway():

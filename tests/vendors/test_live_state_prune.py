@@ -45,3 +45,18 @@ def test_it_drops_the_live_state_of_deleted_endpoints_only():
     redis.delete(slots_key(busy))  # that request finished
     assert live_state_prune() == 1
     assert {m.decode() for m in redis.zrange(TOUCHED, 0, -1)} == {str(kept.pk)}
+
+
+def test_it_recounts_an_existing_endpoint_left_holding_an_expired_lease():
+    """The hold sweep frees the slot of each hold it returns; a lease whose hold did not name
+    its endpoint (an older gateway's) is dropped here, and the in-flight number corrected."""
+    redis = sync_client()
+    endpoint = factories.endpoint(base_url=BASE_URL)
+    _live(redis, endpoint.pk)
+    redis.hset(live_key(endpoint.pk), "n", 2)
+    redis.zadd(slots_key(endpoint.pk), {"dead": time.time() - 1, "alive": time.time() + 300})
+
+    assert live_state_prune() == 0
+
+    assert redis.zrange(slots_key(endpoint.pk), 0, -1) == [b"alive"]
+    assert redis.hget(live_key(endpoint.pk), "n") == b"1"
