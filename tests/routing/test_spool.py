@@ -73,7 +73,7 @@ async def test_it_keeps_a_settlement_spooled_while_a_replay_fails(tmp_path):
         await client.aclose()
 
 
-async def reserve(live: LiveState, lease: str) -> Reservation:
+async def reserve(live: LiveState, lease: str, key_limit: int | None = None) -> Reservation:
     await live.init_credit(ORG, CREDIT, None)
     result = await live.reserve(
         organization_id=ORG,
@@ -83,7 +83,7 @@ async def reserve(live: LiveState, lease: str) -> Reservation:
         hold=HOLD,
         lease=lease,
         rate_limit_rpm=None,
-        key_credit_limit=None,
+        key_credit_limit=key_limit,
         key_period="monthly",
         key_period_ttl=60,
     )
@@ -177,24 +177,11 @@ async def test_a_replayed_settlement_returns_the_unused_hold_to_the_keys_spend_t
     client = aioredis.Redis.from_url(settings.REDIS_URL)
     live = LiveState(client)
     try:
-        await live.init_credit(ORG, CREDIT, None)
         await live.init_keyspend(7, "monthly", 0, 60)
-        result = await live.reserve(
-            organization_id=ORG,
-            key_id=7,
-            endpoint_id=ENDPOINT,
-            capacity=10,
-            hold=HOLD,
-            lease="lease-5",
-            rate_limit_rpm=None,
-            key_credit_limit=10 * HOLD,
-            key_period="monthly",
-            key_period_ttl=60,
-        )
-        assert result.reservation is not None
+        reservation = await reserve(live, "lease-5", key_limit=10 * HOLD)
         assert int(await client.get(keyspend_key(7, "monthly"))) == HOLD
         spool = Spool(tmp_path)
-        spool.append(settlement("gen-5", result.reservation))  # Redis failed under the settle
+        spool.append(settlement("gen-5", reservation))  # Redis failed under the settle
 
         assert await SpoolReplayer(spool, client).replay_once() == 1
 
