@@ -375,6 +375,7 @@ def plan_route(
     explore_draw: float,
     request_params: frozenset[str] = frozenset(),
     max_candidates: int | None = MAX_CANDIDATES,
+    check_capacity: bool = True,
 ) -> RouteDecision:
     """Choose and order the endpoints for one request (see the module docstring).
 
@@ -382,7 +383,8 @@ def plan_route(
     ``LiveView`` built once per refresh so its arrays are reused. ``explore_draw`` is a
     uniform random number in [0, 1). ``request_params`` are the request's parameters that
     ``require_parameters`` checks (``routing.policy.request_parameters(body)``).
-    ``max_candidates`` = None keeps every eligible endpoint.
+    ``max_candidates`` = None keeps every eligible endpoint. ``check_capacity`` = False
+    keeps endpoints that ``live`` counts as full (reserve, which counts atomically, decides).
 
     Raises ``NotFound`` when no model entry matches a visible endpoint and ``BadRequest``
     for ``model: auto`` that the gateway did not resolve. An empty ``candidates`` means
@@ -431,7 +433,8 @@ def plan_route(
     circuit = live_now.circuit
     mark(circuit == CIRCUIT_OPEN, _CIRCUIT_OPEN)
     mark((circuit == CIRCUIT_HALF_OPEN) & (live_now.trial == 0), _CIRCUIT_HALF_OPEN)
-    mark(live_now.inflight >= index.capacity[positions], _CAPACITY)
+    if check_capacity:
+        mark(live_now.inflight >= index.capacity[positions], _CAPACITY)
     if policy.max_price_prompt is not None:
         mark(live_now.quote_input > policy.max_price_prompt, _PRICE)
     if policy.max_price_completion is not None:

@@ -93,6 +93,9 @@ logger = logging.getLogger("switchyard.gateway")
 TEMPLATE_TOKENS_PER_MESSAGE = 8
 TEMPLATE_TOKENS_BASE = 16
 DECISION_CACHE_SIZE = 4096
+# When the copy of the live numbers counts every endpoint full, this many of them are tried
+# anyway (see ``run_job``): reserve counts their slots atomically.
+CAPACITY_RECHECK = 2
 
 
 class GatewayApp:
@@ -853,6 +856,12 @@ class GatewayApp:
             policy = policy.with_auto_tags(classification.tag)
             auto_trace = classification.to_trace()
         decision, decision_trace = self._decide(snapshot, policy, job)
+        if not decision.candidates and decision.filtered.get("at_capacity"):
+            # The copy of the live numbers may be a refresh old, and a slot may have freed
+            # since: with small capacities, refusing on the copy alone refused requests that
+            # could be served. Let reserve, which counts the slots atomically, decide for a
+            # few of the endpoints the copy counts full (it refuses them if they are).
+            decision, decision_trace = self._decide(snapshot, policy, job, recheck=True)
         if not decision.candidates:
             raise decision.no_candidates_error()
         candidates = list(decision.candidates)
@@ -1033,7 +1042,7 @@ class GatewayApp:
         return policy
 
     def _decide(
-        self, snapshot: Snapshot, policy: RoutePolicy, job: Job
+        self, snapshot: Snapshot, policy: RoutePolicy, job: Job, *, recheck: bool = False
     ) -> tuple[RouteDecision, dict[str, Any]]:
         """Route one request; identical requests share a decision until the live numbers or
         the routing table change (a few times a second).
@@ -1045,7 +1054,7 @@ class GatewayApp:
         params = request_parameters(job.body)
         view = self.live_view
         cacheable = draw >= EXPLORE_SHARE
-        key = (job.key.organization_id, job.kind, policy, params)
+        key = (job.key.organization_id, job.kind, policy, params, recheck)
         if self._decisions_snapshot is not snapshot or self._decisions_view is not view:
             self._decisions = {}
             self._decisions_snapshot, self._decisions_view = snapshot, view
@@ -1059,8 +1068,12 @@ class GatewayApp:
             live=view,
             explore_draw=draw,
             request_params=params,
+            **({"max_candidates": CAPACITY_RECHECK, "check_capacity": False} if recheck else {}),
         )
-        entry = (decision, decision.to_trace())
+        trace = decision.to_trace()
+        if recheck:
+            trace["capacity_recheck"] = True  # counted full by this replica's copy
+        entry = (decision, trace)
         if cacheable and len(self._decisions) < DECISION_CACHE_SIZE:
             self._decisions[key] = entry
         return entry

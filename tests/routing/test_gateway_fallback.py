@@ -121,6 +121,40 @@ def test_it_answers_503_when_every_vendor_is_at_capacity(gateway_server, upstrea
     assert upstream.stats()["max_in_flight"] == 1
 
 
+def test_a_slot_freed_since_the_last_refresh_serves_the_request(gateway_server, upstream):
+    """Each replica routes on a copy of the live numbers, refreshed a few times a second.
+    When the copy counts every endpoint full, reserve (which counts the slots atomically)
+    decides for a few of them: a slot freed since the copy was read is used, not refused."""
+    import time
+
+    from marketplace.redis_client import sync_client
+    from routing.live import TOUCHED, trace_key
+    from tests.support.cluster import wait_until
+    from vendors.pricing import live_key
+
+    endpoint = factories.endpoint(base_url=upstream.base_url, capacity=1)
+    customer = factories.customer()
+    body = {"model": endpoint.full_slug, "messages": MESSAGES}
+    gateway = gateway_server.gateway
+    with gateway_server.client(customer.key) as client:
+        first = client.post("/v1/chat/completions", json=body)
+        assert first.status_code == 200
+        # (Its settlement reaches Redis before the answer's end reaches us, but Redis may
+        # run it after what we send next: wait for its trace.)
+        assert wait_until(lambda: sync_client().exists(trace_key(first.json()["id"])))
+        # The copy now counts the only slot taken, as it does between a request's end and
+        # the next refresh; the slots reserve counts are all free.
+        sync_client().hset(live_key(endpoint.pk), "n", 1)
+        sync_client().zadd(TOUCHED, {str(endpoint.pk): time.time()})
+        assert wait_until(lambda: getattr(gateway.live_view.get(endpoint.pk), "inflight", 0) == 1)
+        answer = client.post("/v1/chat/completions", json=body)
+        assert answer.status_code == 200, answer.text
+        trace = client.get("/v1/generation", params={"id": answer.json()["id"]}).json()["data"]
+    assert trace["routing"]["capacity_recheck"] is True
+    assert [c["endpoint"] for c in trace["routing"]["candidates"]] == [endpoint.full_slug]
+    assert upstream.stats()["max_in_flight"] == 1
+
+
 def test_it_rate_limits_a_key_with_headers(gateway_server, upstream):
     endpoint = factories.endpoint(base_url=upstream.base_url)
     customer = factories.customer()
