@@ -95,14 +95,15 @@ def test_it_answers_503_when_every_vendor_is_at_capacity(gateway_server, upstrea
 
     endpoint = factories.endpoint(base_url=upstream.base_url, capacity=1)
     customer = factories.customer()
+    # Built here: the ORM in a thread of the test would hold a database connection of its
+    # own past the test (and the test database's teardown found it in use).
+    body = {"model": endpoint.full_slug, "messages": MESSAGES}
     upstream.script(["delay:1500"])
     results = {}
 
     def slow() -> None:
         with gateway_server.client(customer.key) as client:
-            results["slow"] = client.post(
-                "/v1/chat/completions", json={"model": endpoint.full_slug, "messages": MESSAGES}
-            )
+            results["slow"] = client.post("/v1/chat/completions", json=body)
 
     thread = threading.Thread(target=slow)
     thread.start()
@@ -112,9 +113,7 @@ def test_it_answers_503_when_every_vendor_is_at_capacity(gateway_server, upstrea
             break
         threading.Event().wait(0.01)
     with gateway_server.client(customer.key) as client:
-        busy = client.post(
-            "/v1/chat/completions", json={"model": endpoint.full_slug, "messages": MESSAGES}
-        )
+        busy = client.post("/v1/chat/completions", json=body)
     thread.join()
     assert results["slow"].status_code == 200
     assert busy.status_code == 503 and busy.json()["error"]["code"] == "no_available_endpoint"
@@ -397,13 +396,12 @@ def test_load_raises_the_quote_and_moves_price_sorted_traffic_away(
 
     upstream.set_delay(3000)
     threads = []
+    slow_body = {"model": surging.full_slug, "messages": MESSAGES}  # (no ORM in the threads)
     for _ in range(3):
 
         def slow() -> None:
             with gateway_server.client(customer.key) as c:
-                c.post(
-                    "/v1/chat/completions", json={"model": surging.full_slug, "messages": MESSAGES}
-                )
+                c.post("/v1/chat/completions", json=slow_body)
 
         threads.append(threading.Thread(target=slow))
         threads[-1].start()
