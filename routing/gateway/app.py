@@ -81,7 +81,13 @@ from routing.live import EndpointNumbers, LiveCache, LiveConfig, LiveState, affi
 from routing.orchestrate import ORCHESTRATE, TIMEOUT_CEILING_SECONDS
 from routing.policy import RoutePolicy, request_parameters, route_policy
 from routing.resp import RespClient
-from routing.router import EXPLORE_SHARE, RouteDecision, plan_route, prepare_snapshot
+from routing.router import (
+    EXPLORE_SHARE,
+    MAX_CANDIDATES,
+    RouteDecision,
+    plan_route,
+    prepare_snapshot,
+)
 from routing.scoring import EndpointLive, LiveView
 from routing.snapshot import Snapshot, load_snapshot
 from routing.spool import Spool, SpoolReplayer
@@ -1068,7 +1074,8 @@ class GatewayApp:
             live=view,
             explore_draw=draw,
             request_params=params,
-            **({"max_candidates": CAPACITY_RECHECK, "check_capacity": False} if recheck else {}),
+            max_candidates=CAPACITY_RECHECK if recheck else MAX_CANDIDATES,
+            check_capacity=not recheck,
         )
         trace = decision.to_trace()
         if recheck:

@@ -11,10 +11,12 @@ from playwright.sync_api import expect
 from billing.money import usd_to_nanos
 from billing.services import credit_grant
 from marketplace.models import ApiKey, Organization
+from marketplace.redis_client import sync_client
 from marketplace.services import api_key_create, console_organization_create
 from tests import factories
 from tests.conftest import ingest_all
 from tests.e2e.browser.test_journeys import PASSWORD, log_in
+from tests.support.cluster import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -50,6 +52,8 @@ def test_an_owner_turns_on_redaction_and_the_cache_and_sees_them_on_the_usage_pa
     }
     with httpx.Client(base_url=live_app.url, headers={"Authorization": f"Bearer {key}"}) as c:
         first = c.post("/v1/chat/completions", json=body, timeout=30)
+        # The gateway stores the answer after its last byte went out: wait for it.
+        assert wait_until(lambda: bool(sync_client().keys(f"sy:cache:{org.pk}:x:*")))
         second = c.post("/v1/chat/completions", json=body, timeout=30)
     assert first.headers["x-switchyard-cache"] == "miss"
     assert second.headers["x-switchyard-cache"] == "hit"
