@@ -354,8 +354,10 @@ return 1
 
 # Give back the holds of requests whose gateway died before settling (their lease expired),
 # and of orchestrated requests' budgets likewise.
-_SWEEP = """
-local now = ARGV[1]
+# Shared by the sweep and the spool replay: return ``amount`` to an organisation's credit
+# and take it off the key's and organisation's spend ('' = not limited), for the keys Redis
+# still has (after a data loss they are rebuilt from the ledger).
+GIVE_BACK = """
 local function give_back(credit, amount, keyspend, orgspend)
   if redis.call('EXISTS', credit) == 1 then redis.call('INCRBY', credit, amount) end
   if keyspend ~= '' and redis.call('EXISTS', keyspend) == 1 then
@@ -365,6 +367,12 @@ local function give_back(credit, amount, keyspend, orgspend)
     redis.call('DECRBY', orgspend, amount)
   end
 end
+"""
+
+_SWEEP = (
+    GIVE_BACK
+    + """
+local now = ARGV[1]
 -- A budget's amount (or that of a hold written by an older gateway, before holds carried
 -- their amounts) is in sy:holdinfo.
 local function give_back_info(lease)
@@ -404,6 +412,7 @@ for ep in pairs(recount) do
 end
 return #expired + #budgets
 """
+)
 
 # Orchestrated requests: one hold for the whole request, taken before its first step.
 # It lives in sy:budgets, its amount in sy:holdinfo, so the sweep returns it if the gateway

@@ -29,7 +29,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from billing.credit import USAGE_STREAM, credit_key
-from routing.live import HOLD_PATTERN, Reservation, trace_key
+from routing.live import GIVE_BACK, HOLD_PATTERN, Reservation, trace_key
 
 logger = logging.getLogger("switchyard.spool")
 
@@ -40,7 +40,9 @@ MARKER_TTL = 7 * 24 * 3600
 # KEYS: credit, slots, stream, marker, trace. ARGV: refund, lease, endpoint, event, marker
 # ttl, cost, the hold's member of sy:holds ('' in a line spooled by an older gateway, whose
 # hold is the lease, its amounts in sy:holdinfo), HOLD_PATTERN.
-_REPLAY = """
+_REPLAY = (
+    GIVE_BACK
+    + """
 if not redis.call('SET', KEYS[4], '1', 'NX', 'EX', ARGV[5]) then return 0 end
 local lease, held = ARGV[2], ARGV[7]
 local keyspend, orgspend = '', ''
@@ -58,13 +60,8 @@ elseif redis.call('EXISTS', KEYS[5]) == 0 then
   -- The sweep gave the whole hold back: what remains is the charge.
   delta = -tonumber(ARGV[6])
 end  -- else the settlement itself reached Redis (its trace is there): nothing to adjust
-if delta ~= 0 then
-  -- The credit and, as settle does, the key's and the organisation's spend counters.
-  if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBY', KEYS[1], delta) end
-  for _, spend in ipairs({keyspend, orgspend}) do
-    if spend ~= '' and redis.call('EXISTS', spend) == 1 then redis.call('DECRBY', spend, delta) end
-  end
-end
+-- The credit and, as settle does, the key's and the organisation's spend counters.
+if delta ~= 0 then give_back(KEYS[1], delta, keyspend, orgspend) end
 redis.call('ZREM', KEYS[2], lease)
 local clock = redis.call('TIME')
 local now = clock[1] .. '.' .. string.format('%06d', clock[2])
@@ -73,6 +70,7 @@ redis.call('ZADD', 'sy:live:touched', now, ARGV[3])
 if ARGV[4] ~= '' then redis.call('XADD', KEYS[3], '*', 'e', ARGV[4]) end
 return 1
 """
+)
 
 
 def settlement_record(
