@@ -509,6 +509,9 @@ class LiveState:
         self._sweep = client.register_script(_SWEEP)
         self._budget_open = client.register_script(_BUDGET_OPEN)
         self._budget_close = client.register_script(_BUDGET_CLOSE)
+        if fast is not None:
+            for text in (_RESERVE, _RELEASE, _SETTLE):
+                fast.preload(text)
 
     async def _hot(self, script: Any, keys: list[Any], args: list[Any]) -> Any:
         if self.fast is not None:

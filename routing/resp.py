@@ -10,7 +10,10 @@ calls need:
   come and replies matched in order (Redis answers a connection's commands in order), so
   concurrent requests pipeline on the socket instead of queueing for pooled connections.
 * Commands packed into RESP with one ``join``; replies parsed by ``hiredis`` (C).
-* EVALSHA with a one-time SCRIPT LOAD when Redis answers NOSCRIPT (after a restart).
+* EVALSHA. The scripts the client is told of (``preload``) are loaded on every connection,
+  before any other command: after a restart, the first settle must not need a second trip
+  (NOSCRIPT, SCRIPT LOAD, EVALSHA) that lands after its answer has gone out. A script
+  Redis does not know all the same (a SCRIPT FLUSH) is loaded when it answers NOSCRIPT.
 * Errors are redis-py's own exceptions (``ConnectionError``, ``ResponseError``), so callers
   handle a lost Redis exactly as before: a request fails closed with 503, a settlement goes
   to the spool. A lost connection fails every command in flight; the next command
@@ -161,6 +164,12 @@ class RespClient:
         self.connect_timeout = connect_timeout
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Task[_Protocol] | None = None
+        self._scripts: list[str] = []
+
+    def preload(self, script: str) -> None:
+        """Load ``script`` on every connection (from the next one on), before anything else."""
+        if script not in self._scripts:
+            self._scripts.append(script)
 
     async def _connection(self) -> _Protocol:
         protocol = self._protocol
@@ -187,6 +196,7 @@ class RespClient:
                 setup.append(protocol.send(pack("AUTH", *auth)))
             if self.db:
                 setup.append(protocol.send(pack("SELECT", self.db)))
+            setup.extend(protocol.send(pack("SCRIPT", "LOAD", s)) for s in self._scripts)
             for reply in setup:
                 await reply
         self._protocol = protocol

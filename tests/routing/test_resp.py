@@ -246,3 +246,36 @@ def test_evalsha_now_loads_an_unknown_script_when_awaited():
             await client.aclose()
 
     assert _run(main()) == ([1, b"a"], [3, b"b"])
+
+
+def test_a_preloaded_script_is_loaded_on_each_connection_so_evalsha_now_needs_one_trip():
+    # After a Redis restart its script cache is empty. Without the preload the first
+    # evalsha_now meets NOSCRIPT and is applied only after a second trip, once awaited:
+    # a settlement would reach Redis after the answer had reached the client.
+    sync_client().delete("sy:test:now")
+
+    def applied() -> bytes | None:
+        for _ in range(200):
+            value = sync_client().get("sy:test:now")
+            if value is not None:
+                return value
+            time.sleep(0.01)
+        return None
+
+    async def main():  # type: ignore[no-untyped-def]
+        client = RespClient(settings.REDIS_URL)
+        client.preload(SCRIPT)
+        try:
+            await client.execute("CLIENT", "SETNAME", "resp-under-test")
+            sync_client().script_flush()  # Redis restarted...
+            sync_client().client_kill_filter(_type="normal", skipme=True)  # ...and dropped us
+            with pytest.raises(RedisConnectionError):
+                await client.execute("PING")
+            await client.execute("PING")  # the gateway's next command reconnects
+            pending = client.evalsha_now(_sha(SCRIPT), SCRIPT, ["sy:test:now"], [4, "y"])
+            seen = applied()  # before the loop turns
+            return seen, await pending
+        finally:
+            await client.aclose()
+
+    assert _run(main()) == (b"4", [4, b"y"])
