@@ -2,7 +2,8 @@
 
     python -m bench.ingest_loop            # needs DATABASE_URL / REDIS_URL (devenv exec)
 
-Calls ``billing.usage.usage_ingest_batch`` in a loop, exactly what the Celery task does,
+Calls ``billing.usage.usage_ingest_batch`` and ``routing.traces.trace_ingest_batch`` in a
+loop, exactly what the Celery tasks do,
 until SIGTERM/SIGINT. Prints ``READY`` once Django is set up and, at exit, one JSON line
 ``{"batches": .., "entries": .., "recorded": .., "duplicates": .., "invalid": ..}``.
 """
@@ -23,6 +24,7 @@ def main() -> int:
 
     django.setup()
     from billing.usage import linger_after, usage_ingest_batch
+    from routing.traces import trace_ingest_batch
 
     stop = False
 
@@ -32,11 +34,13 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    totals = {"batches": 0, "entries": 0, "recorded": 0, "duplicates": 0, "invalid": 0}
+    totals = {"batches": 0, "entries": 0, "recorded": 0, "duplicates": 0, "invalid": 0, "traces": 0}
     print("READY", flush=True)
     while not stop:
         try:
             result = usage_ingest_batch(count=1000, block_ms=100)
+            # The route traces too, as the trace_ingest task does in production.
+            totals["traces"] += trace_ingest_batch(count=1000).stored
         except Exception as exc:  # keep metering alive through a hiccup, but say so
             print(f"ingest error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
             time.sleep(0.2)

@@ -203,6 +203,7 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_ROUTES = {
     "billing.tasks.usage_ingest": {"queue": "ingest"},
     "billing.tasks.rollups_recent": {"queue": "ingest"},
+    "routing.tasks.*": {"queue": "ingest"},
     "vendors.tasks.*": {"queue": "probes"},
     "billing.tasks.*": {"queue": "payments"},
 }
@@ -216,6 +217,12 @@ CELERY_BEAT_SCHEDULE = {
         # PostgreSQL outage) are dropped rather than worked off one by one afterwards.
         "options": {"expires": 30},
     },
+    "trace-ingest": {
+        "task": "routing.tasks.trace_ingest",
+        "schedule": env_float("TRACE_INGEST_INTERVAL_SECONDS", 2.0),
+        "options": {"expires": 30},
+    },
+    "trace-prune": {"task": "routing.tasks.trace_prune", "schedule": 3600.0},
     # Live dashboards: the gateway's live numbers to the vendor and operations pages.
     "live-numbers-push": {
         "task": "marketplace.tasks.live_numbers_push",
@@ -313,6 +320,11 @@ GATEWAY_REDIS_MAX_CONNECTIONS = env_int("GATEWAY_REDIS_MAX_CONNECTIONS", 512, mi
 # Where the console's playground calls the gateway; empty: this process's own address.
 PLAYGROUND_GATEWAY_URL = env_str("PLAYGROUND_GATEWAY_URL", "")
 GATEWAY_TRACE_TTL_SECONDS = env_int("GATEWAY_TRACE_TTL_SECONDS", 86_400, minimum=60)
+# Traces waiting in the sy:traces stream for PostgreSQL (routing.traces): beyond this many
+# the oldest are dropped, so a stalled ingest cannot fill Redis with them.
+GATEWAY_TRACE_STREAM_MAXLEN = env_int("GATEWAY_TRACE_STREAM_MAXLEN", 200_000, minimum=1_000)
+# How long PostgreSQL keeps route traces (GET /v1/generation, feedback) before the hourly prune.
+TRACE_RETENTION_DAYS = env_int("TRACE_RETENTION_DAYS", 30, minimum=1)
 # Settlements Redis could not take (it was down after a vendor answered) wait here.
 SWITCHYARD_SPOOL_DIR = env_str("SWITCHYARD_SPOOL_DIR", str(VAR_DIR / "spool"))
 GATEWAY_LIVE_REFRESH_SECONDS = env_float("GATEWAY_LIVE_REFRESH_SECONDS", 0.25)

@@ -100,6 +100,10 @@ def trace_key(request_id: str) -> str:
     return f"sy:trace:{request_id}"
 
 
+# Every stored trace is also appended here, for ``routing.traces`` to keep in PostgreSQL.
+TRACE_STREAM = "sy:traces"
+
+
 class Verdict(IntEnum):
     OK = 1
     NO_CREDIT = 0
@@ -328,7 +332,7 @@ _SETTLE = (
     + """
 local credit, slots, keyspend, trial = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local stream, trace, tpm_key, affinity = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local orgspend = KEYS[9]
+local orgspend, traces = KEYS[9], KEYS[10]
 local refund, lease, now, ep = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local capacity, alpha, failed = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local threshold, latency, lat_alpha = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
@@ -347,7 +351,10 @@ end
 finish(slots, trial, lease, held, ep, capacity, now, '(' .. ARGV[3], alpha, failed, threshold,
        flags, latency, lat_alpha, 1)
 if event ~= '' then redis.call('XADD', stream, '*', 'e', event) end
-if trace_json ~= '' then redis.call('SET', trace, trace_json, 'EX', trace_ttl) end
+if trace_json ~= '' then
+  redis.call('SET', trace, trace_json, 'EX', trace_ttl)
+  redis.call('XADD', traces, 'MAXLEN', '~', ARGV[18], '*', 't', trace_json)
+end
 return 1
 """
 )
@@ -457,6 +464,7 @@ class LiveConfig:
     circuit_cooldown: float = 30.0
     trial_ttl: int = 60
     trace_ttl: int = 7 * 24 * 3600
+    trace_stream_maxlen: int = 200_000  # entries waiting for ingest; the oldest go beyond
     retry_budget_ratio: float = 0.2
     retry_budget_min: int = 3
 
@@ -687,6 +695,7 @@ class LiveState:
                 reservation.tpm_key,
                 affinity_key or "",
                 reservation.orgspend,
+                TRACE_STREAM,
             ],
             args=[
                 reservation.hold - cost,
@@ -706,6 +715,7 @@ class LiveState:
                 AFFINITY_TTL_SECONDS,
                 reservation.held,
                 _finish_flags(reservation),
+                self.config.trace_stream_maxlen,
             ],
         )
 
@@ -716,7 +726,7 @@ class LiveState:
         pipe = self.client.pipeline(transaction=True)
         pipe.xadd(USAGE_STREAM, {"e": orjson.dumps(event)})
         if trace:
-            pipe.set(trace_key(request_id), orjson.dumps(trace), ex=self.config.trace_ttl)
+            self._put_trace(pipe, request_id, trace)
         await pipe.execute()
 
     async def budget_open(
@@ -753,7 +763,20 @@ class LiveState:
         return int(value) if value is not None else None
 
     async def store_trace(self, request_id: str, trace: dict[str, Any]) -> None:
-        await self.client.set(trace_key(request_id), orjson.dumps(trace), ex=self.config.trace_ttl)
+        """Write (or rewrite) a trace: Redis's copy and the stream to PostgreSQL."""
+        pipe = self.client.pipeline(transaction=True)
+        self._put_trace(pipe, request_id, trace)
+        await pipe.execute()
+
+    def _put_trace(self, pipe: Any, request_id: str, trace: dict[str, Any]) -> None:
+        text = orjson.dumps(trace)
+        pipe.set(trace_key(request_id), text, ex=self.config.trace_ttl)
+        pipe.xadd(
+            TRACE_STREAM,
+            {"t": text},
+            maxlen=self.config.trace_stream_maxlen,
+            approximate=True,
+        )
 
     async def trace(self, request_id: str) -> dict[str, Any] | None:
         raw = await self.client.get(trace_key(request_id))

@@ -135,6 +135,18 @@ def ingest_all() -> int:
             return total
 
 
+def ingest_traces() -> int:
+    """Run trace ingest until the stream is drained (what the Celery beat task does)."""
+    from routing.traces import trace_ingest_batch
+
+    total = 0
+    while True:
+        result = trace_ingest_batch(count=1000)
+        total += result.stored
+        if result.read == 0:
+            return total
+
+
 def run_async(coro):  # type: ignore[no-untyped-def]
     return asyncio.run(coro)
 

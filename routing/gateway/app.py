@@ -92,6 +92,7 @@ from routing.scoring import EndpointLive, LiveView
 from routing.snapshot import Snapshot, load_snapshot
 from routing.spool import Spool, SpoolReplayer
 from routing.tools import ToolCatalog
+from routing.traces import stored_trace
 
 logger = logging.getLogger("switchyard.gateway")
 
@@ -173,6 +174,7 @@ class GatewayApp:
                 retry_budget_min=settings.GATEWAY_RETRY_BUDGET_MIN,
                 lease_ttl=settings.GATEWAY_LEASE_SECONDS,
                 trace_ttl=settings.GATEWAY_TRACE_TTL_SECONDS,
+                trace_stream_maxlen=settings.GATEWAY_TRACE_STREAM_MAXLEN,
             ),
             fast=self._resp,
         )
@@ -628,12 +630,19 @@ class GatewayApp:
         wanted = (query.get("id") or [""])[0]
         if not wanted:
             raise BadRequest("pass the request id as ?id=", param="id", code="missing_id")
-        assert self.live is not None
-        trace = await self.live.trace(wanted)
+        trace = await self._any_trace(wanted)
         # Another organisation's request is indistinguishable from a missing one.
         if trace is None or trace.get("organization_id") != key.organization_id:
             raise NotFound("no generation with that id", code="generation_not_found")
         await send_json(send, 200, {"data": trace}, request_id)
+
+    async def _any_trace(self, request_id: str) -> dict[str, Any] | None:
+        """A request's trace: Redis's copy while it lasts, else PostgreSQL's (off the loop)."""
+        assert self.live is not None
+        trace = await self.live.trace(request_id)
+        if trace is None:
+            trace = await off_loop(stored_trace)(request_id)
+        return trace
 
     async def _feedback(
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str
@@ -657,8 +666,7 @@ class GatewayApp:
         comment = body.get("comment", "")
         if not isinstance(comment, str):
             raise BadRequest("`comment` must be a string", param="comment", code="invalid_type")
-        assert self.live is not None
-        trace = await self.live.trace(rated)
+        trace = await self._any_trace(rated)
         if (
             trace is None
             or trace.get("organization_id") != key.organization_id

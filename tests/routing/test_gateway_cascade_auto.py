@@ -8,8 +8,9 @@ import pytest
 from django.core.management import call_command
 
 from billing.models import UsageRecord
+from routing.traces import stored_trace
 from tests import factories
-from tests.conftest import ingest_all
+from tests.conftest import ingest_all, ingest_traces
 from tests.support.upstream import FaultUpstream
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -49,6 +50,10 @@ def test_a_low_confidence_answer_escalates_and_both_legs_are_billed(gateway_serv
     assert "cascade" not in cheap_server.last_request()["body"]
     decisions = [(t["endpoint"], t["decision"]) for t in trace["routing"]["cascade"]["tiers"]]
     assert decisions == [(weak.full_slug, "escalated"), (good.full_slug, "final")]
+    # PostgreSQL keeps the rewritten trace (with the cascade), not the one settle wrote.
+    ingest_traces()
+    kept = stored_trace(body["id"])
+    assert kept is not None and kept["routing"]["cascade"] == trace["routing"]["cascade"]
     ingest_all()
     legs = UsageRecord.objects.filter(organization=customer.organization).order_by("request_id")
     assert [r.endpoint_id for r in legs] == [weak.pk, good.pk]
