@@ -19,7 +19,11 @@ It prints three figures, each with a baseline measured in the same process:
    random over ``--tenants`` organisations and ``--vendors`` vendors (default 100 and 20);
    baseline: a bare ``COPY``-free ``bulk_create`` of the same number of unrelated rows.
    Target ≥ 15,000 events/s.
-3. Time to billable: with a consumer running (``manage.py ingest_usage``-style loop),
+3. Trace ingest: route traces per second from the ``sy:traces`` stream into
+   ``RouteTrace`` (one consumer), with a trace shaped like a one-attempt gateway trace, and
+   PostgreSQL's bytes per stored trace (table, TOAST and indexes). No target: it must keep
+   up with the gateway, and it runs on the ingest queue beside the usage.
+4. Time to billable: with a consumer running (``manage.py ingest_usage``-style loop),
    the delay from XADD to the committed ledger transaction, p50/p99. Target p99 < 2 s.
 """
 
@@ -250,6 +254,119 @@ def ingest_throughput(
     }
 
 
+def bench_trace(n: int) -> dict[str, object]:
+    """A route trace of the size the gateway writes for a one-attempt request (~1.8 KB)."""
+    quote = {"input": 10**9, "output": 2 * 10**9, "multiplier": 1.0, "unit": "nano-usd-per-1m"}
+    components = {"quality": 0.5, "price": 1.0, "latency": 1.0}
+    policy = {"models": ["tag:sql"], "sort": "balanced", "variant": None, "order": [],
+              "only": None, "ignore": [], "allow_fallbacks": True,
+              "max_price": {"prompt": None, "completion": None}, "zero_retention": False,
+              "regions": None, "require_parameters": False, "min_quality": None,
+              "trusted_only": False}  # fmt: skip
+    return {
+        "id": f"gen-t-{n:032x}",
+        "organization_id": 1 + n % 100,
+        "key_prefix": "0f4fe0a7",
+        "kind": "chat",
+        "model": "tag:sql",
+        "tags": ["sql"],
+        "stream": False,
+        "created": "2026-11-28T10:58:58.135669+00:00",
+        "routing": {
+            "strategy": "balanced",
+            "policy": policy,
+            "explored": None,
+            "considered": 1,
+            "eligible": 1,
+            "filtered": {},
+            "candidates": [
+                {
+                    "rank": 0,
+                    "endpoint": "vendor-2/model-1",
+                    "endpoint_id": 1,
+                    "vendor": "vendor-2",
+                    "score": 0.75,
+                    "components": components,
+                    "latency_ms": None,
+                    "quote": quote,
+                    "explored": False,
+                }
+            ],
+            "endpoints": [
+                {
+                    "endpoint": "vendor-2/model-1",
+                    "endpoint_id": 1,
+                    "vendor": "vendor-2",
+                    "status": "candidate",
+                    "rank": 0,
+                    "score": 0.75,
+                    "components": components,
+                    "latency_ms": None,
+                    "requests": 0,
+                    "quote": quote,
+                }
+            ],
+        },
+        "attempts": [
+            {
+                "endpoint": "vendor-2/model-1",
+                "outcome": "success",
+                "status": 200,
+                "latency_ms": 3,
+                "detail": "",
+                "quote": {"input": 10**9, "output": 2 * 10**9},
+            }
+        ],
+        "outcome": "success",
+        "served_by": "vendor-2/model-1",
+        "tokens": {"prompt": 12, "completion": 40},
+        "cost_nanos": 3000 + n,
+        "latency_ms": 41,
+        "privacy": None,
+    }
+
+
+def trace_ingest_throughput(count: int) -> dict[str, float]:
+    from django.db import connection
+
+    from routing.live import TRACE_STREAM
+    from routing.models import RouteTrace
+    from routing.traces import trace_ingest_batch
+
+    client = sync_client()
+    client.delete(TRACE_STREAM)
+    with connection.cursor() as cursor:
+        cursor.execute("TRUNCATE routing_routetrace")  # no dead rows left to count below
+    pipe = client.pipeline(transaction=False)
+    size = 0
+    for i in range(count):
+        text = orjson.dumps(bench_trace(i))
+        size += len(text)
+        pipe.xadd(TRACE_STREAM, {"t": text})
+        if i % 5000 == 4999:
+            pipe.execute()
+    pipe.execute()
+    t0 = time.perf_counter()
+    cpu0 = time.process_time()
+    while trace_ingest_batch(count=1000, consumer="bench-traces").read:
+        pass
+    elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    stored = RouteTrace.objects.count()
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM ANALYZE routing_routetrace")
+        cursor.execute("SELECT pg_total_relation_size('routing_routetrace')")
+        on_disk = int(cursor.fetchone()[0])
+    return {
+        "traces": stored,
+        "seconds": elapsed,
+        "traces_per_second": stored / elapsed,
+        "consumer_cpu_us_per_trace": cpu / stored * 1e6,
+        "json_bytes_per_trace": size / count,
+        "postgres_bytes_per_trace": on_disk / stored,
+    }
+
+
 def time_to_billable(org: int, vendor: int, endpoint: int, n: int) -> dict[str, float]:
     client = sync_client()
     stop = threading.Event()
@@ -282,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--consumers", type=int, default=2, help="parallel ingest consumers")
     parser.add_argument("--emit", type=int, default=2000)
     parser.add_argument("--billable", type=int, default=200)
+    parser.add_argument("--traces", type=int, default=20_000, help="route traces to ingest")
     parser.add_argument(
         "--tenants", type=int, default=100, help="customer organisations the events spread over"
     )
@@ -292,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
 
     emit = asyncio.run(emit_cost(org, vendor, endpoint, args.emit))
     ingest = ingest_throughput(orgs, served, args.events, args.batch, args.consumers)
+    traces = trace_ingest_throughput(args.traces)
     billable = time_to_billable(org, vendor, endpoint, args.billable)
 
     print("== emit cost on the hot path (one settle round trip) ==")
@@ -320,6 +439,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     verdict = "PASS" if ingest["events_per_second"] >= 15_000 else "MISS"
     print(f"  => [{verdict} >= 15,000 events/s]")
+    print("== route traces into PostgreSQL (one consumer) ==")
+    print(
+        f"  {traces['traces']} traces of {traces['json_bytes_per_trace']:,.0f} bytes in"
+        f" {traces['seconds']:.2f} s = {traces['traces_per_second']:,.0f} traces/s;"
+        f" consumer CPU {traces['consumer_cpu_us_per_trace']:.1f} µs per trace;"
+        f" PostgreSQL {traces['postgres_bytes_per_trace']:,.0f} bytes per trace"
+    )
     print("== time from XADD to billable (consumer running) ==")
     verdict = "PASS" if billable["p99_ms"] < 2000 else "MISS"
     print(

@@ -37,7 +37,7 @@ INSERT INTO routing_routetrace (request_id, organization_id, created_at, stream_
                                 stream_seq, trace)
 SELECT request_id, organization_id, created_at, stream_ms, stream_seq, trace
 FROM jsonb_to_recordset(%s::jsonb) AS r(request_id text, organization_id bigint,
-     created_at timestamptz, stream_ms bigint, stream_seq bigint, trace jsonb)
+     created_at timestamptz, stream_ms bigint, stream_seq bigint, trace text)
 ON CONFLICT (request_id) DO UPDATE SET trace = EXCLUDED.trace,
     stream_ms = EXCLUDED.stream_ms, stream_seq = EXCLUDED.stream_seq
 WHERE (routing_routetrace.stream_ms, routing_routetrace.stream_seq)
@@ -80,10 +80,13 @@ def _rows(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> tuple[list[dict[st
     for entry_id, fields in entries:
         try:
             ms_text, seq_text = entry_id.decode().split("-")
-            trace = orjson.loads(fields[b"t"])
+            raw = fields[b"t"]
+            trace = orjson.loads(raw)  # checked here: what is stored must read back
             request_id, organization_id = trace["id"], trace["organization_id"]
             if not isinstance(request_id, str) or not 0 < len(request_id) <= 64:
                 raise ValueError("bad request id")
+            if not (request_id.isascii() and request_id.isprintable()):
+                raise ValueError("bad request id")  # PostgreSQL's text refuses NUL, for one
             if isinstance(organization_id, bool) or not isinstance(organization_id, int):
                 raise ValueError("bad organisation id")
         except (KeyError, TypeError, ValueError, orjson.JSONDecodeError):
@@ -101,15 +104,9 @@ def _rows(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> tuple[list[dict[st
             "created_at": _created_at(trace, ms),
             "stream_ms": ms,
             "stream_seq": seq,
-            "trace": trace,
+            "trace": raw.decode(),  # as the gateway wrote it: not parsed again, nor re-encoded
         }
     return list(rows.values()), invalid
-
-
-def _document(rows: list[dict[str, Any]]) -> str:
-    # PostgreSQL's jsonb refuses the NUL character (\u0000) in a string, which JSON allows
-    # and a request can carry into its trace (the model it asked for): stored as U+FFFD.
-    return orjson.dumps(rows).replace(b"\\u0000", b"\\ufffd").decode()
 
 
 def trace_ingest_batch(
@@ -144,7 +141,7 @@ def trace_ingest_batch(
         # Sorted: concurrent consumers take the primary key's locks in one order.
         rows.sort(key=lambda row: row["request_id"])
         with connection.cursor() as cursor:
-            cursor.execute(_UPSERT, [_document(rows)])
+            cursor.execute(_UPSERT, [orjson.dumps(rows).decode()])
     ids = [entry_id for entry_id, _fields in entries]
     pipe = client.pipeline(transaction=True)
     pipe.xack(TRACE_STREAM, TRACE_GROUP, *ids)
@@ -160,7 +157,7 @@ def stored_trace(request_id: str) -> dict[str, Any] | None:
     row = RouteTrace.objects.filter(request_id=request_id[:64]).values_list("trace").first()
     if row is None:
         return None
-    trace: dict[str, Any] = row[0]
+    trace: dict[str, Any] = orjson.loads(row[0])
     return trace
 
 

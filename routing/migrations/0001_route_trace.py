@@ -20,7 +20,7 @@ class Migration(migrations.Migration):
                 ('created_at', models.DateTimeField()),
                 ('stream_ms', models.BigIntegerField()),
                 ('stream_seq', models.BigIntegerField()),
-                ('trace', models.JSONField()),
+                ('trace', models.TextField()),
             ],
             options={
                 'indexes': [django.contrib.postgres.indexes.BrinIndex(fields=['created_at'], name='routetrace_created_brin')],

@@ -90,13 +90,14 @@ def test_malformed_entries_are_dropped_without_blocking_the_good_ones():
         {"t": orjson.dumps({"id": "gen-4", "organization_id": "7"})},
     ):
         client.xadd(TRACE_STREAM, fields)
-    # JSON allows the NUL character, PostgreSQL's jsonb does not: kept as U+FFFD.
+    client.xadd(TRACE_STREAM, {"t": orjson.dumps({"id": "gen\u00006", "organization_id": 7})})
+    # JSON allows the NUL character, PostgreSQL's jsonb refuses it: the trace keeps it.
     client.xadd(TRACE_STREAM, {"t": _trace("gen-5", model="bad\u0000model")})
 
     result = trace_ingest_batch()
-    assert (result.read, result.stored, result.invalid) == (6, 1, 5)
+    assert (result.read, result.stored, result.invalid) == (7, 1, 6)
     assert list(RouteTrace.objects.values_list("request_id", flat=True)) == ["gen-5"]
-    assert stored_trace("gen-5")["model"] == "bad\ufffdmodel"
+    assert stored_trace("gen-5")["model"] == "bad\u0000model"
     assert client.xlen(TRACE_STREAM) == 0
 
 
@@ -127,7 +128,7 @@ def test_pruning_deletes_the_traces_older_than_the_retention_only():
             created_at=now - timedelta(days=age),
             stream_ms=n,
             stream_seq=0,
-            trace={"id": f"gen-{n}"},
+            trace=orjson.dumps({"id": f"gen-{n}"}).decode(),
         )
     with override_settings(TRACE_RETENTION_DAYS=30):
         assert prune_traces(batch=1) == 2
@@ -144,7 +145,7 @@ def test_the_beat_tasks_ingest_the_stream_and_prune():
         created_at=timezone.now() - timedelta(days=365),
         stream_ms=1,
         stream_seq=0,
-        trace={"id": "gen-old"},
+        trace='{"id": "gen-old"}',
     )
     assert tasks.trace_ingest() == 1
     assert tasks.trace_prune() == 1
