@@ -2,9 +2,10 @@
 
 If Redis goes away after a vendor answered, the customer has been served: the usage must
 not be lost. ``Proxy`` then appends the settlement (the usage event, the hold to return,
-the lease to free) as one JSON line to ``<SWITCHYARD_SPOOL_DIR>/gateway-<pid>.jsonl`` and
-``SpoolReplayer`` replays the lines when Redis answers again. A replay is guarded by a
-marker key per request id (``SET NX``), so a crash mid-replay never applies a line twice.
+the lease to free, the route trace) as one JSON line to
+``<SWITCHYARD_SPOOL_DIR>/gateway-<pid>.jsonl`` and ``SpoolReplayer`` replays the lines
+when Redis answers again. A replay is guarded by a marker key per request id
+(``SET NX``), so a crash mid-replay never applies a line twice.
 A replayer claims its own file and files left by dead processes by renaming them, so two
 replayers never share one; a file whose replay failed goes back under a new name, never
 over the file the process has been appending to meanwhile.
@@ -29,7 +30,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from billing.credit import USAGE_STREAM, credit_key
-from routing.live import GIVE_BACK, HOLD_PATTERN, Reservation, trace_key
+from routing.live import GIVE_BACK, HOLD_PATTERN, TRACE_STREAM, LiveConfig, Reservation, trace_key
 
 logger = logging.getLogger("switchyard.spool")
 
@@ -37,9 +38,10 @@ MARKER_TTL = 7 * 24 * 3600
 
 # Like settle, but applied at most once per request id, and the credit is adjusted only if
 # Redis still knows the organisation (after a data loss it is rebuilt from the ledger).
-# KEYS: credit, slots, stream, marker, trace. ARGV: refund, lease, endpoint, event, marker
-# ttl, cost, the hold's member of sy:holds ('' in a line spooled by an older gateway, whose
-# hold is the lease, its amounts in sy:holdinfo), HOLD_PATTERN.
+# KEYS: credit, slots, stream, marker, trace, trace stream. ARGV: refund, lease, endpoint,
+# event, marker ttl, cost, the hold's member of sy:holds ('' in a line spooled by an older
+# gateway, whose hold is the lease, its amounts in sy:holdinfo), HOLD_PATTERN, the trace
+# ('' in an older line), its TTL, the trace stream's cap.
 _REPLAY = (
     GIVE_BACK
     + """
@@ -54,9 +56,10 @@ else
   keyspend, orgspend = k or '', o or ''
 end
 local delta = 0
+local settled = redis.call('EXISTS', KEYS[5]) == 1  -- the settlement itself reached Redis
 if redis.call('ZREM', 'sy:holds', held) == 1 then
   delta = tonumber(ARGV[1])
-elseif redis.call('EXISTS', KEYS[5]) == 0 then
+elseif not settled then
   -- The sweep gave the whole hold back: what remains is the charge.
   delta = -tonumber(ARGV[6])
 end  -- else the settlement itself reached Redis (its trace is there): nothing to adjust
@@ -68,13 +71,21 @@ local now = clock[1] .. '.' .. string.format('%06d', clock[2])
 redis.call('HSET', 'sy:ep:' .. ARGV[3], 'n', redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf'))
 redis.call('ZADD', 'sy:live:touched', now, ARGV[3])
 if ARGV[4] ~= '' then redis.call('XADD', KEYS[3], '*', 'e', ARGV[4]) end
+if ARGV[9] ~= '' and not settled then  -- the trace, as settle would have stored it
+  redis.call('SET', KEYS[5], ARGV[9], 'EX', ARGV[10])
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[11], '*', 't', ARGV[9])
+end
 return 1
 """
 )
 
 
 def settlement_record(
-    request_id: str, reservation: Reservation, cost: int, event: dict[str, Any] | None
+    request_id: str,
+    reservation: Reservation,
+    cost: int,
+    event: dict[str, Any] | None,
+    trace: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What the spool keeps of a settlement Redis did not take (one JSON line)."""
     return {
@@ -86,6 +97,7 @@ def settlement_record(
         "refund": reservation.hold - cost,
         "cost": cost,
         "event": event,
+        "trace": trace,
     }
 
 
@@ -129,8 +141,15 @@ class Spool:
 
 
 class SpoolReplayer:
-    def __init__(self, spool: Spool, client: aioredis.Redis, interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        client: aioredis.Redis,
+        interval: float = 1.0,
+        config: LiveConfig | None = None,
+    ) -> None:
         self.spool = spool
+        self.config = config or LiveConfig()  # the traces' TTL and stream cap
         self._client = client
         self._replay = client.register_script(_REPLAY)
         self.interval = interval
@@ -180,6 +199,7 @@ class SpoolReplayer:
                 USAGE_STREAM,
                 f"sy:spooled:{record['request_id']}",
                 trace_key(record["request_id"]),
+                TRACE_STREAM,
             ],
             args=[
                 record["refund"],
@@ -190,6 +210,9 @@ class SpoolReplayer:
                 int(record.get("cost", (record.get("event") or {}).get("cost", 0))),
                 record.get("held", ""),
                 HOLD_PATTERN,
+                orjson.dumps(record["trace"]).decode() if record.get("trace") else "",
+                self.config.trace_ttl,
+                self.config.trace_stream_maxlen,
             ],
         )
         return int(result)

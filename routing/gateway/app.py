@@ -194,7 +194,7 @@ class GatewayApp:
             load_org_spend=off_loop(_org_month_spend),
             spool=self.spool,
         )
-        self.spool_replayer = SpoolReplayer(self.spool, self._redis)
+        self.spool_replayer = SpoolReplayer(self.spool, self._redis, config=self.live.config)
         self.spool_replayer.start()
         self.idempotency = Idempotency(
             self._redis,

@@ -590,7 +590,9 @@ class Proxy:
             if self.spool is None:
                 raise
             reservation = served.reservation
-            self.spool.append(settlement_record(job.request_id, reservation, served.cost, event))
+            self.spool.append(
+                settlement_record(job.request_id, reservation, served.cost, event, job.trace)
+            )
 
     async def _record_failure(self, job: Job, attempts: list[Attempt], *, outcome: str) -> None:
         """A request no vendor answered: no charge, but the customer sees it on dashboards."""

@@ -79,6 +79,10 @@ def test_redis_down_fails_closed_and_loses_no_answered_usage(tmp_path, upstream)
         # Service comes back by itself.
         with gateway.client(customer.key) as client:
             assert client.post("/v1/chat/completions", json=body).status_code == 200
+            # The spooled request's trace came back with its settlement.
+            trace = client.get("/v1/generation", params={"id": served.json()["id"]})
+        assert trace.status_code == 200, trace.text
+        assert trace.json()["data"]["served_by"] == endpoint.full_slug
     finally:
         gateway.stop()
         redis.stop()

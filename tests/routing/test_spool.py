@@ -74,7 +74,8 @@ async def test_it_keeps_a_settlement_spooled_while_a_replay_fails(tmp_path):
 
 
 async def reserve(live: LiveState, lease: str, key_limit: int | None = None) -> Reservation:
-    await live.init_credit(ORG, CREDIT, None)
+    await live.init_credit(ORG, CREDIT, None)  # once: later calls find it set
+    before = int(await live.client.get(credit_key(ORG)))
     result = await live.reserve(
         organization_id=ORG,
         key_id=7,
@@ -88,7 +89,7 @@ async def reserve(live: LiveState, lease: str, key_limit: int | None = None) -> 
         key_period_ttl=60,
     )
     assert result.reservation is not None
-    assert int(await live.client.get(credit_key(ORG))) == CREDIT - HOLD
+    assert int(await live.client.get(credit_key(ORG))) == before - HOLD
     return result.reservation
 
 
@@ -209,5 +210,41 @@ async def test_a_line_spooled_by_an_older_gateway_still_takes_its_hold(tmp_path)
         assert int(await client.get(credit_key(ORG))) == CREDIT - COST
         assert await client.zcard("sy:holds") == 0
         assert await client.hlen("sy:holdinfo") == 0
+    finally:
+        await client.aclose()
+
+
+async def test_a_replayed_settlement_stores_its_trace_as_settle_would_have(tmp_path):
+    from routing.live import TRACE_STREAM, trace_key
+
+    client = aioredis.Redis.from_url(settings.REDIS_URL)
+    live = LiveState(client)
+    try:
+        spooled = await reserve(live, "lease-t1")
+        reached = await reserve(live, "lease-t2")
+        # The second settle ran in Redis, but its reply was lost: it was spooled as well.
+        await live.settle(
+            reached,
+            cost=COST,
+            vendor_failed=False,
+            latency_ms=5,
+            event={"rid": "gen-t2", "org": ORG, "cost": COST},
+            request_id="gen-t2",
+            trace={"id": "gen-t2", "organization_id": ORG, "served_by": "settle"},
+        )
+        spool = Spool(tmp_path)
+        for request_id, reservation in (("gen-t1", spooled), ("gen-t2", reached)):
+            record = settlement(request_id, reservation)
+            record["trace"] = {"id": request_id, "organization_id": ORG, "served_by": "spool"}
+            spool.append(record)
+
+        assert await SpoolReplayer(spool, client).replay_once() == 2
+
+        assert orjson.loads(await client.get(trace_key("gen-t1")))["served_by"] == "spool"
+        assert await client.ttl(trace_key("gen-t1")) > 0
+        # What settle stored stays, and is not queued for PostgreSQL a second time.
+        assert orjson.loads(await client.get(trace_key("gen-t2")))["served_by"] == "settle"
+        queued = [orjson.loads(f[b"t"])["id"] for _id, f in await client.xrange(TRACE_STREAM)]
+        assert queued == ["gen-t2", "gen-t1"]
     finally:
         await client.aclose()
