@@ -94,7 +94,9 @@ def endpoint_gauges(
     return [util, inflight, circuit, surge]
 
 
-def queue_gauges(stream_length: int, stream_pending: int, celery_depth: int) -> list[Metric]:
+def queue_gauges(
+    stream_length: int, stream_pending: int, celery_depth: int, trace_stream_length: int = 0
+) -> list[Metric]:
     length = GaugeMetricFamily("switchyard_usage_stream_length", "Entries in the usage stream")
     length.add_metric([], stream_length)
     pending = GaugeMetricFamily(
@@ -103,7 +105,13 @@ def queue_gauges(stream_length: int, stream_pending: int, celery_depth: int) -> 
     pending.add_metric([], stream_pending)
     celery = GaugeMetricFamily("switchyard_celery_queue_depth", "Tasks waiting in Celery's queue")
     celery.add_metric([], celery_depth)
-    return [length, pending, celery]
+    traces = GaugeMetricFamily(
+        "switchyard_trace_stream_length",
+        "Route traces waiting for PostgreSQL (capped: beyond GATEWAY_TRACE_STREAM_MAXLEN the"
+        " oldest are dropped)",
+    )
+    traces.add_metric([], trace_stream_length)
+    return [length, pending, celery, traces]
 
 
 def render(extra: Iterable[Metric]) -> bytes:

@@ -77,7 +77,14 @@ from routing.gateway.validate import (
     embeddings_request,
     parse_json,
 )
-from routing.live import EndpointNumbers, LiveCache, LiveConfig, LiveState, affinity_key
+from routing.live import (
+    TRACE_STREAM,
+    EndpointNumbers,
+    LiveCache,
+    LiveConfig,
+    LiveState,
+    affinity_key,
+)
 from routing.orchestrate import ORCHESTRATE, TIMEOUT_CEILING_SECONDS
 from routing.policy import RoutePolicy, request_parameters, route_policy
 from routing.resp import RespClient
@@ -597,15 +604,17 @@ class GatewayApp:
             pipe = self._redis.pipeline(transaction=False)
             pipe.xlen(USAGE_STREAM)
             pipe.xpending(USAGE_STREAM, "ingest")
+            pipe.xlen(TRACE_STREAM)
             queues = settings.CELERY_QUEUES_ALL.split(",")
             for queue in queues:
                 pipe.llen(queue)
-            length, pending, *depths = await pipe.execute(raise_on_error=False)
+            length, pending, traces, *depths = await pipe.execute(raise_on_error=False)
             depth = sum(d for d in depths if isinstance(d, int))
             extra += metrics.queue_gauges(
                 int(length) if isinstance(length, int) else 0,
                 int(pending["pending"]) if isinstance(pending, dict) else 0,
                 int(depth) if isinstance(depth, int) else 0,
+                int(traces) if isinstance(traces, int) else 0,
             )
         except Exception:
             logger.warning("metrics: Redis gauges unavailable", exc_info=True)

@@ -53,6 +53,7 @@ def test_it_exposes_request_counters_and_endpoint_gauges(gateway_server, upstrea
     assert _sample(text, refused) == _sample(before, refused) + 1
     assert f'switchyard_endpoint_surge_multiplier{{endpoint="{endpoint.full_slug}"' in text
     assert _sample(text, "switchyard_usage_stream_length") == 1
+    assert _sample(text, "switchyard_trace_stream_length") == 1  # not yet in PostgreSQL
     assert "switchyard_request_seconds_bucket" in text
 
 
