@@ -440,19 +440,24 @@ class Chaos:
 
 
 def wait_for_ingest(timeout: float) -> dict[str, Any]:
-    """Until the usage stream has nothing unread or unacknowledged (or ``timeout``)."""
+    """Until the usage and trace streams have nothing unread or unacknowledged (or
+    ``timeout``)."""
     import redis
 
     from billing.credit import USAGE_GROUP, USAGE_STREAM
+    from routing.live import TRACE_STREAM
+    from routing.traces import TRACE_GROUP
 
     client = redis.Redis.from_url(os.environ["REDIS_URL"])
     t0 = time.monotonic()
     behind = -1
     while time.monotonic() - t0 < timeout:
-        with contextlib.suppress(redis.RedisError):
-            groups = client.xinfo_groups(USAGE_STREAM)
-            group = next(g for g in groups if g["name"] == USAGE_GROUP.encode())
-            behind = int(group.get("lag") or 0) + int(group.get("pending") or 0)
+        with contextlib.suppress(redis.RedisError, StopIteration):
+            behind = 0
+            for stream, name in ((USAGE_STREAM, USAGE_GROUP), (TRACE_STREAM, TRACE_GROUP)):
+                groups = client.xinfo_groups(stream)
+                group = next(g for g in groups if g["name"] == name.encode())
+                behind += int(group.get("lag") or 0) + int(group.get("pending") or 0)
             if behind == 0:
                 break
         time.sleep(0.5)
@@ -561,11 +566,20 @@ def audit(chaos: Chaos) -> dict[str, Any]:
             "lowest_redis": chaos.state.balances.get(org, {}).get("redis"),
             "lowest_ledger": chaos.state.balances.get(org, {}).get("ledger"),
         }
+    # Traces are not money, but they should survive the faults as the usage does.
+    from routing.models import RouteTrace
+
+    traced = set(
+        RouteTrace.objects.filter(organization_id__in=chaos.orgs).values_list(
+            "request_id", flat=True
+        )
+    )
     return {
         "counts": dict(out),
         "examples": {k: v[:5] for k, v in examples.items()},
         "balances": drift,
         "records": len(records),
+        "untraced": len(records.keys() - traced),
     }
 
 
@@ -654,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{proc.name} was not running at the end; starting it")
                 proc.start()
         time.sleep(float(GATEWAY_ENV["GATEWAY_LEASE_SECONDS"]) + 2)  # holds of the dead expire
-        spool_left = list(Path(spool).glob("gateway-*.jsonl"))
+        spool_left = list(Path(spool).iterdir())  # unreplayed, claimed or unreadable
         ingest = wait_for_ingest(180)
         log(f"ingest caught up: {ingest}; spool files left: {len(spool_left)}")
         report = audit(chaos)
@@ -722,6 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"charged, unattributed:    {counts.get('charged, no client attempt found', 0)}")
     print(f"wrong cost:               {bad['wrong cost']}")
     print(f"ledger mismatches:        {bad['ledger mismatches']}")
+    print(f"usage without a route trace in PostgreSQL: {report['untraced']}")
     print(f"lowest balance seen:      {min(lowest.values()) / 1e9:.9f} USD")
     print(f"reconcile (exit {report['reconcile']['exit']}): {report['reconcile']['output']}")
     if report["examples"]:

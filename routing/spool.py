@@ -101,9 +101,8 @@ def settlement_record(
     }
 
 
-def _owner_gone(path: Path) -> bool:
-    """True if the process whose pid names this spool file is not running (on this host)."""
-    pid_text = path.name.removeprefix("gateway-").split(".")[0].split("-")[0]
+def _pid_gone(pid_text: str) -> bool:
+    """True if no process with this pid runs (on this host)."""
     try:
         pid = int(pid_text)
     except ValueError:
@@ -117,6 +116,18 @@ def _owner_gone(path: Path) -> bool:
     except PermissionError:
         return False
     return False
+
+
+def _owner_gone(path: Path) -> bool:
+    """True if the process whose pid names this spool file is not running (on this host)."""
+    return _pid_gone(path.name.removeprefix("gateway-").split(".")[0].split("-")[0])
+
+
+def _replayer_gone(path: Path) -> bool:
+    """True if the process that claimed this file (``*.replaying-<pid>``) is not running: it
+    died mid-replay (a kill), and the file is anyone's again."""
+    pid = path.name.rsplit(".replaying-", 1)[1]
+    return pid != str(os.getpid()) and _pid_gone(pid)
 
 
 class Spool:
@@ -137,7 +148,10 @@ class Spool:
         logger.error("Redis unavailable: spooled the settlement of %s", record.get("request_id"))
 
     def pending(self) -> bool:
-        return self.directory.exists() and any(self.directory.glob("gateway-*.jsonl"))
+        return self.directory.exists() and any(
+            path.suffix == ".jsonl" or ".replaying-" in path.name
+            for path in self.directory.glob("gateway-*")
+        )
 
 
 class SpoolReplayer:
@@ -171,18 +185,35 @@ class SpoolReplayer:
         applied = 0
         if not self.spool.pending():
             return 0
-        for path in sorted(self.spool.directory.glob("gateway-*.jsonl")):
-            if not _owner_gone(path):
-                continue  # a live replica appends to it and replays it itself
-            claimed = path.with_name(f"{path.stem}.replaying-{os.getpid()}")
+        for path in sorted(self.spool.directory.glob("gateway-*")):
+            if ".replaying-" in path.name:
+                # Claimed by a replayer that died mid-replay: its lines are replayed again
+                # (each at most once: the marker key per request id).
+                if not _replayer_gone(path):
+                    continue
+                stem = path.name.split(".replaying-", 1)[0]
+            elif path.suffix == ".jsonl":
+                if not _owner_gone(path):
+                    continue  # a live replica appends to it and replays it itself
+                stem = path.stem
+            else:
+                continue
+            claimed = path.with_name(f"{stem}.replaying-{os.getpid()}")
             try:
                 os.rename(path, claimed)
             except FileNotFoundError:
                 continue  # another replayer claimed it
             try:
                 for raw in claimed.read_bytes().splitlines():
-                    if raw.strip():
-                        applied += await self._apply(orjson.loads(raw))
+                    if not raw.strip():
+                        continue
+                    try:
+                        record = orjson.loads(raw)
+                        applied += await self._apply(record)
+                    except (ValueError, KeyError, TypeError):
+                        # Not a settlement (a line torn by a crash mid-write): kept aside for
+                        # an operator, so that it cannot hold up the lines after it forever.
+                        self._quarantine(raw)
             except (aioredis.RedisError, OSError):
                 # Redis went away again: put the file back for the next round, under a name
                 # of its own: settlements spooled meanwhile are in a new file at ``path``.
@@ -190,6 +221,12 @@ class SpoolReplayer:
                 raise
             claimed.unlink()
         return applied
+
+    def _quarantine(self, raw: bytes) -> None:
+        bad = self.spool.directory / f"unreadable-{os.getpid()}.jsonl"
+        with bad.open("ab") as handle:
+            handle.write(raw + b"\n")
+        logger.error("spool: a line that is not a settlement was moved to %s", bad)
 
     async def _apply(self, record: dict[str, Any]) -> int:
         result = await self._replay(

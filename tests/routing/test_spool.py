@@ -248,3 +248,48 @@ async def test_a_replayed_settlement_stores_its_trace_as_settle_would_have(tmp_p
         assert queued == ["gen-t2", "gen-t1"]
     finally:
         await client.aclose()
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+async def test_a_file_whose_replayer_died_mid_replay_is_replayed_by_another(tmp_path):
+    # Found by the chaos run (seed 10): a replica killed while it replayed a spool file left
+    # it as *.replaying-<pid>, which no replayer looked at again: 8 served requests unbilled.
+    dead = _dead_pid()
+    spool = Spool(tmp_path)
+    spool.append(settlement("gen-r1"))
+    spool.append(settlement("gen-r2"))
+    spool.path.rename(tmp_path / f"gateway-{dead}.replaying-{dead}")
+
+    client = aioredis.Redis.from_url(settings.REDIS_URL)
+    try:
+        assert spool.pending()
+        assert await SpoolReplayer(spool, client).replay_once() == 2
+        assert await stream_request_ids(client) == ["gen-r1", "gen-r2"]
+        assert not list(tmp_path.iterdir())
+    finally:
+        await client.aclose()
+
+
+async def test_a_torn_line_is_set_aside_and_the_lines_after_it_are_replayed(tmp_path):
+    dead = _dead_pid()
+    lines = [orjson.dumps(settlement("gen-s1")), b'{"request_id": "gen-to', b"42"]
+    lines.append(orjson.dumps(settlement("gen-s2")))
+    (tmp_path / f"gateway-{dead}.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+
+    client = aioredis.Redis.from_url(settings.REDIS_URL)
+    try:
+        assert await SpoolReplayer(Spool(tmp_path), client).replay_once() == 2
+        assert await stream_request_ids(client) == ["gen-s1", "gen-s2"]
+        (kept,) = tmp_path.iterdir()
+        assert kept.name.startswith("unreadable-")
+        assert kept.read_bytes() == b'{"request_id": "gen-to\n42\n'
+    finally:
+        await client.aclose()
