@@ -6,7 +6,8 @@ database transaction, and acknowledges the batch only after the commit. The requ
 unique, and the posting is built from the records actually inserted, so an event delivered
 twice (a worker died after the commit but before the acknowledgement, or an entry was
 claimed again) is skipped, never charged twice.
-Entries left pending by a dead consumer are claimed again after ``CLAIM_IDLE_MS``.
+Entries left pending by a dead consumer are claimed again after ``USAGE_CLAIM_IDLE_MS``
+(``marketplace.streams``, shared with the route-trace ingest).
 
 After the commit, the batch's sums go to the live dashboards: one channel-layer message per
 organisation and vendor it touched, and one for the operations group
@@ -20,8 +21,6 @@ the same database transaction) and take their unique-index locks in request-id o
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -37,6 +36,7 @@ from billing.credit import USAGE_GROUP, USAGE_STREAM
 from billing.ledger import account_for_organization, account_for_vendor, platform_account
 from billing.models import LedgerAccount, LedgerTransaction
 from billing.money import split_fee
+from marketplace import streams
 from marketplace.live.figures import usage_batch_messages
 from marketplace.live.groups import live_publish_soon
 from marketplace.models import Organization
@@ -45,7 +45,6 @@ from vendors.models import Vendor
 
 logger = logging.getLogger("switchyard.ingest")
 
-CLAIM_IDLE_MS = 30_000  # default; settings.USAGE_CLAIM_IDLE_MS overrides
 # A drain loop that just read a small batch waits this long before reading again, so that
 # at moderate traffic a batch carries hundreds of events instead of a few: every batch costs
 # a commit and eleven statements whatever its size (about 2.7 ms of CPU with PostgreSQL's).
@@ -70,18 +69,9 @@ class IngestResult:
     invalid: int
 
 
-def consumer_name() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
 def ensure_group(client: redis.Redis | None = None) -> None:
     """Create the consumer group (and the stream) unless they exist."""
-    client = client or sync_client()
-    try:
-        client.xgroup_create(USAGE_STREAM, USAGE_GROUP, id="0", mkstream=True)
-    except redis.ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
+    streams.ensure_group(client or sync_client(), USAGE_STREAM, USAGE_GROUP)
 
 
 def _decode(
@@ -106,37 +96,21 @@ def usage_ingest_batch(
     *, count: int = 1000, block_ms: int | None = None, consumer: str | None = None
 ) -> IngestResult:
     """Ingest one batch: stale pending entries first, then new ones. Safe to run anywhere."""
-    try:
-        return _ingest_batch(count=count, block_ms=block_ms, consumer=consumer)
-    except redis.ResponseError as exc:
-        if "NOGROUP" not in str(exc):
-            raise
-        # First run, or the stream vanished (a Redis restart without persistence).
-        ensure_group()
-        return _ingest_batch(count=count, block_ms=block_ms, consumer=consumer)
-
-
-def _ingest_batch(*, count: int, block_ms: int | None, consumer: str | None) -> IngestResult:
     client = sync_client()
-    consumer = consumer or consumer_name()
-    idle = getattr(settings, "USAGE_CLAIM_IDLE_MS", CLAIM_IDLE_MS)
-    claimed: Any = client.xautoclaim(USAGE_STREAM, USAGE_GROUP, consumer, idle, "0-0", count=count)
-    entries = list(claimed[1]) if claimed else []
-    if len(entries) < count:
-        fresh: Any = client.xreadgroup(
-            USAGE_GROUP, consumer, {USAGE_STREAM: ">"}, count=count - len(entries), block=block_ms
-        )
-        for _stream, items in fresh or []:
-            entries.extend(items)
+    entries = streams.read_batch(
+        client,
+        USAGE_STREAM,
+        USAGE_GROUP,
+        consumer or streams.consumer_name(),
+        count=count,
+        block_ms=block_ms,
+    )
     if not entries:
         return IngestResult(0, 0, 0, 0)
     ids, events, invalid = _decode(entries)
     recorded, duplicates = record_events(events)
     # Acknowledged entries are recorded in PostgreSQL: drop them so the stream stays small.
-    pipe = client.pipeline(transaction=True)
-    pipe.xack(USAGE_STREAM, USAGE_GROUP, *ids)
-    pipe.xdel(USAGE_STREAM, *ids)
-    pipe.execute()
+    streams.drop(client, USAGE_STREAM, USAGE_GROUP, ids)
     return IngestResult(len(entries), recorded, duplicates, invalid)
 
 

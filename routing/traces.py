@@ -18,18 +18,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-import redis
 from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
+from marketplace import streams
 from marketplace.redis_client import sync_client
 from routing.live import TRACE_STREAM
 
 logger = logging.getLogger("switchyard.traces")
 
 TRACE_GROUP = "ingest"
-CLAIM_IDLE_MS = 30_000
 
 # A later entry for a request replaces an earlier one; a redelivered or older one does not.
 _UPSERT = """
@@ -52,14 +51,6 @@ class TraceIngestResult:
     invalid: int
 
 
-def _ensure_group(client: redis.Redis) -> None:
-    try:
-        client.xgroup_create(TRACE_STREAM, TRACE_GROUP, id="0", mkstream=True)
-    except redis.ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
-
-
 def _created_at(trace: dict[str, Any], entry_ms: int) -> datetime:
     created = trace.get("created")
     if isinstance(created, str):
@@ -73,7 +64,7 @@ def _created_at(trace: dict[str, Any], entry_ms: int) -> datetime:
     return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=entry_ms)
 
 
-def _rows(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> tuple[list[dict[str, Any]], int]:
+def _rows(entries: list[streams.Entry]) -> tuple[list[dict[str, Any]], int]:
     """One row per request (its latest entry in the batch) and the count of bad entries."""
     rows: dict[str, dict[str, Any]] = {}
     invalid = 0
@@ -113,27 +104,15 @@ def trace_ingest_batch(
     *, count: int = 1000, block_ms: int | None = None, consumer: str | None = None
 ) -> TraceIngestResult:
     """Store one batch of traces (stale pending entries first); safe to run anywhere."""
-    from billing.usage import consumer_name
-
     client = sync_client()
-    consumer = consumer or consumer_name()
-    idle = getattr(settings, "USAGE_CLAIM_IDLE_MS", CLAIM_IDLE_MS)  # as the usage stream's
-    try:
-        claimed: Any = client.xautoclaim(
-            TRACE_STREAM, TRACE_GROUP, consumer, idle, "0-0", count=count
-        )
-    except redis.ResponseError as exc:
-        if "NOGROUP" not in str(exc):
-            raise
-        _ensure_group(client)
-        claimed = None
-    entries = list(claimed[1]) if claimed else []
-    if len(entries) < count:
-        fresh: Any = client.xreadgroup(
-            TRACE_GROUP, consumer, {TRACE_STREAM: ">"}, count=count - len(entries), block=block_ms
-        )
-        for _stream, items in fresh or []:
-            entries.extend(items)
+    entries = streams.read_batch(
+        client,
+        TRACE_STREAM,
+        TRACE_GROUP,
+        consumer or streams.consumer_name(),
+        count=count,
+        block_ms=block_ms,
+    )
     if not entries:
         return TraceIngestResult(0, 0, 0)
     rows, invalid = _rows(entries)
@@ -142,11 +121,7 @@ def trace_ingest_batch(
         rows.sort(key=lambda row: row["request_id"])
         with connection.cursor() as cursor:
             cursor.execute(_UPSERT, [orjson.dumps(rows).decode()])
-    ids = [entry_id for entry_id, _fields in entries]
-    pipe = client.pipeline(transaction=True)
-    pipe.xack(TRACE_STREAM, TRACE_GROUP, *ids)
-    pipe.xdel(TRACE_STREAM, *ids)
-    pipe.execute()
+    streams.drop(client, TRACE_STREAM, TRACE_GROUP, [entry_id for entry_id, _ in entries])
     return TraceIngestResult(len(entries), len(rows), invalid)
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
@@ -123,28 +124,27 @@ def smollm2() -> Iterator[object]:
         vendor.stop()
 
 
+def _drain(batch: Callable[..., Any], stored: str) -> int:
+    total = 0
+    while True:
+        result = batch(count=1000)
+        total += getattr(result, stored)
+        if result.read == 0:
+            return total
+
+
 def ingest_all() -> int:
     """Run usage ingest until the stream is drained (what the Celery beat task does)."""
     from billing.usage import usage_ingest_batch
 
-    total = 0
-    while True:
-        result = usage_ingest_batch(count=1000)
-        total += result.recorded
-        if result.read == 0:
-            return total
+    return _drain(usage_ingest_batch, "recorded")
 
 
 def ingest_traces() -> int:
     """Run trace ingest until the stream is drained (what the Celery beat task does)."""
     from routing.traces import trace_ingest_batch
 
-    total = 0
-    while True:
-        result = trace_ingest_batch(count=1000)
-        total += result.stored
-        if result.read == 0:
-            return total
+    return _drain(trace_ingest_batch, "stored")
 
 
 def run_async(coro):  # type: ignore[no-untyped-def]

@@ -26,6 +26,17 @@ def _run(coro):  # type: ignore[no-untyped-def]
     return asyncio.run(coro)
 
 
+def _applied() -> bytes | None:
+    """``sy:test:now`` once a command has set it (up to 2 s). A blocking read: the calling
+    event loop cannot turn (nor flush anything) meanwhile."""
+    for _ in range(200):
+        value = sync_client().get("sy:test:now")
+        if value is not None:
+            return value
+        time.sleep(0.01)
+    return None
+
+
 def test_it_packs_commands_as_resp():
     assert (
         pack("SET", "k", 10, b"\x00v")
@@ -207,22 +218,13 @@ def test_commands_of_one_event_loop_turn_leave_in_one_write():
 def test_evalsha_now_writes_before_it_returns_and_the_await_reads_the_reply():
     sync_client().delete("sy:test:now")
 
-    def applied() -> bytes | None:
-        # A blocking read: this event loop cannot turn (nor flush anything) meanwhile.
-        for _ in range(200):
-            value = sync_client().get("sy:test:now")
-            if value is not None:
-                return value
-            time.sleep(0.01)
-        return None
-
     async def main():  # type: ignore[no-untyped-def]
         client = RespClient(settings.REDIS_URL)
         try:
             await client.execute("PING")  # connected
             sync_client().script_load(SCRIPT)
             pending = client.evalsha_now(_sha(SCRIPT), SCRIPT, ["sy:test:now"], [3, "x"])
-            seen = applied()  # before the loop turns: only a command already written counts
+            seen = _applied()  # before the loop turns: only a command already written counts
             return seen, await pending
         finally:
             await client.aclose()
@@ -254,14 +256,6 @@ def test_a_preloaded_script_is_loaded_on_each_connection_so_evalsha_now_needs_on
     # a settlement would reach Redis after the answer had reached the client.
     sync_client().delete("sy:test:now")
 
-    def applied() -> bytes | None:
-        for _ in range(200):
-            value = sync_client().get("sy:test:now")
-            if value is not None:
-                return value
-            time.sleep(0.01)
-        return None
-
     async def main():  # type: ignore[no-untyped-def]
         client = RespClient(settings.REDIS_URL)
         client.preload(SCRIPT)
@@ -273,7 +267,7 @@ def test_a_preloaded_script_is_loaded_on_each_connection_so_evalsha_now_needs_on
                 await client.execute("PING")
             await client.execute("PING")  # the gateway's next command reconnects
             pending = client.evalsha_now(_sha(SCRIPT), SCRIPT, ["sy:test:now"], [4, "y"])
-            seen = applied()  # before the loop turns
+            seen = _applied()  # before the loop turns
             return seen, await pending
         finally:
             await client.aclose()
