@@ -319,7 +319,8 @@ GATEWAY_SNAPSHOT_REFRESH_SECONDS = env_float("GATEWAY_SNAPSHOT_REFRESH_SECONDS",
 GATEWAY_REDIS_MAX_CONNECTIONS = env_int("GATEWAY_REDIS_MAX_CONNECTIONS", 512, minimum=4)
 # Where the console's playground calls the gateway; empty: this process's own address.
 PLAYGROUND_GATEWAY_URL = env_str("PLAYGROUND_GATEWAY_URL", "")
-GATEWAY_TRACE_TTL_SECONDS = env_int("GATEWAY_TRACE_TTL_SECONDS", 86_400, minimum=60)
+# Redis's copy of each route trace; PostgreSQL keeps them TRACE_RETENTION_DAYS (routing.traces).
+GATEWAY_TRACE_TTL_SECONDS = env_int("GATEWAY_TRACE_TTL_SECONDS", 3_600, minimum=60)
 # Traces waiting in the sy:traces stream for PostgreSQL (routing.traces): beyond this many
 # the oldest are dropped, so a stalled ingest cannot fill Redis with them.
 GATEWAY_TRACE_STREAM_MAXLEN = env_int("GATEWAY_TRACE_STREAM_MAXLEN", 200_000, minimum=1_000)

@@ -463,7 +463,7 @@ class LiveConfig:
     circuit_threshold: int = 5
     circuit_cooldown: float = 30.0
     trial_ttl: int = 60
-    trace_ttl: int = 7 * 24 * 3600
+    trace_ttl: int = 3600  # Redis's copy; PostgreSQL keeps traces longer (routing.traces)
     trace_stream_maxlen: int = 200_000  # entries waiting for ingest; the oldest go beyond
     retry_budget_ratio: float = 0.2
     retry_budget_min: int = 3

@@ -13,7 +13,8 @@ over the file the process has been appending to meanwhile.
 The settlement may have reached Redis although the gateway saw an error (Redis went away
 before its reply), and a hold whose lease expired meanwhile was given back by the sweep:
 a replay returns the hold only if it is still held, and otherwise charges only the cost
-if the settlement never ran (no trace of the request).
+if the settlement never ran: no trace of the request in Redis and, once a trace would have
+expired (``GATEWAY_TRACE_TTL_SECONDS``), no usage record of it in PostgreSQL.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from django.db import DatabaseError
 
 from billing.credit import USAGE_STREAM, credit_key
+from routing.gateway.db import off_loop
 from routing.live import GIVE_BACK, HOLD_PATTERN, TRACE_STREAM, LiveConfig, Reservation, trace_key
 
 logger = logging.getLogger("switchyard.spool")
@@ -41,7 +44,8 @@ MARKER_TTL = 7 * 24 * 3600
 # KEYS: credit, slots, stream, marker, trace, trace stream. ARGV: refund, lease, endpoint,
 # event, marker ttl, cost, the hold's member of sy:holds ('' in a line spooled by an older
 # gateway, whose hold is the lease, its amounts in sy:holdinfo), HOLD_PATTERN, the trace
-# ('' in an older line), its TTL, the trace stream's cap.
+# ('' in an older line), its TTL, the trace stream's cap, '1' if PostgreSQL has the request's
+# usage record.
 _REPLAY = (
     GIVE_BACK
     + """
@@ -56,7 +60,9 @@ else
   keyspend, orgspend = k or '', o or ''
 end
 local delta = 0
-local settled = redis.call('EXISTS', KEYS[5]) == 1  -- the settlement itself reached Redis
+-- The settlement itself reached Redis: its trace is there, or (once the trace's TTL has run
+-- out) its usage record is in PostgreSQL (ARGV[12], looked up before the script).
+local settled = redis.call('EXISTS', KEYS[5]) == 1 or ARGV[12] == '1'
 if redis.call('ZREM', 'sy:holds', held) == 1 then
   delta = tonumber(ARGV[1])
 elseif not settled then
@@ -128,6 +134,14 @@ def _replayer_gone(path: Path) -> bool:
     died mid-replay (a kill), and the file is anyone's again."""
     pid = path.name.rsplit(".replaying-", 1)[1]
     return pid != str(os.getpid()) and _pid_gone(pid)
+
+
+def _usage_recorded(request_id: str) -> bool:
+    """Whether PostgreSQL has the request's usage record (its settlement reached Redis, and
+    the ingest has been since)."""
+    from billing.models import UsageRecord
+
+    return UsageRecord.objects.filter(request_id=request_id).exists()
 
 
 class Spool:
@@ -229,6 +243,10 @@ class SpoolReplayer:
         logger.error("spool: a line that is not a settlement was moved to %s", bad)
 
     async def _apply(self, record: dict[str, Any]) -> int:
+        try:
+            recorded = await off_loop(_usage_recorded)(str(record["request_id"]))
+        except DatabaseError:
+            recorded = False  # PostgreSQL away: Redis's trace alone tells, as it did before
         result = await self._replay(
             keys=[
                 credit_key(record["organization_id"]),
@@ -250,6 +268,7 @@ class SpoolReplayer:
                 orjson.dumps(record["trace"]).decode() if record.get("trace") else "",
                 self.config.trace_ttl,
                 self.config.trace_stream_maxlen,
+                "1" if recorded else "0",
             ],
         )
         return int(result)

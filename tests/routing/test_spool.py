@@ -19,6 +19,8 @@ from billing.credit import USAGE_STREAM, credit_key
 from routing.live import LiveCache, LiveConfig, LiveState, Reservation, keyspend_key
 from routing.spool import Spool, SpoolReplayer, settlement_record
 
+pytestmark = pytest.mark.django_db(transaction=True)  # the replay looks up usage records
+
 ORG, ENDPOINT, HOLD, COST = 41, 42, 10_000, 3_000
 CREDIT = 1_000_000
 
@@ -291,5 +293,63 @@ async def test_a_torn_line_is_set_aside_and_the_lines_after_it_are_replayed(tmp_
         (kept,) = tmp_path.iterdir()
         assert kept.name.startswith("unreadable-")
         assert kept.read_bytes() == b'{"request_id": "gen-to\n42\n'
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def billable():  # type: ignore[no-untyped-def]
+    """A real organisation and endpoint (built before the test's event loop runs)."""
+    from tests import factories
+
+    customer = factories.customer()
+    return customer.organization.pk, factories.endpoint(base_url="http://127.0.0.1:9")
+
+
+async def test_a_settlement_that_reached_redis_is_not_charged_again_after_its_trace_expired(
+    tmp_path, billable
+):
+    # The replay tells a settlement that reached Redis by its trace; once the trace's TTL has
+    # run out (a host down for longer with a spooled line), by its usage record.
+    from routing.gateway.db import off_loop
+    from routing.live import trace_key
+    from tests.conftest import ingest_all
+
+    org, endpoint = billable
+    client = aioredis.Redis.from_url(settings.REDIS_URL)
+    live = LiveState(client)
+    try:
+        await client.set(credit_key(org), CREDIT)
+        reserved = await live.reserve(
+            organization_id=org,
+            key_id=7,
+            endpoint_id=endpoint.pk,
+            capacity=10,
+            hold=HOLD,
+            lease="lease-e",
+            rate_limit_rpm=None,
+            key_credit_limit=None,
+            key_period="monthly",
+            key_period_ttl=60,
+        )
+        assert reserved.reservation is not None
+        event = {"rid": "gen-e", "org": org, "cost": COST, "vendor": endpoint.vendor_id}
+        await live.settle(
+            reserved.reservation,
+            cost=COST,
+            vendor_failed=False,
+            latency_ms=5,
+            event=event,
+            request_id="gen-e",
+            trace={"id": "gen-e", "organization_id": org},
+        )
+        assert await off_loop(ingest_all)() == 1  # off_loop: hands its connection back
+        await client.delete(trace_key("gen-e"))  # its TTL ran out
+        spool = Spool(tmp_path)  # ...and its reply had been lost: it was spooled too
+        spool.append(settlement_record("gen-e", reserved.reservation, COST, event))
+
+        assert await SpoolReplayer(spool, client).replay_once() == 1
+
+        assert int(await client.get(credit_key(org))) == CREDIT - COST
     finally:
         await client.aclose()
