@@ -185,6 +185,7 @@ def playground_trace(request: AuthenticatedHttpRequest, ctx: OrgContext) -> Http
             trace=trace_view(trace) if trace else None,
             raw_json=json.dumps(trace, indent=2) if trace else "",
             request_id=request_id,
+            retention_days=settings.TRACE_RETENTION_DAYS,
         ),
     )
 

@@ -101,6 +101,9 @@ def test_it_streams_an_answer_and_shows_the_route_trace(gateway_server, upstream
     assert endpoint.full_slug in trace.text
     assert 'data-testid="trace-served-by"' in trace.text
     assert "success" in trace.text
+    unknown = browser.page(f"/console/{org.slug}/playground/trace/?id=gen-{'0' * 32}")
+    assert 'data-testid="trace-missing"' in unknown.text
+    assert "traces are kept 30 days" in unknown.text  # TRACE_RETENTION_DAYS, in PostgreSQL
 
     assert ingest_all() == 1
     keys_page = browser.page(f"/console/{org.slug}/keys/")
