@@ -327,8 +327,19 @@ return 1
 """
 )
 
+# Shared by settle and the spool replay: Redis's copy of a trace, and its entry in the
+# capped stream that ``routing.traces`` moves to PostgreSQL (``LiveState._put_trace`` is the
+# same two commands for the traces written outside a script).
+STORE_TRACE = """
+local function store_trace(key, stream, json, ttl, maxlen)
+  redis.call('SET', key, json, 'EX', ttl)
+  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 't', json)
+end
+"""
+
 _SETTLE = (
     _FINISH
+    + STORE_TRACE
     + """
 local credit, slots, keyspend, trial = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local stream, trace, tpm_key, affinity = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
@@ -351,10 +362,7 @@ end
 finish(slots, trial, lease, held, ep, capacity, now, '(' .. ARGV[3], alpha, failed, threshold,
        flags, latency, lat_alpha, 1)
 if event ~= '' then redis.call('XADD', stream, '*', 'e', event) end
-if trace_json ~= '' then
-  redis.call('SET', trace, trace_json, 'EX', trace_ttl)
-  redis.call('XADD', traces, 'MAXLEN', '~', ARGV[18], '*', 't', trace_json)
-end
+if trace_json ~= '' then store_trace(trace, traces, trace_json, trace_ttl, ARGV[18]) end
 return 1
 """
 )

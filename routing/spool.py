@@ -33,7 +33,15 @@ from django.db import DatabaseError
 
 from billing.credit import USAGE_STREAM, credit_key
 from routing.gateway.db import off_loop
-from routing.live import GIVE_BACK, HOLD_PATTERN, TRACE_STREAM, LiveConfig, Reservation, trace_key
+from routing.live import (
+    GIVE_BACK,
+    HOLD_PATTERN,
+    STORE_TRACE,
+    TRACE_STREAM,
+    LiveConfig,
+    Reservation,
+    trace_key,
+)
 
 logger = logging.getLogger("switchyard.spool")
 
@@ -48,6 +56,7 @@ MARKER_TTL = 7 * 24 * 3600
 # usage record.
 _REPLAY = (
     GIVE_BACK
+    + STORE_TRACE
     + """
 if not redis.call('SET', KEYS[4], '1', 'NX', 'EX', ARGV[5]) then return 0 end
 local lease, held = ARGV[2], ARGV[7]
@@ -78,8 +87,7 @@ redis.call('HSET', 'sy:ep:' .. ARGV[3], 'n', redis.call('ZCOUNT', KEYS[2], '(' .
 redis.call('ZADD', 'sy:live:touched', now, ARGV[3])
 if ARGV[4] ~= '' then redis.call('XADD', KEYS[3], '*', 'e', ARGV[4]) end
 if ARGV[9] ~= '' and not settled then  -- the trace, as settle would have stored it
-  redis.call('SET', KEYS[5], ARGV[9], 'EX', ARGV[10])
-  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[11], '*', 't', ARGV[9])
+  store_trace(KEYS[5], KEYS[6], ARGV[9], ARGV[10], ARGV[11])
 end
 return 1
 """
@@ -136,6 +144,18 @@ def _replayer_gone(path: Path) -> bool:
     return pid != str(os.getpid()) and _pid_gone(pid)
 
 
+def _claimable_stem(path: Path) -> str | None:
+    """The name (without suffix) under which this process may claim a spool file, or None:
+    a ``.jsonl`` whose writer is gone, or one claimed by a replayer that died mid-replay
+    (``*.replaying-<pid>``; its lines are replayed again, each at most once by its marker)."""
+    if ".replaying-" in path.name:
+        return path.name.split(".replaying-", 1)[0] if _replayer_gone(path) else None
+    if path.suffix == ".jsonl":
+        # A live replica appends to its own file and replays it itself.
+        return path.stem if _owner_gone(path) else None
+    return None
+
+
 def _usage_recorded(request_id: str) -> bool:
     """Whether PostgreSQL has the request's usage record (its settlement reached Redis, and
     the ingest has been since)."""
@@ -162,9 +182,9 @@ class Spool:
         logger.error("Redis unavailable: spooled the settlement of %s", record.get("request_id"))
 
     def pending(self) -> bool:
+        """Whether a spool file here is this process's to replay (``_claimable_stem``)."""
         return self.directory.exists() and any(
-            path.suffix == ".jsonl" or ".replaying-" in path.name
-            for path in self.directory.glob("gateway-*")
+            _claimable_stem(path) is not None for path in self.directory.glob("gateway-*")
         )
 
 
@@ -200,17 +220,8 @@ class SpoolReplayer:
         if not self.spool.pending():
             return 0
         for path in sorted(self.spool.directory.glob("gateway-*")):
-            if ".replaying-" in path.name:
-                # Claimed by a replayer that died mid-replay: its lines are replayed again
-                # (each at most once: the marker key per request id).
-                if not _replayer_gone(path):
-                    continue
-                stem = path.name.split(".replaying-", 1)[0]
-            elif path.suffix == ".jsonl":
-                if not _owner_gone(path):
-                    continue  # a live replica appends to it and replays it itself
-                stem = path.stem
-            else:
+            stem = _claimable_stem(path)
+            if stem is None:
                 continue
             claimed = path.with_name(f"{stem}.replaying-{os.getpid()}")
             try:
