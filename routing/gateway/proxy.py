@@ -306,31 +306,22 @@ class Proxy:
                     "the gateway cannot reach its state store; nothing was charged",
                     code="state_unavailable",
                 ) from None
-            if verdict is Verdict.NO_CREDIT:
-                raise InsufficientCredit(
-                    "your organisation's credit does not cover this request (up to "
-                    f"${hold / NANOS_PER_USD:.6f} at the quoted price); top up or lower max_tokens"
-                )
-            if verdict is Verdict.ORG_BUDGET:
-                raise InsufficientCredit(
-                    "your organisation has reached its monthly budget; an owner or billing "
-                    "member can raise it in the console",
-                    code="organization_budget",
-                )
-            if verdict is Verdict.KEY_LIMIT:
-                raise InsufficientCredit(
-                    "this API key has reached its credit limit for the period",
-                    code="key_credit_limit",
-                )
-            if verdict is Verdict.RATE_LIMITED:
-                raise RateLimited(
-                    "rate limit reached for this API key; retry after the window resets",
-                    headers={
-                        "retry-after": str(retry_after),
-                        "x-ratelimit-limit-requests": str(job.key.rate_limit_rpm or 0),
-                        "x-ratelimit-limit-tokens": str(job.key.rate_limit_tpm or 0),
-                    },
-                )
+            refusal = _refusal(verdict, job, hold, retry_after)
+            if refusal is not None:
+                if tried:
+                    # A vendor was called and failed before this hop was refused: the request
+                    # is on record (its trace, the vendor's failure) like any other that failed.
+                    attempts.append(
+                        Attempt(
+                            candidate.endpoint.full_slug,
+                            f"skipped:{refusal.code}",
+                            detail=refusal.message,
+                            price_input=candidate.price_input,
+                            price_output=candidate.price_output,
+                        )
+                    )
+                    await self._record_failure(job, attempts, outcome=refusal.code)
+                raise refusal
             if verdict is Verdict.RETRY_BUDGET:
                 last_error = UpstreamFailed(
                     f"{last_error.message if last_error else 'the vendor failed'}; no retry: "
@@ -945,6 +936,36 @@ def _restore_chunk(chunk: dict[str, Any], restorer: StreamRestorer) -> bytes:
         if isinstance(delta, dict) and isinstance(delta.get("content"), str):
             delta["content"] = restorer.feed(delta["content"])
     return orjson.dumps(chunk)
+
+
+def _refusal(verdict: Verdict, job: Job, hold: int, retry_after: int) -> GatewayError | None:
+    """The error that ends a request whose reservation the customer's limits refused."""
+    if verdict is Verdict.NO_CREDIT:
+        return InsufficientCredit(
+            "your organisation's credit does not cover this request (up to "
+            f"${hold / NANOS_PER_USD:.6f} at the quoted price); top up or lower max_tokens"
+        )
+    if verdict is Verdict.ORG_BUDGET:
+        return InsufficientCredit(
+            "your organisation has reached its monthly budget; an owner or billing "
+            "member can raise it in the console",
+            code="organization_budget",
+        )
+    if verdict is Verdict.KEY_LIMIT:
+        return InsufficientCredit(
+            "this API key has reached its credit limit for the period",
+            code="key_credit_limit",
+        )
+    if verdict is Verdict.RATE_LIMITED:
+        return RateLimited(
+            "rate limit reached for this API key; retry after the window resets",
+            headers={
+                "retry-after": str(retry_after),
+                "x-ratelimit-limit-requests": str(job.key.rate_limit_rpm or 0),
+                "x-ratelimit-limit-tokens": str(job.key.rate_limit_tpm or 0),
+            },
+        )
+    return None
 
 
 def _first_tag(model: str) -> str | None:

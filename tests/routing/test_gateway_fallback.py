@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from billing.ledger import organization_balance
 from billing.models import UsageRecord
 from marketplace.models import ApiKey
 from tests import factories
@@ -186,6 +187,43 @@ def test_it_stops_a_key_at_its_credit_limit_with_402(gateway_server, upstream):
         second = client.post("/v1/chat/completions", json=body)
     assert first.status_code == 200
     assert second.status_code == 402 and second.json()["error"]["code"] == "key_credit_limit"
+
+
+def test_a_fallback_hop_checks_the_credit_again_and_the_refusal_is_on_record(
+    gateway_server, upstream, second_upstream
+):
+    cheap = factories.endpoint(base_url=upstream.base_url, tags=("sql",), price_output_usd="1")
+    # The next vendor's hold (100 output tokens at $1,000 a million: $0.10) is more than the
+    # customer has; the first one's ($0.0001) is not.
+    dear = factories.endpoint(
+        base_url=second_upstream.base_url, tags=("sql",), price_output_usd="1000"
+    )
+    customer = factories.customer(credit_usd="0.05")
+    before = organization_balance(customer.organization)
+    upstream.script(["status:500"])
+    body = {"model": "tag:sql", "messages": MESSAGES, "max_tokens": 100}
+    with gateway_server.client(customer.key) as client:
+        response = client.post("/v1/chat/completions", json=body)
+        request_id = response.headers["x-request-id"]
+        trace = client.get("/v1/generation", params={"id": request_id})
+
+    assert response.status_code == 402, response.text
+    assert response.json()["error"]["code"] == "insufficient_credit"
+    assert upstream.stats()["total"] == 1 and second_upstream.stats()["total"] == 0
+    # The trace says what happened: the first vendor failed, the second was not affordable.
+    assert trace.status_code == 200, trace.text
+    data = trace.json()["data"]
+    assert data["outcome"] == "insufficient_credit" and data["served_by"] is None
+    assert [(a["endpoint"], a["outcome"], a["status"]) for a in data["attempts"]] == [
+        (cheap.full_slug, "http_error", 500),
+        (dear.full_slug, "skipped:insufficient_credit", None),
+    ]
+    assert data["attempts"][1]["quote"]["output"] > data["attempts"][0]["quote"]["output"]
+    # Nothing charged; the failed request is on the customer's record like any other.
+    ingest_all()
+    assert organization_balance(customer.organization) == before
+    failed = UsageRecord.objects.get(request_id=request_id)
+    assert (failed.outcome, failed.cost, failed.attempts) == ("failed", 0, 1)
 
 
 def test_the_trace_explains_what_happened_and_only_to_its_owner(
