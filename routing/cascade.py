@@ -62,7 +62,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, Protocol, TypedDict
+from typing import Any, Final, Literal, NotRequired, Protocol, TypedDict
 
 from routing.errors import BadRequest
 
@@ -98,9 +98,18 @@ CONFIDENCE_METHOD: Final = "geometric_mean_token_probability"
 CASCADE_SORT: Final = "cascade"
 #: The sort the router is asked for instead of ``cascade``.
 ROUTER_SORT: Final = "price"
+#: Error codes of the customer's own limits: an escalation they stop is ``refused``.
+REFUSAL_CODES: Final = frozenset(
+    {"insufficient_credit", "organization_budget", "key_credit_limit", "rate_limited"}
+)
 _CASCADE_KEYS: Final = ("threshold", "max_tiers")
 
-Decision = Literal["accepted", "escalated", "final", "failed", "not_reached"]
+#: What became of a tier: its answer ``accepted`` (or ``final``: the last tier, served whatever
+#: it scored), ``escalated`` (too unsure; the next tier was asked), ``kept`` (escalated, then
+#: served after all because no later tier answered), ``failed`` (every candidate failed),
+#: ``refused`` (the customer's limits refused the escalation: credit, budget, rate) or
+#: ``not_reached``.
+Decision = Literal["accepted", "escalated", "kept", "final", "failed", "refused", "not_reached"]
 
 
 # --- confidence -----------------------------------------------------------------------------
@@ -437,6 +446,8 @@ class CascadeTraceData(TypedDict):
     confidence_method: str
     served_tier: int | None
     tiers: list[TierTraceData]
+    #: Set when a ``kept`` answer was served: the error code that ended the escalation.
+    kept_because: NotRequired[str]
 
 
 class CascadeTrace:
@@ -446,6 +457,7 @@ class CascadeTrace:
         self.policy = policy
         self.tiers = tuple(tiers)
         self.served_tier: int | None = None
+        self.kept_because: str | None = None
         self._rows: dict[int, TierTraceData] = {}
 
     def judge(self, tier: CascadeTier, endpoint: Any, confidence: float | None) -> bool:
@@ -462,6 +474,16 @@ class CascadeTrace:
     def failed(self, tier: CascadeTier) -> None:
         """Record that every candidate of ``tier`` failed (the next tier is tried)."""
         self._record(tier, tier.primary.endpoint, None, "failed")
+
+    def fell_back(self, tier: CascadeTier, kept: CascadeTier, endpoint: Any, code: str) -> None:
+        """Record that escalating from ``kept`` ended on ``tier`` with the error ``code``, and
+        that ``kept``'s answer (from ``endpoint``) is served after all."""
+        refused = code in REFUSAL_CODES
+        self._record(tier, tier.primary.endpoint, None, "refused" if refused else "failed")
+        confidence = self._rows[kept.index]["confidence"] if kept.index in self._rows else None
+        self._record(kept, endpoint, confidence, "kept")
+        self.served_tier = kept.index
+        self.kept_because = code
 
     def _record(
         self, tier: CascadeTier, endpoint: Any, confidence: float | None, decision: Decision
@@ -488,10 +510,13 @@ class CascadeTrace:
             )
             for tier in self.tiers
         ]
-        return CascadeTraceData(
+        data = CascadeTraceData(
             threshold=self.policy.threshold,
             max_tiers=self.policy.max_tiers,
             confidence_method=CONFIDENCE_METHOD,
             served_tier=self.served_tier,
             tiers=rows,
         )
+        if self.kept_because is not None:
+            data["kept_because"] = self.kept_because
+        return data

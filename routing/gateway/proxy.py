@@ -410,13 +410,23 @@ class Proxy:
         when the client asked for a stream.
         """
         base = dict(job.decision_trace)
+        # The last answer judged too unsure (an escalated leg, billed): served after all if
+        # no later tier answers, rather than a paid-for answer thrown away and an error.
+        kept: _Leg | None = None
         for tier in tiers:
             leg = replace(job, request_id=f"{job.request_id}-t{tier.index}")
             leg.decision_trace = {**base, "cascade": cascade.to_trace()}
             if tier.final:
                 cascade.judge(tier, tier.primary.endpoint, None)  # records "final"
                 leg.decision_trace = {**base, "cascade": cascade.to_trace()}
-                await self.run(leg, list(tier.candidates), send)
+                started = _Started(send)
+                try:
+                    await self.run(leg, list(tier.candidates), started)
+                except GatewayError as exc:
+                    if kept is None or started.started or isinstance(exc, Unavailable):
+                        raise
+                    cascade.fell_back(tier, kept.tier, kept.endpoint, exc.code)
+                    await self._serve_leg(job, kept, base, cascade, send)
                 return
             leg.body = cascade_upstream_body(job.body)
             leg.body["stream"] = False  # judged whole before anything reaches the client
@@ -425,8 +435,14 @@ class Proxy:
             capture = Capture()
             try:
                 await self.run(leg, list(tier.candidates), capture)
-            except (InsufficientCredit, RateLimited, Unavailable):
+            except Unavailable:
                 raise
+            except (InsufficientCredit, RateLimited) as exc:
+                if kept is None:
+                    raise
+                cascade.fell_back(tier, kept.tier, kept.endpoint, exc.code)
+                await self._serve_leg(job, kept, base, cascade, send)
+                return
             except GatewayError:
                 cascade.failed(tier)
                 continue
@@ -439,28 +455,42 @@ class Proxy:
                 ),
                 tier.primary.endpoint,
             )
+            done = _Leg(leg, tier, endpoint, answer, capture)
             if cascade.judge(tier, endpoint, confidence_from_response(answer)):
+                kept = done
                 continue  # escalate: this leg stays billed, the next tier answers
-            leg_trace = await self.live.trace(leg.request_id)
-            if leg_trace is not None:
-                leg_trace["routing"] = {**base, "cascade": cascade.to_trace()}
-                await self.live.store_trace(leg.request_id, leg_trace)
-            if not job.body.get("logprobs"):
-                strip_logprobs(answer)
-            answer["switchyard"]["cascade"] = cascade.to_trace()
-            if job.stream:
-                await start_sse(send, leg.request_id, capture.route_headers())
-                await send_sse(send, b"data: " + orjson.dumps(_as_chunk(answer)) + b"\n\n")
-                tail = (
-                    b"data: " + orjson.dumps(_usage_chunk(answer)) + b"\n\n"
-                    if job.include_usage
-                    else b""
-                )
-                await send_sse(send, tail + b"data: [DONE]\n\n", more=False)
-            else:
-                await send_json(send, 200, answer, leg.request_id, capture.route_headers())
+            await self._serve_leg(job, done, base, cascade, send)
             return
-        raise UpstreamFailed("every tier of the cascade failed")
+        raise UpstreamFailed("every tier of the cascade failed")  # the last tier is final
+
+    async def _serve_leg(
+        self,
+        job: Job,
+        done: _Leg,
+        base: dict[str, Any],
+        cascade: CascadeTrace,
+        send: Send,
+    ) -> None:
+        """Send a judged cascade leg's answer to the client; its trace gets the whole cascade."""
+        leg, answer = done.leg, done.answer
+        leg_trace = await self.live.trace(leg.request_id)
+        if leg_trace is not None:
+            leg_trace["routing"] = {**base, "cascade": cascade.to_trace()}
+            await self.live.store_trace(leg.request_id, leg_trace)
+        if not job.body.get("logprobs"):
+            strip_logprobs(answer)
+        answer["switchyard"]["cascade"] = cascade.to_trace()
+        if job.stream:
+            await start_sse(send, leg.request_id, done.capture.route_headers())
+            await send_sse(send, b"data: " + orjson.dumps(_as_chunk(answer)) + b"\n\n")
+            tail = (
+                b"data: " + orjson.dumps(_usage_chunk(answer)) + b"\n\n"
+                if job.include_usage
+                else b""
+            )
+            await send_sse(send, tail + b"data: [DONE]\n\n", more=False)
+        else:
+            await send_json(send, 200, answer, leg.request_id, done.capture.route_headers())
 
     def _hold(self, job: Job, candidate: Candidate) -> int:
         if job.kind == "embeddings":
@@ -873,6 +903,29 @@ class Proxy:
             await send_sse(send, tail + b"data: [DONE]\n\n", more=False)
 
         served.final = send_tail
+
+
+@dataclass
+class _Leg:
+    """A cascade leg that answered: its job, tier, serving endpoint and captured answer."""
+
+    leg: Job
+    tier: CascadeTier
+    endpoint: Any
+    answer: dict[str, Any]
+    capture: Capture
+
+
+class _Started:
+    """A ``send`` that remembers whether the response has begun (then nothing else may)."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        self.started = True
+        await self._send(message)
 
 
 @dataclass

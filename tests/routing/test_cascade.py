@@ -438,3 +438,25 @@ def test_it_traces_a_failed_tier_and_serves_the_last_whatever_it_scores():
     data = trace.to_trace()
     assert [row["decision"] for row in data["tiers"]] == ["failed", "final"]
     assert data["served_tier"] == 1
+
+
+@pytest.mark.parametrize(
+    ("code", "decision"), [("upstream_failed", "failed"), ("insufficient_credit", "refused")]
+)
+def test_it_traces_an_escalation_that_ended_and_the_unsure_answer_kept(code, decision):
+    views = [view(i, usd_in=i, usd_out=i) for i in (1, 2, 3)]
+    tiers = plan_tiers(candidates(*views), max_tiers=3)
+    trace = CascadeTrace(CascadePolicy(threshold=0.6, max_tiers=3), tiers)
+
+    assert trace.judge(tiers[0], tiers[0].primary.endpoint, 0.31) is True
+    trace.failed(tiers[1])
+    trace.fell_back(tiers[2], tiers[0], tiers[0].primary.endpoint, code)
+
+    data = trace.to_trace()
+    assert [(row["decision"], row["confidence"]) for row in data["tiers"]] == [
+        ("kept", 0.31),
+        ("failed", None),
+        (decision, None),
+    ]
+    assert data["served_tier"] == 0 and data["kept_because"] == code
+    assert "kept_because" not in CascadeTrace(CascadePolicy(), tiers).to_trace()

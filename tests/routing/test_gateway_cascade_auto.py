@@ -12,6 +12,7 @@ from routing.traces import stored_trace
 from tests import factories
 from tests.conftest import ingest_all, ingest_traces
 from tests.support.upstream import FaultUpstream
+from vendors.services import endpoint_update_pricing
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -86,6 +87,71 @@ def test_a_confident_cheap_answer_is_served_and_the_dear_tier_never_called(gatew
     assert '"cost_nanos"' in streamed.text
     ingest_all()
     assert UsageRecord.objects.filter(organization=customer.organization).count() == 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_unsure_answer_is_served_after_all_when_the_dearer_tier_fails(
+    gateway_server, tiers, stream
+):
+    cheap_server, strong_server, weak, good = tiers
+    cheap_server.configure(logprob_mean=-2.0)  # escalates
+    strong_server.script(["status:500"])
+    customer = factories.customer()
+    body = {"model": "tag:qa", "messages": QUESTION, "cascade": {"threshold": 0.6}}
+    with gateway_server.client(customer.key) as client:
+        response = client.post("/v1/chat/completions", json={**body, "stream": stream})
+        request_id = response.headers["x-request-id"]
+        trace = client.get("/v1/generation", params={"id": request_id}).json()["data"]
+
+    # The cheap leg was paid for: its answer is served rather than an error.
+    assert response.status_code == 200, response.text
+    assert response.headers["x-switchyard-endpoint"] == weak.full_slug
+    assert request_id.endswith("-t0") and strong_server.stats()["total"] == 1
+    if stream:
+        assert response.text.endswith("data: [DONE]\n\n")
+        assert '"content":"what is the capital of france"' in response.text
+    else:
+        assert response.json()["switchyard"]["cascade"]["kept_because"] == "upstream_failed"
+    cascade = trace["routing"]["cascade"]
+    assert [(t["endpoint"], t["decision"]) for t in cascade["tiers"]] == [
+        (weak.full_slug, "kept"),
+        (good.full_slug, "failed"),
+    ]
+    assert cascade["served_tier"] == 0 and cascade["kept_because"] == "upstream_failed"
+    ingest_all()
+    legs = UsageRecord.objects.filter(organization=customer.organization).order_by("request_id")
+    assert [(r.endpoint_id, r.outcome, r.cost > 0) for r in legs] == [
+        (weak.pk, "success", True),
+        (None, "failed", False),
+    ]
+
+
+def test_an_escalation_the_customer_cannot_afford_serves_the_unsure_answer(gateway_server, tiers):
+    cheap_server, strong_server, weak, good = tiers
+    cheap_server.configure(logprob_mean=-2.0)  # escalates
+    endpoint_update_pricing(  # $400 a million output tokens: a hold of $0.40
+        endpoint=good,
+        price_input=good.price_input,
+        price_output=200 * good.price_output,
+        surge_curve=good.surge_curve,
+        surge_cap=good.surge_cap,
+    )
+    customer = factories.customer(credit_usd="0.05")
+    body = {
+        "model": "tag:qa",
+        "messages": QUESTION,
+        "max_tokens": 1000,
+        "cascade": {"threshold": 0.6},
+    }
+    with gateway_server.client(customer.key) as client:
+        response = client.post("/v1/chat/completions", json=body)
+
+    assert response.status_code == 200, response.text
+    assert response.headers["x-switchyard-endpoint"] == weak.full_slug
+    cascade = response.json()["switchyard"]["cascade"]
+    assert [t["decision"] for t in cascade["tiers"]] == ["kept", "refused"]
+    assert cascade["kept_because"] == "insufficient_credit"
+    assert strong_server.stats()["total"] == 0
 
 
 def test_a_bad_cascade_object_is_a_400(gateway_server, tiers):
