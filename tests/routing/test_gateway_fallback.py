@@ -226,6 +226,38 @@ def test_a_fallback_hop_checks_the_credit_again_and_the_refusal_is_on_record(
     assert (failed.outcome, failed.cost, failed.attempts) == ("failed", 0, 1)
 
 
+def test_fallback_stops_at_the_total_deadline(gateway_server, upstream, second_upstream, settings):
+    settings.GATEWAY_FIRST_BYTE_TIMEOUT = 0.6
+    settings.GATEWAY_TOTAL_TIMEOUT = 1.0
+    with FaultUpstream() as third_upstream:
+        slugs = [
+            factories.endpoint(
+                base_url=server.base_url, tags=("sql",), price_output_usd=str(price)
+            ).full_slug
+            for price, server in enumerate((upstream, second_upstream, third_upstream), start=1)
+        ]
+        upstream.script(["ttfb-hang"])
+        second_upstream.script(["ttfb-hang"])
+        customer = factories.customer()
+        with gateway_server.client(customer.key) as client:
+            response = client.post(
+                "/v1/chat/completions", json={"model": "tag:sql", "messages": MESSAGES}
+            )
+            trace = client.get(
+                "/v1/generation", params={"id": response.headers["x-request-id"]}
+            ).json()["data"]
+        third_calls = third_upstream.stats()["total"]
+
+    # The first vendor has its 0.6 s, the second the 0.4 s left of the 1 s; the third,
+    # which would have answered, is never called: the request is out of time.
+    assert response.status_code == 502 and response.json()["error"]["code"] == "deadline_exceeded"
+    assert third_calls == 0
+    assert [(a["endpoint"], a["outcome"]) for a in trace["attempts"]] == [
+        (slugs[0], "timeout"),
+        (slugs[1], "timeout"),
+    ]
+
+
 def test_the_trace_explains_what_happened_and_only_to_its_owner(
     gateway_server, upstream, second_upstream, two_vendors
 ):
