@@ -1,4 +1,5 @@
-"""Write path of an organisation's (and a key's) privacy guard and response-cache settings.
+"""Write path of an organisation's (and a key's) privacy guard and response-cache settings,
+and of the organisation's routing defaults.
 
 Kept beside ``marketplace.services`` (which is near its size limit); the gateway caches
 these settings with each API key, so every change tells the gateways to reload the keys.
@@ -9,14 +10,18 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import orjson
 from django.contrib.auth.models import User
 from django.db import transaction
 
 from marketplace import invalidation
 from marketplace.models import ApiKey, Organization, PrivacyPolicy
 from marketplace.services import ServiceError, _require, audit_record, organization_fields_update
+from routing.errors import BadRequest
+from routing.policy import parse_provider
 
 MAX_CACHE_TTL = 30 * 24 * 3600
+MAX_ROUTING_DEFAULTS_BYTES = 4096
 _REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 
 
@@ -113,3 +118,37 @@ def api_key_data_policy_update(
     )
     _forget_keys(ApiKey.objects.filter(pk=locked.pk))
     return locked
+
+
+@transaction.atomic
+def organization_routing_defaults_update(
+    *, actor: User, organization: Organization, provider: Any
+) -> Organization:
+    """Set the organisation's routing policy (owners and admins): a ``provider`` object, as a
+    request would send it, merged under every request's own (``routing.policy.merge_provider``:
+    the request wins field by field, ``ignore`` lists add up, ``only`` and ``region``
+    intersect, ``data_collection: deny`` holds if either asks). ``{}`` clears it.
+
+    Refused, with the gateway's own message, unless a request could carry it.
+    """
+    _require(actor, organization, "members.manage")
+    if provider is None:
+        provider = {}
+    if not isinstance(provider, dict):
+        raise ServiceError("the routing policy is a JSON object, like a request's `provider`")
+    if len(orjson.dumps(provider)) > MAX_ROUTING_DEFAULTS_BYTES:
+        raise ServiceError(f"the routing policy is larger than {MAX_ROUTING_DEFAULTS_BYTES} bytes")
+    try:
+        parse_provider(provider, param="provider")
+    except BadRequest as exc:
+        raise ServiceError(exc.message) from None
+    locked, changes = organization_fields_update(
+        actor=actor,
+        organization=organization,
+        values={"routing_defaults": provider},
+        action="organization.routing_defaults_update",
+    )
+    if changes:
+        _forget_keys(ApiKey.objects.filter(organization=locked))
+    organization.routing_defaults = locked.routing_defaults
+    return organization

@@ -65,6 +65,13 @@ class Organization(models.Model):
         validators=[MinValueValidator(500), MaxValueValidator(1000)],
         help_text="Semantic cache: cosine similarity x 1000 to reuse an answer; empty: exact only.",
     )
+    # The customer's routing policy: a ``provider`` object merged under every request's
+    # (routing.policy.merge_provider); checked by marketplace.data_policy on the way in.
+    routing_defaults = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="Default provider policy (only, ignore, order, sort, max_price, region, ...).",
+    )
 
     class Meta:
         constraints = [

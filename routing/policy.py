@@ -108,6 +108,23 @@ class ProviderPolicy:
     min_quality: float | None = None
 
 
+def provider_trace(provider: ProviderPolicy) -> dict[str, Any]:
+    """What a ``provider`` object said, for a route trace (the fields it set)."""
+    out: dict[str, Any] = {}
+    for name in (f.name for f in dataclasses.fields(provider)):
+        value = getattr(provider, name)
+        if value is None:
+            continue
+        if isinstance(value, frozenset):
+            value = sorted(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, MaxPrice):
+            value = {"prompt": value.prompt, "completion": value.completion}
+        out[name] = value
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class RoutePolicy:
     """Everything the router needs to know about one request's wishes, fully resolved."""

@@ -1,5 +1,5 @@
-"""Console pages of the privacy guard and response-cache settings: the organisation's and
-one key's overrides."""
+"""Console pages of the privacy guard and response-cache settings (the organisation's and
+one key's overrides) and of the organisation's routing policy."""
 
 from __future__ import annotations
 
@@ -14,9 +14,13 @@ from marketplace.console.access import (
     org_template_context,
     org_view,
 )
-from marketplace.console.forms import DataPolicyForm, KeyDataPolicyForm
+from marketplace.console.forms import DataPolicyForm, KeyDataPolicyForm, RoutingPolicyForm
 from marketplace.console.views import service_message
-from marketplace.data_policy import api_key_data_policy_update, organization_data_policy_update
+from marketplace.data_policy import (
+    api_key_data_policy_update,
+    organization_data_policy_update,
+    organization_routing_defaults_update,
+)
 from marketplace.services import ServiceError
 
 
@@ -61,4 +65,30 @@ def key_data_policy(request: AuthenticatedHttpRequest, ctx: OrgContext, pk: int)
         request,
         "console/key_data_policy.html",
         org_template_context(ctx, key=key, form=form or KeyDataPolicyForm.for_key(key)),
+    )
+
+
+@org_view("members.manage")
+def routing_policy(request: AuthenticatedHttpRequest, ctx: OrgContext) -> HttpResponse:
+    """The provider policy every request of the organisation is routed under (owners and
+    admins)."""
+    form = RoutingPolicyForm(request.POST) if request.method == "POST" else None
+    if form is not None and form.is_valid():
+        try:
+            organization_routing_defaults_update(
+                actor=request.user,
+                organization=ctx.organization,
+                provider=form.cleaned_data["provider"],
+            )
+        except ServiceError as exc:
+            form.add_error("provider", service_message(exc))
+        else:
+            messages.success(request, "Routing policy saved.")
+            return redirect("console:routing-policy", ctx.organization.slug)
+    return render(
+        request,
+        "console/routing_policy.html",
+        org_template_context(
+            ctx, form=form or RoutingPolicyForm.for_organization(ctx.organization)
+        ),
     )

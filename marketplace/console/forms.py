@@ -6,6 +6,7 @@ from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
+import orjson
 from django import forms
 from django.utils import timezone
 
@@ -428,6 +429,39 @@ class DataPolicyForm(forms.Form):
             "cache_ttl": data["cache_ttl"],
             "cache_similarity": int(similarity * 1000) if similarity is not None else None,
         }
+
+
+class RoutingPolicyForm(forms.Form):
+    """The organisation's routing policy: a ``provider`` object as JSON."""
+
+    provider = forms.CharField(
+        label="Default provider policy (JSON)",
+        required=False,
+        max_length=8000,
+        widget=forms.Textarea(attrs={"rows": 10, "spellcheck": "false", "class": "mono"}),
+        help_text="Merged under every request's <code>provider</code> object: the request "
+        "wins field by field, <code>ignore</code> lists add up, <code>only</code> and "
+        "<code>region</code> narrow each other, <code>data_collection: deny</code> holds if "
+        "either side asks. Empty: none.",
+    )
+
+    @classmethod
+    def for_organization(cls, organization: Any) -> RoutingPolicyForm:
+        value = organization.routing_defaults
+        text = orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() if value else ""
+        return cls(initial={"provider": text})
+
+    def clean_provider(self) -> Any:
+        text = (self.cleaned_data.get("provider") or "").strip()
+        if not text:
+            return {}
+        try:
+            value = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise forms.ValidationError(f"This is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise forms.ValidationError('The policy is a JSON object, like {"ignore": ["acme"]}.')
+        return value
 
 
 class KeyDataPolicyForm(forms.Form):

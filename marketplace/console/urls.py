@@ -43,6 +43,7 @@ urlpatterns = [
     path("<slug:org_slug>/usage/", money.usage, name="usage"),
     path("<slug:org_slug>/budget/", money.budget, name="budget"),
     path("<slug:org_slug>/data/", data.data_policy, name="data-policy"),
+    path("<slug:org_slug>/routing/", data.routing_policy, name="routing-policy"),
     path("<slug:org_slug>/usage.csv", money.usage_csv, name="usage-csv"),
     path("<slug:org_slug>/audit/", views.audit, name="audit"),
     path("<slug:org_slug>/playground/", playground.playground, name="playground"),

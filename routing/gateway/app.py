@@ -86,7 +86,7 @@ from routing.live import (
     affinity_key,
 )
 from routing.orchestrate import ORCHESTRATE, TIMEOUT_CEILING_SECONDS
-from routing.policy import RoutePolicy, request_parameters, route_policy
+from routing.policy import RoutePolicy, provider_trace, request_parameters, route_policy
 from routing.resp import RespClient
 from routing.router import (
     EXPLORE_SHARE,
@@ -859,7 +859,10 @@ class GatewayApp:
         snapshot = await self.snapshot()
         assert self.proxy is not None
         cascade = parse_cascade(job.body) if job.kind == "chat" else None
-        policy = route_policy(without_cascade(job.body) if cascade else job.body)
+        policy = route_policy(
+            without_cascade(job.body) if cascade else job.body,
+            organization_default=job.key.provider_default,
+        )
         cache_trace: dict[str, Any] | None = None
         cached = None
         vector = None
@@ -901,6 +904,9 @@ class GatewayApp:
                     break
         job.allow_fallbacks = policy.allow_fallbacks
         job.decision_trace = dict(decision_trace)
+        if job.key.provider_default is not None:
+            # "policy" above is the merge; this says what the organisation's part was.
+            job.decision_trace["organization_policy"] = provider_trace(job.key.provider_default)
         if auto_trace is not None:
             job.decision_trace["auto"] = auto_trace
         if cache_trace is not None:

@@ -17,11 +17,13 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from marketplace.keys import hash_key, looks_like_key
 from marketplace.models import ApiKey
-from routing.errors import Forbidden, Unauthorized, Unavailable
+from routing.errors import BadRequest, Forbidden, Unauthorized, Unavailable
 from routing.gateway.db import off_loop
+from routing.policy import ProviderPolicy, parse_provider
 
 logger = logging.getLogger("switchyard.gateway")
 
@@ -45,6 +47,8 @@ class KeyInfo:
     cache_ttl: int = 0  # seconds a cached answer is reused by default; 0: only when asked
     cache_similarity: int | None = None  # semantic cache threshold, cosine x 1000
     trusted_regions: frozenset[str] | None = None  # trusted_only: the allowed regions
+    # The organisation's routing policy, parsed once: merged under each request's provider.
+    provider_default: ProviderPolicy | None = None
 
     def allows(self, scope: str) -> bool:
         """A key without scopes may use every API."""
@@ -82,6 +86,7 @@ def _query_key(key_hash: str) -> KeyInfo | None:
             "organization__cache_ttl",
             "organization__cache_similarity",
             "organization__trusted_regions",
+            "organization__routing_defaults",
         )
         .first()
     )
@@ -115,7 +120,23 @@ def _query_key(key_hash: str) -> KeyInfo | None:
             if row["organization__trusted_regions"]
             else None
         ),
+        provider_default=_provider_default(
+            row["organization_id"], row["organization__routing_defaults"]
+        ),
     )
+
+
+def _provider_default(organization_id: int, value: Any) -> ProviderPolicy | None:
+    """The organisation's routing policy; one that no longer parses (checked when it was
+    saved, so only after a change of the rules) is logged and ignored, not a 400 on every
+    request of the organisation."""
+    if not value:
+        return None
+    try:
+        return parse_provider(value, param="organization.provider")
+    except BadRequest as exc:
+        logger.warning("organisation %s: routing policy ignored: %s", organization_id, exc.message)
+        return None
 
 
 class KeyCache:
