@@ -29,6 +29,7 @@ from rest_framework.views import APIView
 
 from marketplace import selectors
 from marketplace.console.forms import KEY_SCOPES
+from marketplace.data_policy import organization_routing_defaults_update
 from marketplace.models import ApiKey, Membership, Organization
 from marketplace.services import (
     PermissionDeniedError,
@@ -260,6 +261,51 @@ class ApiKeyRevokeApi(APIView):
         except ServiceError as exc:
             raise service_error(exc) from exc
         return Response(ApiKeyOutputSerializer(revoked).data)
+
+
+# --- routing policy ----------------------------------------------------------------------------
+
+
+class RoutingPolicySerializer(serializers.Serializer):  # type: ignore[type-arg]
+    class Meta:
+        ref_name = "RoutingPolicy"
+
+    provider = serializers.JSONField(
+        help_text="A `provider` object, as a request sends it, merged under every request's "
+        "own (docs/api.md); `{}`: none"
+    )
+
+
+class RoutingPolicyApi(APIView):
+    @extend_schema(
+        operation_id="organization_routing_policy_get",
+        summary="The organisation's routing policy",
+        responses={200: RoutingPolicySerializer, **ERRORS},
+    )
+    def get(self, request: Request, org_slug: str) -> Response:
+        access = organization_access(request, org_slug, "org.view")
+        return Response({"provider": access.organization.routing_defaults or {}})
+
+    @extend_schema(
+        operation_id="organization_routing_policy_set",
+        summary="Set the organisation's routing policy (owners and admins)",
+        request=RoutingPolicySerializer,
+        responses={200: RoutingPolicySerializer, **INPUT_ERRORS},
+    )
+    def put(self, request: Request, org_slug: str) -> Response:
+        access = organization_access(request, org_slug, "members.manage")
+        actor = access.actor_or_403()
+        serializer = RoutingPolicySerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        try:
+            organization = organization_routing_defaults_update(
+                actor=actor,
+                organization=access.organization,
+                provider=serializer.validated_data["provider"],
+            )
+        except ServiceError as exc:
+            raise service_error(exc) from exc
+        return Response({"provider": organization.routing_defaults})
 
 
 # --- usage records -----------------------------------------------------------------------------

@@ -25,6 +25,11 @@ urlpatterns = [
         name="usage",
     ),
     path(
+        "organizations/<slug:org_slug>/routing-policy/",
+        customer_api.RoutingPolicyApi.as_view(),
+        name="routing-policy",
+    ),
+    path(
         "organizations/<slug:org_slug>/balance/",
         billing_api.BalanceApi.as_view(),
         name="balance",

@@ -318,6 +318,7 @@ def test_the_schema_describes_every_management_route():
         "/api/v1/organizations/{org_slug}/keys/",
         "/api/v1/organizations/{org_slug}/keys/{id}/revoke/",
         "/api/v1/organizations/{org_slug}/usage/",
+        "/api/v1/organizations/{org_slug}/routing-policy/",
         "/api/v1/organizations/{org_slug}/balance/",
         "/api/v1/organizations/{org_slug}/transactions/",
         "/api/v1/vendors/{vendor_slug}/endpoints/",
@@ -335,3 +336,25 @@ def test_the_schema_generates_without_a_single_warning(tmp_path):
     target = tmp_path / "schema.yaml"
     call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(target))
     assert "/api/v1/organizations/{org_slug}/usage/" in target.read_text()
+
+
+# --- routing policy ----------------------------------------------------------------------------
+
+
+def test_it_reads_and_sets_the_routing_policy_for_owners_only(org_owner):
+    user, org = org_owner
+    developer = factories.user()
+    Membership.objects.create(organization=org, user=developer, role=Membership.Role.DEVELOPER)
+    url = f"/api/v1/organizations/{org.slug}/routing-policy/"
+    policy = {"ignore": ["acme"], "region": ["eu"]}
+
+    put = _session(user).put(url, {"provider": policy}, format="json")
+    bad = _session(user).put(url, {"provider": {"sort": "cheapest"}}, format="json")
+    refused = _session(developer).put(url, {"provider": {}}, format="json")
+    seen = _session(developer).get(url)
+
+    assert put.status_code == 200 and put.json() == {"provider": policy}
+    assert bad.status_code == 400 and "provider.sort" in bad.json()["detail"]
+    assert refused.status_code == 403
+    assert seen.status_code == 200 and seen.json() == {"provider": policy}
+    assert AuditLogEntry.objects.filter(action="organization.routing_defaults_update").count() == 1
