@@ -321,6 +321,7 @@ class Proxy:
                         )
                     )
                     await self._record_failure(job, attempts, outcome=refusal.code)
+                    refusal.headers["x-switchyard-attempts"] = str(tried)
                 raise refusal
             if verdict is Verdict.RETRY_BUDGET:
                 last_error = UpstreamFailed(
@@ -357,7 +358,9 @@ class Proxy:
                 await self.live.release(reservation, vendor_failed=None)
                 await self._record_failure(job, attempts, outcome="rejected")
                 raise BadRequest(
-                    f"the vendor refused the request: {exc.message}", code="upstream_rejected"
+                    f"the vendor refused the request: {exc.message}",
+                    code="upstream_rejected",
+                    headers={"x-switchyard-attempts": str(tried)},
                 ) from None
             except BaseException:
                 # The client went away (or a bug): charge only what was delivered.
@@ -387,11 +390,12 @@ class Proxy:
             return
         await self._record_failure(job, attempts, outcome="failed")
         if last_error is None:
-            raise NoCapacity(
+            last_error = NoCapacity(
                 "every endpoint that serves this model is busy or unavailable right now; "
                 "retry shortly",
                 headers={"retry-after": "1"},
             )
+        last_error.headers["x-switchyard-attempts"] = str(tried)  # vendors called, all failed
         raise last_error
 
     async def run_cascade(

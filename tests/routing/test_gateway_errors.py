@@ -202,6 +202,7 @@ def test_it_maps_a_failing_vendor_to_502_and_charges_nothing(setup, fault):
             "/v1/chat/completions", json={"model": endpoint.full_slug, "messages": MESSAGES}
         )
     _assert_error(response, 502, "upstream_failed")
+    assert response.headers["x-switchyard-attempts"] == "1"
     _nothing_charged(upstream, customer, before)
     failed = UsageRecord.objects.get(organization=customer.organization, outcome="failed")
     assert failed.cost == 0 and failed.attempts == 1
@@ -240,6 +241,7 @@ def test_it_passes_a_vendor_refusal_of_the_request_as_400(setup):
             "/v1/chat/completions", json={"model": endpoint.full_slug, "messages": MESSAGES}
         )
     _assert_error(response, 400, "upstream_rejected")
+    assert response.headers["x-switchyard-attempts"] == "1"
 
 
 def test_it_tells_the_client_when_a_stream_breaks_after_bytes_were_sent(setup):

@@ -209,6 +209,7 @@ def test_a_fallback_hop_checks_the_credit_again_and_the_refusal_is_on_record(
 
     assert response.status_code == 402, response.text
     assert response.json()["error"]["code"] == "insufficient_credit"
+    assert response.headers["x-switchyard-attempts"] == "1"
     assert upstream.stats()["total"] == 1 and second_upstream.stats()["total"] == 0
     # The trace says what happened: the first vendor failed, the second was not affordable.
     assert trace.status_code == 200, trace.text
@@ -251,7 +252,7 @@ def test_fallback_stops_at_the_total_deadline(gateway_server, upstream, second_u
     # The first vendor has its 0.6 s, the second the 0.4 s left of the 1 s; the third,
     # which would have answered, is never called: the request is out of time.
     assert response.status_code == 502 and response.json()["error"]["code"] == "deadline_exceeded"
-    assert third_calls == 0
+    assert third_calls == 0 and response.headers["x-switchyard-attempts"] == "2"
     assert [(a["endpoint"], a["outcome"]) for a in trace["attempts"]] == [
         (slugs[0], "timeout"),
         (slugs[1], "timeout"),
