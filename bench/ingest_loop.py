@@ -6,6 +6,9 @@ Calls ``billing.usage.usage_ingest_batch`` and ``routing.traces.trace_ingest_bat
 loop, exactly what the Celery tasks do,
 until SIGTERM/SIGINT. Prints ``READY`` once Django is set up and, at exit, one JSON line
 ``{"batches": .., "entries": .., "recorded": .., "duplicates": .., "invalid": ..}``.
+With ``INGEST_TIMINGS=<file>`` it also writes, at exit, one row per round:
+``[start, usage done, traces done, events read, traces stored]`` (``time.perf_counter()``,
+the clock the load generator times requests with), for ``bench.tail_bench``.
 """
 
 from __future__ import annotations
@@ -34,13 +37,20 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    timings: list[tuple[float, float, float, int, int]] = []
+    timings_path = os.environ.get("INGEST_TIMINGS")
     totals = {"batches": 0, "entries": 0, "recorded": 0, "duplicates": 0, "invalid": 0, "traces": 0}
     print("READY", flush=True)
     while not stop:
         try:
+            began = time.perf_counter()
             result = usage_ingest_batch(count=1000, block_ms=100)
+            used = time.perf_counter()
             # The route traces too, as the trace_ingest task does in production.
-            totals["traces"] += trace_ingest_batch(count=1000).stored
+            stored = trace_ingest_batch(count=1000).stored
+            totals["traces"] += stored
+            if timings_path and (result.read or stored):
+                timings.append((began, used, time.perf_counter(), result.read, stored))
         except Exception as exc:  # keep metering alive through a hiccup, but say so
             print(f"ingest error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
             time.sleep(0.2)
@@ -52,6 +62,9 @@ def main() -> int:
             totals["duplicates"] += result.duplicates
             totals["invalid"] += result.invalid
             linger_after(result.read)
+    if timings_path:
+        with open(timings_path, "w") as out:
+            json.dump(timings, out)
     print(json.dumps(totals), flush=True)
     return 0
 
