@@ -803,6 +803,63 @@ def _finish_flags(reservation: Reservation) -> int:
     return (1 if reservation.retry else 0) + (2 if reservation.half_open_trial else 0)
 
 
+# The platform's health probe (``vendors.services.endpoint_probe_health``, Celery beat every
+# 30 s) feeds the same circuit as requests do. A failed probe counts as a failure: enough of
+# them in a row open the circuit (an open one restarts its cooldown), so an endpoint that
+# died while nobody called it is skipped before a customer's request finds out. A healthy
+# probe closes an open circuit once its cooldown is over, standing in for the trial request,
+# unless a trial is in flight (its outcome decides); it leaves a closed circuit's failure
+# count alone (a model can answer the probe and still fail real requests).
+_PROBE = """
+local live, trial = KEYS[1], KEYS[2]
+local ok, now, threshold, cooldown = ARGV[1] == '1', tonumber(ARGV[2]), tonumber(ARGV[3]),
+  tonumber(ARGV[4])
+local state = redis.call('HMGET', live, 'f', 'cb')
+local opened = state[2] and tonumber(state[2])
+if ok then
+  if opened and now - opened >= cooldown and redis.call('EXISTS', trial) == 0 then
+    redis.call('HDEL', live, 'f', 'cb')
+    redis.call('ZADD', 'sy:live:touched', now, ARGV[5])
+    return 'closed'
+  end
+  return opened and 'open' or 'closed'
+end
+local fails = tonumber(state[1] or '0') + 1
+if opened or fails >= threshold then
+  redis.call('HSET', live, 'f', fails, 'cb', now)
+  redis.call('ZADD', 'sy:live:touched', now, ARGV[5])
+  return 'open'
+end
+redis.call('HSET', live, 'f', fails)
+return 'closed'
+"""
+
+
+def record_health_probe(
+    client: Any,
+    endpoint_id: int,
+    *,
+    ok: bool,
+    threshold: int,
+    cooldown: float,
+    now: float | None = None,
+) -> str:
+    """Feed one health probe's outcome to the endpoint's circuit (see ``_PROBE``) with a
+    synchronous Redis client; returns the circuit's state after it, ``open`` or ``closed``."""
+    state = client.eval(
+        _PROBE,
+        2,
+        live_key(endpoint_id),
+        trial_key(endpoint_id),
+        "1" if ok else "0",
+        repr(time.time() if now is None else now),
+        threshold,
+        cooldown,
+        endpoint_id,
+    )
+    return state.decode() if isinstance(state, bytes) else str(state)
+
+
 def _failed_flag(vendor_failed: bool | None) -> int:
     if vendor_failed is None:
         return -1

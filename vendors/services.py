@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from datetime import timedelta
 
 import orjson
+from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import IntegrityError, connection, transaction
 from django.db.models import (
@@ -284,7 +285,9 @@ def endpoint_probe_health(*, endpoint: Endpoint) -> HealthCheck:
 
     The latest outcome is also written to Redis (``vendors.probes.health_key``) as JSON
     ``{ok, status, latency_ms, checked_at}`` (``checked_at`` in Unix seconds) with a
-    ten-minute TTL, so gateway replicas can half-open a circuit without the database.
+    ten-minute TTL, and fed to the endpoint's circuit breaker, which every gateway replica
+    reads (``routing.live.record_health_probe``: failures open it, a healthy probe after the
+    cooldown closes it).
     """
     outcome = probe_health(endpoint)
     check = HealthCheck.objects.create(
@@ -300,7 +303,17 @@ def endpoint_probe_health(*, endpoint: Endpoint) -> HealthCheck:
         "latency_ms": check.latency_ms,
         "checked_at": check.checked_at.timestamp(),
     }
-    sync_client().set(health_key(endpoint.pk), json.dumps(payload), ex=HEALTH_KEY_TTL_SECONDS)
+    client = sync_client()
+    client.set(health_key(endpoint.pk), json.dumps(payload), ex=HEALTH_KEY_TTL_SECONDS)
+    from routing.live import record_health_probe  # routing imports vendors, not the reverse
+
+    record_health_probe(
+        client,
+        endpoint.pk,
+        ok=check.ok,
+        threshold=settings.GATEWAY_CIRCUIT_FAILURES,
+        cooldown=settings.GATEWAY_CIRCUIT_COOLDOWN_SECONDS,
+    )
     return check
 
 

@@ -10,7 +10,9 @@ from billing.models import UsageRecord
 from marketplace.models import ApiKey
 from tests import factories
 from tests.conftest import ingest_all
+from tests.support.cluster import wait_until
 from tests.support.upstream import FaultUpstream
+from vendors.services import endpoint_probe_health
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -89,6 +91,45 @@ def test_it_opens_the_circuit_of_a_failing_vendor(
     # `threshold` consecutive failures opened the circuit; later requests skip that vendor.
     assert upstream.stats()["total"] == threshold
     assert second_upstream.stats()["total"] == threshold + 3
+
+
+def test_an_endpoint_the_health_probes_find_down_is_skipped_until_a_probe_finds_it_up(
+    gateway_server, upstream, second_upstream, two_vendors, settings
+):
+    cheap, dear = two_vendors
+    failures = settings.GATEWAY_CIRCUIT_FAILURES
+    upstream.script(["status:503"] * failures)
+    for _ in range(failures):  # what Celery beat's health_probe_all does every 30 s
+        assert endpoint_probe_health(endpoint=cheap).ok is False
+    customer = factories.customer()
+    body = {"model": "tag:sql", "messages": MESSAGES}
+    with gateway_server.client(customer.key) as client:
+        skipped = client.post("/v1/chat/completions", json=body)
+        trace = client.get("/v1/generation", params={"id": skipped.headers["x-request-id"]}).json()[
+            "data"
+        ]
+        # Up again: a healthy probe past the cooldown closes the circuit (no trial request).
+        settings.GATEWAY_CIRCUIT_COOLDOWN_SECONDS = 0.0
+        assert endpoint_probe_health(endpoint=cheap).ok is True
+        # (each replica's copy of the circuit follows within a refresh, 250 ms)
+        assert wait_until(
+            lambda: (
+                client.post("/v1/chat/completions", json=body).headers["x-switchyard-endpoint"]
+                == cheap.full_slug
+            ),
+            timeout=10,
+        )
+
+    # No customer request met the dead endpoint: only the probes called it (either the
+    # router's copy already had the circuit open, or the reserve script refused the slot).
+    assert skipped.headers["x-switchyard-endpoint"] == dear.full_slug
+    assert skipped.headers["x-switchyard-attempts"] == "1"
+    assert all(
+        a["outcome"] == "skipped:circuit_open"
+        for a in trace["attempts"]
+        if a["endpoint"] == cheap.full_slug
+    )
+    assert upstream.stats()["total"] == failures + 2  # the probes, and the request served
 
 
 def test_it_answers_503_when_every_vendor_is_at_capacity(gateway_server, upstream):

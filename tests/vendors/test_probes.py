@@ -12,9 +12,11 @@ from django.utils import timezone
 from marketplace.celery import app as celery_app
 from marketplace.devenv import free_port
 from marketplace.redis_client import sync_client
+from routing.live import CIRCUIT, FAILURES, TOUCHED, record_health_probe, trial_key
 from tests import factories
 from vendors import selectors, tasks
 from vendors.models import HealthCheck
+from vendors.pricing import live_key
 from vendors.probes import (
     HEALTH_KEY_TTL_SECONDS,
     VendorCallError,
@@ -214,3 +216,61 @@ def test_it_reports_a_timeout_as_unreachable(upstream):
         pytest.raises(VendorUnreachableError, match="within the time limit"),
     ):
         client.call("GET", "models")
+
+
+# --- the probes feed the circuit breaker the gateway reads ----------------------------------
+
+
+def _circuit(endpoint_id: int) -> tuple[str | None, str | None]:
+    failures, opened = sync_client().hmget(live_key(endpoint_id), FAILURES, CIRCUIT)
+    return (
+        failures.decode() if failures else None,
+        "open" if opened else None,
+    )
+
+
+def test_failed_probes_open_the_circuit_after_the_failure_threshold(upstream, settings):
+    settings.GATEWAY_CIRCUIT_FAILURES = 3
+    endpoint = factories.endpoint(base_url=upstream.base_url)
+    upstream.script(["status:500", "status:500", "status:500"])
+
+    seen = []
+    for _ in range(3):
+        endpoint_probe_health(endpoint=endpoint)
+        seen.append(_circuit(endpoint.pk))
+
+    assert seen == [("1", None), ("2", None), ("3", "open")]
+    assert sync_client().zscore(TOUCHED, endpoint.pk) is not None  # replicas re-read it
+
+
+def test_a_healthy_probe_closes_an_open_circuit_only_after_its_cooldown(upstream, settings):
+    settings.GATEWAY_CIRCUIT_FAILURES = 1
+    settings.GATEWAY_CIRCUIT_COOLDOWN_SECONDS = 3600.0
+    endpoint = factories.endpoint(base_url=upstream.base_url)
+    upstream.script(["status:503"])
+    endpoint_probe_health(endpoint=endpoint)
+    assert _circuit(endpoint.pk) == ("1", "open")
+
+    endpoint_probe_health(endpoint=endpoint)  # healthy, but within the cooldown
+    assert _circuit(endpoint.pk) == ("1", "open")
+
+    settings.GATEWAY_CIRCUIT_COOLDOWN_SECONDS = 0.0
+    sync_client().set(trial_key(endpoint.pk), "a-customer-trial", ex=30)
+    endpoint_probe_health(endpoint=endpoint)  # a trial request is in flight: it decides
+    assert _circuit(endpoint.pk) == ("1", "open")
+
+    sync_client().delete(trial_key(endpoint.pk))
+    endpoint_probe_health(endpoint=endpoint)
+    assert _circuit(endpoint.pk) == (None, None)
+
+
+def test_a_healthy_probe_leaves_the_failures_of_real_requests_counted(upstream, settings):
+    settings.GATEWAY_CIRCUIT_FAILURES = 5
+    endpoint = factories.endpoint(base_url=upstream.base_url)
+    sync_client().hset(live_key(endpoint.pk), FAILURES, 4)  # four failed requests in a row
+
+    assert (
+        record_health_probe(sync_client(), endpoint.pk, ok=True, threshold=5, cooldown=30.0)
+        == "closed"
+    )
+    assert _circuit(endpoint.pk) == ("4", None)
