@@ -3,10 +3,13 @@ running gateway, against real fault-injecting upstreams."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from billing.ledger import organization_balance
 from billing.models import UsageRecord
+from billing.money import request_cost
 from marketplace.models import ApiKey
 from tests import factories
 from tests.conftest import ingest_all
@@ -36,27 +39,77 @@ def two_vendors(upstream, second_upstream):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize(
-    "fault", ["status:500", "status:503", "reset", "malformed-json", "status:401"]
+    ("fault", "outcome"),
+    [
+        ("status:500", "http_error"),
+        ("status:503", "http_error"),
+        ("reset", "connect_error"),
+        ("malformed-json", "invalid"),
+        ("status:401", "http_error"),
+        ("ttfb-hang", "timeout"),  # no first byte within GATEWAY_FIRST_BYTE_TIMEOUT
+    ],
 )
 def test_it_falls_back_to_the_next_vendor(
-    gateway_server, upstream, second_upstream, two_vendors, fault
+    gateway_server, upstream, second_upstream, two_vendors, fault, outcome, settings
 ):
-    _cheap, dear = two_vendors
+    cheap, dear = two_vendors
+    settings.GATEWAY_FIRST_BYTE_TIMEOUT = 0.5
     customer = factories.customer()
+    before = organization_balance(customer.organization)
     upstream.script([fault])
     with gateway_server.client(customer.key) as client:
         response = client.post(
             "/v1/chat/completions", json={"model": "tag:sql", "messages": MESSAGES}
         )
+        trace = client.get(
+            "/v1/generation", params={"id": response.headers["x-request-id"]}
+        ).json()["data"]
     assert response.status_code == 200, response.text
     assert response.headers["x-switchyard-endpoint"] == dear.full_slug
     assert response.headers["x-switchyard-attempts"] == "2"
     assert upstream.stats()["total"] == 1 and second_upstream.stats()["total"] == 1
+    assert [(a["endpoint"], a["outcome"]) for a in trace["attempts"]] == [
+        (cheap.full_slug, outcome),
+        (dear.full_slug, "success"),
+    ]
 
     ingest_all()
     record = UsageRecord.objects.get(request_id=response.json()["id"])
-    # Charged once, at the quote of the vendor that answered.
-    assert record.endpoint_id == dear.pk and record.attempts == 2
+    # Charged once, at the quote of the vendor that answered, for the tokens it reported.
+    quote = dict(part.split("=") for part in response.headers["x-switchyard-price"].split(";"))
+    usage = response.json()["usage"]
+    expected = request_cost(
+        usage["prompt_tokens"],
+        usage["completion_tokens"],
+        int(quote["input"]),
+        int(quote["output"]),
+    )
+    assert (record.endpoint_id, record.attempts, record.cost) == (dear.pk, 2, expected)
+    assert organization_balance(customer.organization) == before - expected
+
+
+def test_it_falls_back_past_a_vendor_nothing_listens_at(gateway_server, upstream):
+    with socket.socket() as placeholder:  # a port that was free, and is closed again
+        placeholder.bind(("127.0.0.1", 0))
+        closed = placeholder.getsockname()[1]
+    gone = factories.endpoint(
+        base_url=f"http://127.0.0.1:{closed}", tags=("sql",), price_output_usd="1"
+    )
+    alive = factories.endpoint(base_url=upstream.base_url, tags=("sql",), price_output_usd="3")
+    customer = factories.customer()
+    with gateway_server.client(customer.key) as client:
+        response = client.post(
+            "/v1/chat/completions", json={"model": "tag:sql", "messages": MESSAGES}
+        )
+        trace = client.get(
+            "/v1/generation", params={"id": response.headers["x-request-id"]}
+        ).json()["data"]
+    assert response.status_code == 200, response.text
+    assert response.headers["x-switchyard-endpoint"] == alive.full_slug
+    assert [(a["endpoint"], a["outcome"]) for a in trace["attempts"]] == [
+        (gone.full_slug, "connect_error"),
+        (alive.full_slug, "success"),
+    ]
 
 
 def test_it_respects_retry_after_on_429(gateway_server, upstream, second_upstream, two_vendors):
