@@ -645,6 +645,27 @@ def test_a_session_sticks_to_its_endpoint_until_it_fails(
     assert after.headers["x-switchyard-endpoint"] == cheap.full_slug  # and stick there now
 
 
+def test_the_user_field_keys_a_session_and_max_price_breaks_it(
+    gateway_server, upstream, second_upstream, two_vendors
+):
+    cheap, dear = two_vendors
+    customer = factories.customer()
+    chat = {"model": "tag:sql", "messages": MESSAGES, "user": "end-user-7"}
+    with gateway_server.client(customer.key) as client:
+        started = client.post(
+            "/v1/chat/completions", json={**chat, "provider": {"ignore": [cheap.vendor.slug]}}
+        )
+        stuck = client.post("/v1/chat/completions", json=chat)
+        # The dear endpoint ($3 a million output tokens) is over this request's max_price:
+        # the session does not drag the request past the customer's ceiling.
+        capped = client.post(
+            "/v1/chat/completions", json={**chat, "provider": {"max_price": {"completion": 2}}}
+        )
+    assert started.headers["x-switchyard-endpoint"] == dear.full_slug
+    assert stuck.headers["x-switchyard-endpoint"] == dear.full_slug  # keyed by `user`
+    assert capped.headers["x-switchyard-endpoint"] == cheap.full_slug
+
+
 def test_an_organisation_stops_at_its_monthly_budget_with_402(gateway_server, upstream):
     from marketplace.models import Organization
 
