@@ -93,8 +93,10 @@ def api_key_data_policy_update(
     privacy_policy: str,
     cache_ttl: int | None,
     cache_similarity: int | None,
+    log_content: bool = False,
 ) -> ApiKey:
-    """Override the organisation's settings for one key ("" / None: inherit)."""
+    """Override the organisation's settings for one key ("" / None: inherit), and whether
+    its route traces keep prompts and completions (``log_content``, off by default)."""
     _require(actor, api_key.organization, "members.manage")
     if privacy_policy:
         _check(privacy_policy, cache_ttl, cache_similarity)
@@ -104,7 +106,8 @@ def api_key_data_policy_update(
     locked.privacy_policy = privacy_policy
     locked.cache_ttl = cache_ttl
     locked.cache_similarity = cache_similarity
-    locked.save(update_fields=["privacy_policy", "cache_ttl", "cache_similarity"])
+    locked.log_content = log_content
+    locked.save(update_fields=["privacy_policy", "cache_ttl", "cache_similarity", "log_content"])
     audit_record(
         actor=actor,
         action="api_key.data_policy_update",
@@ -114,6 +117,7 @@ def api_key_data_policy_update(
             "privacy_policy": privacy_policy,
             "cache_ttl": cache_ttl,
             "cache_similarity": cache_similarity,
+            "log_content": log_content,
         },
     )
     _forget_keys(ApiKey.objects.filter(pk=locked.pk))

@@ -150,6 +150,10 @@ class ApiKey(models.Model):
     cache_similarity = models.PositiveSmallIntegerField(
         null=True, blank=True, validators=[MinValueValidator(500), MaxValueValidator(1000)]
     )
+    # Opt-in: keep the prompt and the completion in this key's route traces (never by default).
+    log_content = models.BooleanField(
+        default=False, help_text="Store prompts and completions in the route traces."
+    )
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     created_by = models.ForeignKey(

@@ -488,6 +488,13 @@ class KeyDataPolicyForm(forms.Form):
         decimal_places=3,
         help_text="Empty: as the organisation.",
     )
+    log_content = forms.BooleanField(
+        label="Keep prompts and completions in this key's route traces",
+        required=False,
+        help_text="Off by default: traces record how a request was routed, never what it "
+        "said. On: the prompt (as sent to the vendor, after redaction) and the completion are "
+        "kept with each trace, up to 32,768 characters each, for as long as traces are kept.",
+    )
 
     @classmethod
     def for_key(cls, key: ApiKey) -> KeyDataPolicyForm:
@@ -497,6 +504,7 @@ class KeyDataPolicyForm(forms.Form):
                 "privacy_policy": key.privacy_policy,
                 "cache_ttl": key.cache_ttl,
                 "cache_similarity": Decimal(similarity) / 1000 if similarity is not None else None,
+                "log_content": key.log_content,
             }
         )
 
@@ -507,6 +515,7 @@ class KeyDataPolicyForm(forms.Form):
             "privacy_policy": data.get("privacy_policy") or "",
             "cache_ttl": data.get("cache_ttl"),
             "cache_similarity": int(similarity * 1000) if similarity is not None else None,
+            "log_content": bool(data.get("log_content")),
         }
 
 

@@ -49,6 +49,7 @@ class KeyInfo:
     trusted_regions: frozenset[str] | None = None  # trusted_only: the allowed regions
     # The organisation's routing policy, parsed once: merged under each request's provider.
     provider_default: ProviderPolicy | None = None
+    log_content: bool = False  # opted in: prompts and completions go into the route traces
 
     def allows(self, scope: str) -> bool:
         """A key without scopes may use every API."""
@@ -87,6 +88,7 @@ def _query_key(key_hash: str) -> KeyInfo | None:
             "organization__cache_similarity",
             "organization__trusted_regions",
             "organization__routing_defaults",
+            "log_content",
         )
         .first()
     )
@@ -120,6 +122,7 @@ def _query_key(key_hash: str) -> KeyInfo | None:
             if row["organization__trusted_regions"]
             else None
         ),
+        log_content=row["log_content"],
         provider_default=_provider_default(
             row["organization_id"], row["organization__routing_defaults"]
         ),

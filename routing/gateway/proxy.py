@@ -131,6 +131,8 @@ class Served:
     # sees a complete answer that was not charged (a crash in between loses the answer).
     final: Callable[[], Awaitable[None]] | None = None
     ttfb_ms: int | None = None
+    # The completion's text, kept only for a key that opted in to storing content.
+    completion: list[str] | None = None
 
     def charge(self) -> int:
         """The charge at the quoted price, never more than the hold the customer agreed to."""
@@ -534,6 +536,8 @@ class Proxy:
         }
         if job.tool is not None:
             trace["tool"] = job.tool
+        if job.key.log_content:
+            trace["content"] = _content_trace(job, served)
         job.trace = trace
         return trace
 
@@ -757,6 +761,8 @@ class Proxy:
         attempt.outcome = "success"
         attempt.latency_ms = int((time.monotonic() - t0) * 1000)
         attempts.append(attempt)
+        if job.key.log_content and job.kind == "chat":
+            served.completion = [_message_text(items)]  # as the vendor wrote it
         if job.redaction is not None and job.kind == "chat" and job.privacy is not None:
             job.privacy["restored"] = restore_answer(body, job.redaction)
         served.prompt_tokens, served.completion_tokens = prompt_tokens, completion_tokens
@@ -800,6 +806,7 @@ class Proxy:
         received = 0
         restorer = job.redaction.stream() if job.redaction is not None else None
         last_chunk: dict[str, Any] | None = None
+        completion = served.completion = [] if job.key.log_content else None
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):
                 while True:
@@ -823,6 +830,9 @@ class Proxy:
                         if isinstance(chunk.get("usage"), dict) and not chunk.get("choices"):
                             usage_chunk = chunk
                             continue
+                    if completion is not None:  # opted in: keep the text as the vendor wrote it
+                        chunk = chunk or orjson.loads(data)
+                        completion.append(_delta_text(chunk))
                     if restorer is not None:
                         chunk = chunk or orjson.loads(data)
                         data, last_chunk = _restore_chunk(chunk, restorer), chunk
@@ -993,6 +1003,43 @@ def _restore_chunk(chunk: dict[str, Any], restorer: StreamRestorer) -> bytes:
         if isinstance(delta, dict) and isinstance(delta.get("content"), str):
             delta["content"] = restorer.feed(delta["content"])
     return orjson.dumps(chunk)
+
+
+#: Characters of a prompt or completion kept in a trace (a key opted in to content).
+CONTENT_LIMIT = 32_768
+
+
+def _message_text(choices: Any) -> str:
+    """The first choice's message text of a chat answer ("" when it has none)."""
+    try:
+        content = choices[0]["message"]["content"]
+    except (IndexError, KeyError, TypeError):
+        return ""
+    return content if isinstance(content, str) else ""
+
+
+def _delta_text(chunk: Any) -> str:
+    """The first choice's text delta of a stream chunk ("" when it has none)."""
+    try:
+        content = chunk["choices"][0]["delta"].get("content")
+    except (IndexError, KeyError, TypeError, AttributeError):
+        return ""
+    return content if isinstance(content, str) else ""
+
+
+def _clipped(text: str) -> dict[str, Any]:
+    return {"text": text[:CONTENT_LIMIT], "truncated": len(text) > CONTENT_LIMIT}
+
+
+def _content_trace(job: Job, served: Served | None) -> dict[str, Any]:
+    """What a key that opted in keeps: the prompt as sent to the vendor (after the privacy
+    guard's redaction) and the completion as the vendor wrote it, each clipped."""
+    prompt = job.body.get("messages", job.body.get("input"))
+    completion = "".join(served.completion) if served and served.completion else ""
+    return {
+        "prompt": _clipped(orjson.dumps(prompt).decode()),
+        "completion": _clipped(completion) if served is not None else None,
+    }
 
 
 def _refusal(verdict: Verdict, job: Job, hold: int, retry_after: int) -> GatewayError | None:

@@ -10,7 +10,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from billing.models import UsageRecord
-from marketplace.models import AuditLogEntry, Membership, Organization
+from marketplace.models import ApiKey, AuditLogEntry, Membership, Organization
 from marketplace.services import console_organization_create
 from tests import factories
 
@@ -109,7 +109,6 @@ def test_the_usage_page_counts_cache_hits_savings_and_redactions(owner):
 
 
 def test_an_owner_overrides_the_settings_of_one_key(owner):
-    from marketplace.models import ApiKey
     from marketplace.services import api_key_create
 
     key = api_key_create(organization=owner.org, name="batch").api_key
@@ -125,6 +124,25 @@ def test_an_owner_overrides_the_settings_of_one_key(owner):
     assert (key.privacy_policy, key.cache_ttl, key.cache_similarity) == ("trusted_only", None, None)
     listing = owner.get(reverse("console:keys", args=[owner.org.slug])).content.decode()
     assert "privacy: send prompts with personal data only to trusted endpoints" in listing
+
+
+def test_an_owner_opts_a_key_in_to_keeping_prompts_and_completions(owner):
+    from marketplace.services import api_key_create
+
+    key = api_key_create(organization=owner.org, name="debugging").api_key
+    url = reverse("console:key-data-policy", args=[owner.org.slug, key.pk])
+    assert "Keep prompts and completions in this key" in owner.get(url).content.decode()
+    assert ApiKey.objects.get(pk=key.pk).log_content is False  # off unless asked
+
+    response = owner.post(url, {"privacy_policy": "", "log_content": "on"})
+
+    assert response.status_code == 302 and ApiKey.objects.get(pk=key.pk).log_content is True
+    entry = AuditLogEntry.objects.filter(action="api_key.data_policy_update").latest("pk")
+    assert entry.details["log_content"] is True
+    listing = owner.get(reverse("console:keys", args=[owner.org.slug])).content.decode()
+    assert "keeps prompts and completions in its traces" in listing
+    owner.post(url, {"privacy_policy": ""})  # an unticked box turns it off again
+    assert ApiKey.objects.get(pk=key.pk).log_content is False
 
 
 def test_a_developer_cannot_override_a_key(client):  # type: ignore[no-untyped-def]
