@@ -52,8 +52,18 @@ COOLDOWN = "cd"  # epoch seconds until which a 429 asked us to wait
 LATENCY = "l"  # EWMA latency in ms
 REQUESTS = "r"  # requests served (exploration counts)
 OUTCOMES = "ok"  # EWMA of success (1) / vendor failure (0)
+THROUGHPUT = "t"  # EWMA of completion tokens per second of a served request (``:nitro``)
 # What the router reads, in ``EndpointNumbers`` order.
-NUMBER_FIELDS = (INFLIGHT, UTILISATION, CIRCUIT, COOLDOWN, LATENCY, REQUESTS, OUTCOMES)
+NUMBER_FIELDS = (
+    INFLIGHT,
+    UTILISATION,
+    CIRCUIT,
+    COOLDOWN,
+    LATENCY,
+    REQUESTS,
+    OUTCOMES,
+    THROUGHPUT,
+)
 # zset endpoint -> epoch seconds of the last change to its hash: every script that writes
 # one touches it, so a refresh reads only the endpoints that changed. Its members are also
 # every endpoint that has live numbers (the sweep and a full read go through them).
@@ -268,15 +278,16 @@ _FINISH = """
 -- ``flags``: 1 if the reservation was a retry (its lease is in sy:rb:retry), + 2 if it was
 -- a half-open circuit's trial (its lease may be the trial key's value); otherwise neither
 -- can hold the lease, and the two commands are skipped. ``latency`` < 0: not measured;
--- ``served`` = 1 counts a request served (settle).
+-- ``served`` = 1 counts a request served (settle), whose ``completion`` tokens over its
+-- latency make the throughput average.
 local function finish(slots, trial, lease, held, ep, capacity, now, unexpired, alpha, failed,
-                      threshold, flags, latency, lat_alpha, served)
+                      threshold, flags, latency, lat_alpha, served, completion)
   redis.call('ZREM', 'sy:holds', held)
   redis.call('ZREM', slots, lease)
   if flags % 2 == 1 then redis.call('ZREM', 'sy:rb:retry', lease) end
   local n = redis.call('ZCOUNT', slots, unexpired, '+inf')
   local live = 'sy:ep:' .. ep
-  local state = redis.call('HMGET', live, 'u', 'ok', 'l', 'f', 'r')
+  local state = redis.call('HMGET', live, 'u', 'ok', 'l', 'f', 'r', 't')
   local u = tonumber(state[1] or '0')
   local fields = {'n', n, 'u', u + alpha * (n / capacity - u)}
   local was_trial = flags >= 2 and redis.call('GET', trial) == lease
@@ -303,6 +314,11 @@ local function finish(slots, trial, lease, held, ep, capacity, now, unexpired, a
   end
   if served == 1 then
     fields[#fields + 1], fields[#fields + 2] = 'r', tonumber(state[5] or '0') + 1
+    if latency > 0 and completion > 0 then
+      local tps = completion * 1000 / latency
+      local t = tonumber(state[6] or tps)
+      fields[#fields + 1], fields[#fields + 2] = 't', t + lat_alpha * (tps - t)
+    end
   end
   redis.call('HSET', live, unpack(fields))
   redis.call('ZADD', 'sy:live:touched', now, ep)
@@ -321,7 +337,7 @@ redis.call('INCRBY', credit, hold)
 if keyspend ~= '' then redis.call('DECRBY', keyspend, hold) end
 if orgspend ~= '' then redis.call('DECRBY', orgspend, hold) end
 finish(slots, trial, lease, held, ep, capacity, now, '(' .. ARGV[3], alpha, failed, threshold,
-       flags, -1, 0, 0)
+       flags, -1, 0, 0, 0)
 if retry_until > now then redis.call('HSET', 'sy:ep:' .. ep, 'cd', retry_until) end
 return 1
 """
@@ -360,7 +376,7 @@ if tonumber(refund) ~= 0 then
   if orgspend ~= '' then redis.call('DECRBY', orgspend, refund) end
 end
 finish(slots, trial, lease, held, ep, capacity, now, '(' .. ARGV[3], alpha, failed, threshold,
-       flags, latency, lat_alpha, 1)
+       flags, latency, lat_alpha, 1, tonumber(ARGV[19]))
 if event ~= '' then redis.call('XADD', stream, '*', 'e', event) end
 if trace_json ~= '' then store_trace(trace, traces, trace_json, trace_ttl, ARGV[18]) end
 return 1
@@ -685,6 +701,7 @@ class LiveState:
         request_id: str,
         trace: dict[str, Any] | None,
         tokens: int = 0,
+        completion_tokens: int = 0,
         affinity_key: str | None = None,
     ) -> Awaitable[Any]:
         """``settle``, written to Redis before this returns (on the gateway's pipelined
@@ -724,6 +741,7 @@ class LiveState:
                 reservation.held,
                 _finish_flags(reservation),
                 self.config.trace_stream_maxlen,
+                completion_tokens,
             ],
         )
 
@@ -880,6 +898,7 @@ class EndpointNumbers(NamedTuple):
     latency_ms: float | None = None
     requests: int = 0
     success_ratio: float | None = None
+    throughput_tps: float | None = None
 
 
 def read_numbers(ids: list[bytes], rows: list[list[bytes | None]]) -> dict[int, EndpointNumbers]:
@@ -897,14 +916,14 @@ def read_numbers(ids: list[bytes], rows: list[list[bytes | None]]) -> dict[int, 
     keys, flat = _parse_all_at_once(ids, rows) or _parse_one_by_one(ids, rows)
     numbers = {}
     values = iter(flat)
-    rows_of_seven = zip(*[values] * len(NUMBER_FIELDS), strict=False)  # lengths checked
-    for ep, (n, u, cb, cd, lat, r, ok) in zip(keys, rows_of_seven, strict=True):
+    grouped = zip(*[values] * len(NUMBER_FIELDS), strict=False)  # lengths checked
+    for ep, (n, u, cb, cd, lat, r, ok, t) in zip(keys, grouped, strict=True):
         if ep is None or (
             n is None and u is None and cb is None and cd is None and lat is None and r is None
         ):
             continue  # not an endpoint id, or nothing but a success ratio
         numbers[ep] = EndpointNumbers(  # positionally: the fields in their order
-            int(n or 0), u or 0.0, cb, cd or 0.0, lat, int(r or 0), ok
+            int(n or 0), u or 0.0, cb, cd or 0.0, lat, int(r or 0), ok, t
         )
     return numbers
 

@@ -344,6 +344,7 @@ class GatewayApp:
                 circuit=circuit,
                 half_open_trial=trial,
                 latency_ms=n.latency_ms,
+                throughput_tps=n.throughput_tps,
                 requests=n.requests,
                 success_ratio=n.success_ratio,
             )

@@ -596,6 +596,7 @@ class Proxy:
                 request_id=job.request_id,
                 trace=self._trace(job, attempts, served, served.outcome),
                 tokens=served.prompt_tokens + served.completion_tokens if delivered else 0,
+                completion_tokens=served.completion_tokens if delivered else 0,
                 affinity_key=job.affinity_key,
             )
         except aioredis.RedisError:

@@ -135,6 +135,30 @@ def test_settling_charges_the_cost_and_emits_event_and_trace_together():
     assert sync_client().hget(live_key(10), live_mod.INFLIGHT) == b"0"
 
 
+def test_settling_averages_the_completion_tokens_per_second_for_nitro():
+    sync_client().set(credit_key(1), 10**9)
+
+    async def scenario(state: LiveState) -> None:
+        for latency_ms, completion in ((500, 50), (250, 50), (100, 0)):  # 100, 200, unmeasured
+            reserved = await _reserve(state, hold=400)
+            await state.settle(
+                reserved.reservation,
+                cost=10,
+                vendor_failed=False,
+                latency_ms=latency_ms,
+                event=None,
+                request_id=f"gen-tps-{latency_ms}",
+                trace=None,
+                completion_tokens=completion,
+            )
+
+    _run(scenario)
+    numbers = live_mod.read_numbers_now(sync_client(), [10])[10]
+    # 100 tokens/s, then an EWMA step towards 200; a request without completion tokens
+    # (embeddings) leaves it alone.
+    assert numbers.throughput_tps == pytest.approx(100 + live_mod.LATENCY_ALPHA * 100)
+
+
 def test_releasing_gives_the_whole_hold_back():
     sync_client().set(credit_key(1), 1000)
 
