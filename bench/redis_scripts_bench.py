@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 request_id=f"req-{n}",
                 trace=trace,
                 tokens=40,
+                completion_tokens=20,
             )
 
         async def worker(count: int) -> None:
