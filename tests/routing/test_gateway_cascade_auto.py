@@ -187,8 +187,15 @@ def test_auto_routes_a_clear_prompt_to_the_right_specialist(gateway_server, upst
             },
         )
         trace = client.get("/v1/generation", params={"id": clear.json()["id"]}).json()["data"]
+        vague_trace = client.get("/v1/generation", params={"id": vague.json()["id"]}).json()["data"]
 
     assert clear.headers["x-switchyard-endpoint"] == sql.full_slug
     assert trace["routing"]["auto"]["tag"] == "sql"
     assert trace["routing"]["auto"]["confidence"] > 0.5
+    assert trace["routing"]["auto"]["fallback_used"] is False
     assert vague.headers["x-switchyard-endpoint"] == general.full_slug
+    # The ambiguous prompt's trace says why: a confidence under the threshold, so the
+    # general tag, not the nearest specialist.
+    unsure = vague_trace["routing"]["auto"]
+    assert unsure["fallback_used"] is True and unsure["tag"] == "general"
+    assert unsure["confidence"] < unsure["threshold"] < trace["routing"]["auto"]["confidence"]

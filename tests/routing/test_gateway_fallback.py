@@ -4,6 +4,7 @@ running gateway, against real fault-injecting upstreams."""
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
@@ -11,10 +12,12 @@ from billing.ledger import organization_balance
 from billing.models import UsageRecord
 from billing.money import request_cost
 from marketplace.models import ApiKey
+from marketplace.redis_client import sync_client
 from tests import factories
 from tests.conftest import ingest_all
 from tests.support.cluster import wait_until
 from tests.support.upstream import FaultUpstream
+from vendors.pricing import live_key
 from vendors.services import endpoint_probe_health
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -144,6 +147,41 @@ def test_it_opens_the_circuit_of_a_failing_vendor(
     # `threshold` consecutive failures opened the circuit; later requests skip that vendor.
     assert upstream.stats()["total"] == threshold
     assert second_upstream.stats()["total"] == threshold + 3
+
+
+def test_an_open_circuit_half_opens_after_its_cooldown_and_a_good_trial_closes_it(
+    gateway_server, upstream, second_upstream, two_vendors
+):
+    from django.conf import settings
+
+    cheap, dear = two_vendors
+    threshold = settings.GATEWAY_CIRCUIT_FAILURES
+    customer = factories.customer()
+    body = {"model": "tag:sql", "messages": MESSAGES}
+    upstream.script(["status:500"] * threshold)
+    with gateway_server.client(customer.key) as client:
+        opened = [client.post("/v1/chat/completions", json=body) for _ in range(threshold + 1)]
+        calls_while_open = upstream.stats()["total"]
+        # The cooldown passes (the circuit's opened-at moved back past it, and the endpoint
+        # marked changed so every replica's copy re-reads it): the next request is the trial.
+        cooled = time.time() - settings.GATEWAY_CIRCUIT_COOLDOWN_SECONDS - 1
+        sync_client().hset(live_key(cheap.pk), "cb", repr(cooled))
+        sync_client().zadd("sy:live:touched", {str(cheap.pk): time.time()})
+
+        def served_by_cheap() -> bool:
+            answer = client.post("/v1/chat/completions", json=body)
+            return bool(answer.headers["x-switchyard-endpoint"] == cheap.full_slug)
+
+        trial = wait_until(served_by_cheap, timeout=10)
+        after = client.post("/v1/chat/completions", json=body)
+
+    assert [r.headers["x-switchyard-endpoint"] for r in opened] == [dear.full_slug] * (
+        threshold + 1
+    )
+    assert calls_while_open == threshold  # the last request skipped the open circuit
+    assert trial  # the half-open circuit let one request through, and it succeeded...
+    assert after.headers["x-switchyard-endpoint"] == cheap.full_slug  # ...closing it
+    assert sync_client().hget(live_key(cheap.pk), "cb") is None
 
 
 def test_an_endpoint_the_health_probes_find_down_is_skipped_until_a_probe_finds_it_up(
