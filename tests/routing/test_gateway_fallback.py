@@ -467,6 +467,27 @@ def test_it_routes_embeddings_and_charges_input_tokens(gateway_server, upstream)
     assert UsageRecord.objects.get(organization=customer.organization).completion_tokens == 0
 
 
+def test_embeddings_fall_back_like_chat(gateway_server, upstream, second_upstream):
+    first, second = (
+        factories.endpoint(
+            base_url=server.base_url,
+            kind="embeddings",
+            tags=("embed",),
+            price_input_usd=price,
+            price_output_usd="0",
+        )
+        for server, price in ((upstream, "0.5"), (second_upstream, "0.9"))
+    )
+    customer = factories.customer()
+    upstream.script(["status:503"])
+    with gateway_server.client(customer.key) as client:
+        response = client.post("/v1/embeddings", json={"model": "tag:embed", "input": "a b"})
+    assert response.status_code == 200, response.text
+    assert response.headers["x-switchyard-endpoint"] == second.full_slug
+    assert response.headers["x-switchyard-attempts"] == "2"
+    assert upstream.stats()["total"] == 1 and first.full_slug != second.full_slug
+
+
 @pytest.mark.parametrize(
     "body",
     [

@@ -178,6 +178,15 @@ def test_it_fans_health_probes_out_over_approved_endpoints(upstream, celery_eage
     assert tasks.health_probe_endpoint(10**9) is None  # deleted since: nothing to do
 
 
+def test_celery_beat_runs_the_health_probes_every_30_seconds(settings):
+    entries = [
+        e
+        for e in settings.CELERY_BEAT_SCHEDULE.values()
+        if e["task"] == tasks.health_probe_all.name
+    ]
+    assert [e["schedule"] for e in entries] == [30.0]
+
+
 def test_it_caps_the_size_of_an_answer(upstream):
     # given an upstream answering with a 2 MB body
     upstream.script(["oversize:2000000"])
