@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import time
+from typing import Any
 
 import pytest
 
@@ -643,11 +644,12 @@ def test_load_raises_the_quote_and_moves_price_sorted_traffic_away(
     upstream.set_delay(3000)
     threads = []
     slow_body = {"model": surging.full_slug, "messages": MESSAGES}  # (no ORM in the threads)
+    slow_answers: list[Any] = []
     for _ in range(3):
 
         def slow() -> None:
             with gateway_server.client(customer.key) as c:
-                c.post("/v1/chat/completions", json=slow_body)
+                slow_answers.append(c.post("/v1/chat/completions", json=slow_body))
 
         threads.append(threading.Thread(target=slow))
         threads[-1].start()
@@ -680,6 +682,42 @@ def test_load_raises_the_quote_and_moves_price_sorted_traffic_away(
     assert quotes[surging.full_slug]["input"] > 1_500_000_000
     # At the surged quote the cheap vendor is over this max_price; the steady one always was.
     assert capped.status_code == 503 and "over_max_price" in capped.json()["error"]["message"]
+    # More requests while it is busy keep going to the steady vendor (not a one-off).
+    with gateway_server.client(customer.key) as client:
+        upstream.set_delay(3000)
+
+        def hold_a_slot() -> None:
+            with gateway_server.client(customer.key) as c:
+                c.post("/v1/chat/completions", json=slow_body)
+
+        holders = [threading.Thread(target=hold_a_slot) for _ in range(3)]
+        for holder in holders:
+            holder.start()
+        assert any(upstream.stats()["in_flight"] == 3 or time.sleep(0.02) for _ in range(200))
+        time.sleep(0.6)  # a few refreshes of the live numbers
+        during = [
+            client.post("/v1/chat/completions", json=by_price).headers["x-switchyard-endpoint"]
+            for _ in range(5)
+        ]
+        for holder in holders:
+            holder.join()
+    assert during == [steady.full_slug] * 5
+    # Each request was charged at the quote it was given when it was routed (its
+    # x-switchyard-price), whatever the load did afterwards.
+    ingest_all()
+    assert len(slow_answers) == 3
+    for answer in slow_answers:
+        assert answer.status_code == 200, answer.text
+        quote = dict(part.split("=") for part in answer.headers["x-switchyard-price"].split(";"))
+        record = UsageRecord.objects.get(request_id=answer.json()["id"])
+        assert (record.price_input, record.price_output) == (
+            int(quote["input"]),
+            int(quote["output"]),
+        )
+        assert record.cost == request_cost(
+            record.prompt_tokens, record.completion_tokens, record.price_input, record.price_output
+        )
+    assert len({r.price_input for r in UsageRecord.objects.filter(endpoint=surging)}) > 1
 
 
 def test_it_limits_tokens_per_minute_per_key(gateway_server, upstream):
