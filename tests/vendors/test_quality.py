@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
+from django.urls import reverse
 from django.utils import timezone
 
 from marketplace import invalidation
@@ -506,3 +507,43 @@ def test_it_probes_a_real_small_model_with_the_shipped_general_set(smollm2):
     assert len(results) == len(load_golden_set("general"))
     assert all(r.error == "" for r in results), [r.error for r in results]
     assert _scores(endpoint)["general"].probe_n == len(results)
+
+
+def test_the_three_sources_blend_into_one_score_that_routing_and_the_catalog_show(
+    upstream, echo_golden, client
+):
+    # given an endpoint with evidence from all three sources for one tag
+    org = factories.organization(credit_usd=None)
+    endpoint = factories.endpoint(base_url=upstream.base_url, tags=("echo-good",))
+    endpoint_probe_quality(endpoint=endpoint)  # 3 of 3 golden items pass
+    for n, rating in enumerate((0.0, 0.5, 0.25)):  # customers are less impressed
+        feedback_record(
+            organization=org,
+            request_id=f"req-blend-{n}",
+            endpoint=endpoint,
+            tags=["echo-good"],
+            score=rating,
+        )
+    quality_observe(endpoint.pk, "echo-good", 40, 50)  # 80 % of served requests succeeded
+
+    # then the stored score is the shrunk, weighted blend of the three, not any one of them
+    row = _scores(endpoint)["echo-good"]
+    assert (row.probe_n, row.feedback_n, row.total_n) == (3, 3, 50)
+    blended = blended_score(
+        Evidence(
+            probe_pass=3.0, probe_n=3, feedback_sum=0.75, feedback_n=3, success_n=40, total_n=50
+        )
+    )
+    assert row.score == pytest.approx(blended)
+    singles = [
+        blended_score(Evidence(probe_pass=3.0, probe_n=3)),
+        blended_score(Evidence(feedback_sum=0.75, feedback_n=3)),
+        blended_score(Evidence(success_n=40, total_n=50)),
+    ]
+    assert all(abs(row.score - single) > 0.01 for single in singles)
+    # and it is what the routing snapshot and the public catalog read
+    assert selectors.quality_map([endpoint.pk])[endpoint.pk]["echo-good"] == pytest.approx(blended)
+    overall = _scores(endpoint)[OVERALL]  # the catalog lists the overall blend
+    assert (overall.probe_n, overall.feedback_n, overall.total_n) == (3, 3, 50)
+    page = client.get(reverse("catalog")).content.decode()
+    assert endpoint.full_slug in page and f"{overall.score:.2f}" in page
