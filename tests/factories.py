@@ -9,7 +9,7 @@ from django.contrib.auth import get_user_model
 
 from billing.money import usd_to_nanos
 from billing.services import credit_grant
-from marketplace.models import Organization
+from marketplace.models import Membership, Organization
 from marketplace.services import api_key_create, organization_create
 from vendors.models import Endpoint, Vendor
 from vendors.services import endpoint_approve, endpoint_create, vendor_approve, vendor_create
@@ -29,6 +29,13 @@ def organization(*, credit_usd: str | None = "10", name: str | None = None) -> O
     if credit_usd:
         credit_grant(organization=org, amount=usd_to_nanos(credit_usd), reason="test credit")
     return org
+
+
+def owner(organization: Organization):  # type: ignore[no-untyped-def]
+    """A new user who owns ``organization`` (the role the settings services ask for)."""
+    member = user()
+    Membership.objects.create(organization=organization, user=member, role=Membership.Role.OWNER)
+    return member
 
 
 @dataclass

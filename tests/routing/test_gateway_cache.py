@@ -14,7 +14,6 @@ from django.core.management import call_command
 from billing.ledger import organization_balance
 from billing.models import UsageRecord
 from marketplace.data_policy import organization_data_policy_update
-from marketplace.models import Membership
 from tests import factories
 from tests.conftest import ingest_all
 
@@ -178,10 +177,7 @@ def test_it_replays_a_cached_answer_as_a_stream(gateway_server, upstream):
 def test_it_reuses_an_answer_for_a_paraphrase_above_the_threshold(gateway_server, upstream):
     endpoint = factories.endpoint(base_url=upstream.base_url)
     customer = factories.customer()
-    owner = factories.user()
-    Membership.objects.create(
-        organization=customer.organization, user=owner, role=Membership.Role.OWNER
-    )
+    owner = factories.owner(customer.organization)
     organization_data_policy_update(
         actor=owner,
         organization=customer.organization,

@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from marketplace.data_policy import api_key_data_policy_update, organization_data_policy_update
-from marketplace.models import ApiKey, Membership
+from marketplace.models import ApiKey
 from routing.traces import stored_trace
 from tests import factories
 from tests.conftest import ingest_traces
@@ -17,10 +17,7 @@ PROMPT = "tell me about the weather in lisbon"
 
 
 def _opt_in(customer, *, privacy: str = "") -> None:  # type: ignore[no-untyped-def]
-    owner = factories.user()
-    Membership.objects.create(
-        organization=customer.organization, user=owner, role=Membership.Role.OWNER
-    )
+    owner = factories.owner(customer.organization)
     if privacy:
         organization_data_policy_update(
             actor=owner,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from marketplace.data_policy import organization_routing_defaults_update
-from marketplace.models import Membership
 from tests import factories
 from tests.support.cluster import wait_until
 from tests.support.upstream import FaultUpstream
@@ -22,10 +21,7 @@ def market(upstream):  # type: ignore[no-untyped-def]
         cheap = factories.endpoint(base_url=upstream.base_url, tags=("sql",), price_output_usd="1")
         dear = factories.endpoint(base_url=other.base_url, tags=("sql",), price_output_usd="3")
         customer = factories.customer()
-        owner = factories.user()
-        Membership.objects.create(
-            organization=customer.organization, user=owner, role=Membership.Role.OWNER
-        )
+        owner = factories.owner(customer.organization)
         yield cheap, dear, customer, owner
 
 

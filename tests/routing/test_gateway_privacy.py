@@ -21,10 +21,7 @@ PROMPT = f"Repeat after me: {EMAIL} {PHONE} card {CARD}"
 
 
 def _guarded(customer, policy: str, regions: str = "") -> None:  # type: ignore[no-untyped-def]
-    owner = factories.user()
-    Membership.objects.create(
-        organization=customer.organization, user=owner, role=Membership.Role.OWNER
-    )
+    owner = factories.owner(customer.organization)
     organization_data_policy_update(
         actor=owner,
         organization=customer.organization,
