@@ -176,6 +176,10 @@ class ApiKeyOutputSerializer(serializers.Serializer):  # type: ignore[type-arg]
     revoked_at = serializers.DateTimeField(allow_null=True)
     created_at = serializers.DateTimeField()
     active = serializers.BooleanField(source="is_active")
+    log_content = serializers.BooleanField(
+        help_text="Whether the key's route traces keep prompts and completions (owners and "
+        "admins set it in the console)"
+    )
 
 
 class ApiKeyListApi(APIView):

@@ -15,6 +15,7 @@ from rest_framework.test import APIClient
 from billing.money import usd_to_nanos
 from billing.services import credit_deduct, credit_grant
 from billing.usage import EPOCH, record_events
+from marketplace.data_policy import api_key_data_policy_update
 from marketplace.models import ApiKey, AuditLogEntry, Membership
 from marketplace.services import api_key_create, console_api_key_create, console_organization_create
 from tests import factories
@@ -91,6 +92,20 @@ def test_it_creates_a_key_shown_once_that_then_authenticates(org_owner):
     assert listed.status_code == 200
     assert [k["prefix"] for k in listed.json()] == [body["prefix"]]
     assert "key" not in listed.json()[0] and body["key"] not in listed.content.decode()
+
+    # Whether a key keeps prompts and completions in its traces is listed (off unless an
+    # owner or admin opted it in).
+    assert body["log_content"] is False
+    api_key_data_policy_update(
+        actor=user,
+        api_key=ApiKey.objects.get(prefix=body["prefix"]),
+        privacy_policy="",
+        cache_ttl=None,
+        cache_similarity=None,
+        log_content=True,
+    )
+    relisted = _bearer(body["key"]).get(f"/api/v1/organizations/{org.slug}/keys/")
+    assert relisted.json()[0]["log_content"] is True
 
 
 def test_it_refuses_bad_key_input_with_field_errors(org_owner):
