@@ -93,10 +93,11 @@ def api_key_data_policy_update(
     privacy_policy: str,
     cache_ttl: int | None,
     cache_similarity: int | None,
-    log_content: bool = False,
+    log_content: bool | None = None,
 ) -> ApiKey:
     """Override the organisation's settings for one key ("" / None: inherit), and whether
-    its route traces keep prompts and completions (``log_content``, off by default)."""
+    its route traces keep prompts and completions (``log_content``; None leaves it as it
+    is, so a caller that only changes the privacy settings never turns it off)."""
     _require(actor, api_key.organization, "members.manage")
     if privacy_policy:
         _check(privacy_policy, cache_ttl, cache_similarity)
@@ -106,7 +107,8 @@ def api_key_data_policy_update(
     locked.privacy_policy = privacy_policy
     locked.cache_ttl = cache_ttl
     locked.cache_similarity = cache_similarity
-    locked.log_content = log_content
+    if log_content is not None:
+        locked.log_content = log_content
     locked.save(update_fields=["privacy_policy", "cache_ttl", "cache_similarity", "log_content"])
     audit_record(
         actor=actor,
@@ -117,7 +119,7 @@ def api_key_data_policy_update(
             "privacy_policy": privacy_policy,
             "cache_ttl": cache_ttl,
             "cache_similarity": cache_similarity,
-            "log_content": log_content,
+            "log_content": locked.log_content,
         },
     )
     _forget_keys(ApiKey.objects.filter(pk=locked.pk))

@@ -10,6 +10,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from billing.models import UsageRecord
+from marketplace.data_policy import api_key_data_policy_update
 from marketplace.models import ApiKey, AuditLogEntry, Membership, Organization
 from marketplace.services import console_organization_create
 from tests import factories
@@ -141,7 +142,16 @@ def test_an_owner_opts_a_key_in_to_keeping_prompts_and_completions(owner):
     assert entry.details["log_content"] is True
     listing = owner.get(reverse("console:keys", args=[owner.org.slug])).content.decode()
     assert "keeps prompts and completions in its traces" in listing
-    owner.post(url, {"privacy_policy": ""})  # an unticked box turns it off again
+    # A caller that changes only the privacy settings leaves it on...
+    api_key_data_policy_update(
+        actor=owner.user,
+        api_key=ApiKey.objects.get(pk=key.pk),
+        privacy_policy="redact",
+        cache_ttl=None,
+        cache_similarity=None,
+    )
+    assert ApiKey.objects.get(pk=key.pk).log_content is True
+    owner.post(url, {"privacy_policy": ""})  # ...an unticked box turns it off again
     assert ApiKey.objects.get(pk=key.pk).log_content is False
 
 
