@@ -9,8 +9,14 @@ parser uvicorn uses), a body buffer with one waiter, and an idle list per origin
 What it does and does not do:
 
 * Connections are kept alive per (scheme, host, port) and reused newest first; one idle
-  longer than ``keepalive`` seconds, closed by the peer, or released before its response was
-  read to the end is closed, never reused.
+  longer than ``keepalive`` seconds or closed by the peer is closed, never reused. A
+  response released once it has arrived whole gives its connection back, read to the end or
+  not; one released before that is closed, unless the caller saw the body's logical end
+  (``end_seen``: an SSE stream's ``[DONE]``): then the connection waits in the background,
+  up to ``drain_seconds`` and ``DRAIN_LIMIT`` bytes, for the answer's last bytes (a chunked
+  body's closing chunk, which servers write after the last event) and is reused after them.
+  Without that, no streamed answer's connection was ever reused: every stream paid a new
+  connection (and, to an HTTPS vendor, a TLS handshake).
 * Host names are resolved through the pool's resolver, in the gateway
   ``routing.gateway.upstream.GuardedResolver`` (every address checked by the SSRF guard;
   the connection goes to a checked address). IP literals are checked by the caller
@@ -41,6 +47,10 @@ import httptools
 # Pause reading a connection once this much of its body waits unread (a slow client of a
 # stream); resume below half of it.
 HIGH_WATER = 256 * 1024
+# What a connection waiting for the rest of an answer whose end the caller saw may still
+# receive (discarded) before it is closed instead: a closing chunk and blank lines, not
+# more events.
+DRAIN_LIMIT = 4096
 
 
 class UpstreamError(Exception):
@@ -83,11 +93,24 @@ def _header_block(headers: dict[str, str]) -> bytes:
 class Response:
     """One response: status and headers at once, the body read as it arrives."""
 
-    __slots__ = ("_buffer", "_conn", "_done", "_eof", "_error", "_waiter", "headers", "status")
+    __slots__ = (
+        "_buffer",
+        "_conn",
+        "_done",
+        "_eof",
+        "_error",
+        "_waiter",
+        "end_seen",
+        "headers",
+        "status",
+    )
 
     def __init__(self, conn: _Connection) -> None:
         self.status = 0
         self.headers: dict[str, str] = {}
+        # Set by the caller once it read the body's logical end (an SSE stream's [DONE]):
+        # what may follow is framing, so release() lets the connection wait for it.
+        self.end_seen = False
         self._conn: _Connection | None = conn
         self._buffer = bytearray()
         self._eof = False
@@ -161,10 +184,20 @@ class Response:
             await self._wait()
 
     def release(self) -> None:
-        """Give the connection back (kept alive only after a completely read answer)."""
+        """Give the connection back: kept alive if the answer arrived whole (what the caller
+        left unread is dropped), or once it has if the caller saw its end; else closed."""
         conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.done(reusable=self._eof and not self._buffer and self._error is None)
+        if conn is None:
+            return
+        self._buffer.clear()
+        if self._error is not None:
+            conn.done(reusable=False)
+        elif self._eof:
+            conn.done(reusable=True)
+        elif self.end_seen:
+            conn.drain()
+        else:
+            conn.done(reusable=False)
 
 
 class _Connection(asyncio.Protocol):
@@ -181,6 +214,7 @@ class _Connection(asyncio.Protocol):
         self.received = False
         self.idle_since = 0.0
         self.paused = False
+        self.draining: asyncio.TimerHandle | None = None  # waiting for an answer's last bytes
 
     # --- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -199,6 +233,11 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool._forget(self)
+        if self.draining is not None:
+            self.draining.cancel()
+            self.draining = None
+            self.pool._draining.discard(self)
+            self.response = None
         if self.response is not None or self.headers_ready is not None:
             response = self.response
             if response is not None and not response._eof and self.until_close:
@@ -233,11 +272,20 @@ class _Connection(asyncio.Protocol):
             ready.set_result(None)
 
     def on_body(self, body: bytes) -> None:
-        if self.response is not None:
-            self.response._feed(body)
+        response = self.response
+        if response is None:
+            return
+        if self.draining is not None:
+            response._buffer += body  # dropped; counted against DRAIN_LIMIT
+            if len(response._buffer) > DRAIN_LIMIT:
+                self._drained(reusable=False)
+            return
+        response._feed(body)
 
     def on_message_complete(self) -> None:
-        if self.response is not None:
+        if self.draining is not None:
+            self._drained(reusable=True)
+        elif self.response is not None:
             self.response._finish()
 
     # --- used by the pool and the response --------------------------------------------------
@@ -260,6 +308,26 @@ class _Connection(asyncio.Protocol):
         if self.paused and self.transport is not None and not self.closed:
             self.paused = False
             self.transport.resume_reading()
+
+    def drain(self) -> None:
+        """Wait (no task: the parser's callbacks and one timer) for the last bytes of an
+        answer whose caller has finished with it, then go back to the pool; closed if they
+        do not come within ``drain_seconds`` or exceed ``DRAIN_LIMIT``."""
+        if self.closed or not self.keep_alive or self.transport is None:
+            self.done(reusable=False)
+            return
+        self.resume()
+        self.pool._draining.add(self)
+        self.draining = asyncio.get_running_loop().call_later(
+            self.pool.drain_seconds, self._drained, False
+        )
+
+    def _drained(self, reusable: bool) -> None:
+        timer, self.draining = self.draining, None
+        if timer is not None:
+            timer.cancel()
+        self.pool._draining.discard(self)
+        self.done(reusable=reusable)
 
     def done(self, *, reusable: bool) -> None:
         self.response = None
@@ -295,10 +363,13 @@ class H1Pool:
         connect_timeout: float,
         keepalive: float = 30.0,
         max_idle_per_origin: int = 256,
+        drain_seconds: float = 1.0,
         resolver: Any,
     ) -> None:
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive
+        self.drain_seconds = drain_seconds
+        self._draining: set[_Connection] = set()
         self.max_idle = max_idle_per_origin
         self.resolver = resolver  # async resolve(host, port, family) -> [{"host": ...}]
         self._idle_by_origin: dict[tuple[str, str, int], deque[_Connection]] = {}
@@ -396,6 +467,8 @@ class H1Pool:
         return response
 
     async def close(self) -> None:
+        for conn in list(self._draining):
+            conn._drained(reusable=False)
         for idle in self._idle_by_origin.values():
             while idle:
                 conn = idle.pop()

@@ -822,6 +822,9 @@ class Proxy:
                         continue  # blank separators, comments, event names
                     data = line[5:].strip()
                     if data == b"[DONE]":
+                        # What may follow is the chunked body's closing chunk: the connection
+                        # waits for it and is reused (h1's drain), not closed.
+                        response.end_seen = True
                         break
                     chunk = None
                     # Upstreams send "usage":null on every chunk once usage is asked for: parse

@@ -101,6 +101,27 @@ def test_it_streams_chunks_and_ends_with_usage_and_cost(gateway_server, upstream
     assert record.stream and record.cost == final["usage"]["cost_nanos"]
 
 
+def test_streams_and_answers_reuse_one_connection_to_the_vendor(gateway_server, upstream):
+    # A vendor writes a stream's closing chunk after its last event ([DONE]): the gateway
+    # waits for it and keeps the connection, instead of opening one (and, over HTTPS,
+    # shaking hands) per streamed request.
+    endpoint = factories.endpoint(base_url=upstream.base_url)
+    customer = factories.customer()
+    upstream.reset()
+    with gateway_server.client(customer.key) as client:
+        for stream in (True, True, False, True, False):
+            response = client.post(
+                "/v1/chat/completions",
+                json={**CHAT, "model": endpoint.full_slug, "stream": stream},
+            )
+            assert response.status_code == 200, response.text
+            if stream:
+                assert _sse_events(response.text)[-1] == "[DONE]"
+    stats = upstream.stats()
+    assert stats["by_path"]["/v1/chat/completions"] == 5
+    assert stats["connections"] == 1
+
+
 def test_it_hides_the_usage_chunk_when_the_client_did_not_ask(gateway_server, upstream):
     endpoint = factories.endpoint(base_url=upstream.base_url)
     customer = factories.customer()

@@ -96,7 +96,32 @@ def test_it_keeps_a_connection_alive_and_sends_a_well_formed_request():
     run(scenario())
 
 
-def test_a_response_not_read_to_the_end_closes_its_connection():
+def test_a_response_released_before_it_arrived_whole_closes_its_connection():
+    async def scenario() -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                await read_request(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123")
+                await writer.drain()
+                await asyncio.sleep(0.2)
+                writer.write(b"456789")
+                await writer.drain()
+
+        client = pool()
+        async with Server(handler) as server:
+            response = await client.post(server.url(), b"{}", {})
+            assert await response.read(4) == b"0123"
+            response.release()  # six bytes still to come: this connection cannot be reused
+            response = await client.post(server.url(), b"{}", {})
+            assert await response.read(100) == b"0123456789"
+            response.release()
+            await client.close()
+        assert server.connections == 2
+
+    run(scenario())
+
+
+def test_a_response_that_arrived_whole_keeps_its_connection_even_if_read_in_part():
     async def scenario() -> None:
         async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             while True:
@@ -108,11 +133,106 @@ def test_a_response_not_read_to_the_end_closes_its_connection():
         async with Server(handler) as server:
             response = await client.post(server.url(), b"{}", {})
             assert await response.read(4) == b"0123"
-            response.release()  # six bytes unread: this connection cannot carry another answer
+            await asyncio.sleep(0.1)  # the rest is in the buffer: the answer is complete
+            response.release()
             response = await client.post(server.url(), b"{}", {})
-            assert await response.read(100) == b"0123456789"
+            assert await response.read(100) == b"0123456789"  # nothing of the first is left
             response.release()
             await client.close()
+        assert server.connections == 1
+
+    run(scenario())
+
+
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+SSE_EVENTS = b'data: {"a":1}\n\ndata: [DONE]\n\n'
+SSE_BODY = b"%x\r\n%s\r\n" % (len(SSE_EVENTS), SSE_EVENTS)
+
+
+async def _read_events(response: object) -> list[bytes]:
+    lines = []
+    while True:
+        line = await response.readline()  # type: ignore[attr-defined]
+        assert line, "the stream ended without [DONE]"
+        if line.startswith(b"data: [DONE]"):
+            response.end_seen = True  # type: ignore[attr-defined]
+            return lines
+        if line.strip():
+            lines.append(line.strip())
+
+
+def test_a_stream_whose_closing_chunk_comes_after_its_last_event_keeps_its_connection():
+    # Servers write an SSE stream's events, then (a write later) the chunked body's closing
+    # chunk: the client has read [DONE] and released the answer before that chunk arrives.
+    async def scenario() -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                await read_request(reader)
+                writer.write(SSE_HEAD + SSE_BODY)
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+
+        client = pool()
+        async with Server(handler) as server:
+            for _ in range(3):
+                response = await client.post(server.url(), b"{}", {})
+                assert await _read_events(response) == [b'data: {"a":1}']
+                response.release()  # the closing chunk is 50 ms away: the connection waits
+                await asyncio.sleep(0.15)
+            await client.close()
+        assert server.connections == 1
+
+    run(scenario())
+
+
+def test_a_stream_whose_closing_chunk_never_comes_is_closed_after_the_drain_time():
+    async def scenario() -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                await read_request(reader)
+                writer.write(SSE_HEAD + SSE_BODY)  # ...and never the closing chunk
+                await writer.drain()
+
+        client = H1Pool(connect_timeout=2, drain_seconds=0.1, resolver=GuardedResolver())
+        async with Server(handler) as server:
+            response = await client.post(server.url(), b"{}", {})
+            assert await _read_events(response) == [b'data: {"a":1}']
+            response.release()
+            await asyncio.sleep(0.3)
+            response = await client.post(server.url(), b"{}", {})
+            assert await _read_events(response) == [b'data: {"a":1}']
+            response.release()
+            await client.close()
+        assert server.connections == 2
+
+    run(scenario())
+
+
+def test_a_vendor_that_keeps_sending_after_the_end_loses_the_connection():
+    async def scenario() -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                await read_request(reader)
+                writer.write(SSE_HEAD + SSE_BODY)
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                more = b"data: " + b"x" * 8000 + b"\n\n"
+                writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(more), more))
+                await writer.drain()
+
+        client = pool()
+        async with Server(handler) as server:
+            for _ in range(2):
+                response = await client.post(server.url(), b"{}", {})
+                assert await _read_events(response) == [b'data: {"a":1}']
+                response.release()
+                await asyncio.sleep(0.2)
+            await client.close()
+        # More than DRAIN_LIMIT after [DONE]: not framing, so not worth keeping.
         assert server.connections == 2
 
     run(scenario())

@@ -314,6 +314,8 @@ class UpstreamState:
     max_in_flight: int = 0
     client_disconnects: int = 0
     auth_failures: int = 0
+    # Client (address, port) pairs requests came from: one per TCP connection a client opened.
+    peers: set[Any] = field(default_factory=set)
     script: deque[_ScriptEntry] = field(default_factory=deque)
     recorded: deque[dict[str, Any]] = field(default_factory=deque)
     seq: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -332,6 +334,7 @@ class UpstreamState:
         self.max_in_flight = self.in_flight
         self.client_disconnects = 0
         self.auth_failures = 0
+        self.peers.clear()
         self.script.clear()
         self.recorded.clear()
         self.delay_ms = self.initial_delay_ms
@@ -347,6 +350,7 @@ class UpstreamState:
             "max_in_flight": self.max_in_flight,
             "client_disconnects": self.client_disconnects,
             "auth_failures": self.auth_failures,
+            "connections": len(self.peers),
             "script_remaining": len(self.script),
             "delay_ms": self.delay_ms,
             "logprob_mean": self.logprob_mean,
@@ -677,6 +681,8 @@ class _App:
         path = request.path
         request_no = next(state.seq)
         state.total += 1
+        if request.transport is not None:
+            state.peers.add(request.transport.get_extra_info("peername"))
         state.by_path[path] = state.by_path.get(path, 0) + 1
         state.in_flight += 1
         if state.in_flight > state.max_in_flight:
