@@ -29,8 +29,13 @@ from rest_framework.views import APIView
 
 from marketplace import selectors
 from marketplace.console.forms import KEY_SCOPES
-from marketplace.data_policy import organization_routing_defaults_update
-from marketplace.models import ApiKey, Membership, Organization
+from marketplace.data_policy import (
+    MAX_CACHE_TTL,
+    api_key_data_policy_update,
+    organization_data_policy_update,
+    organization_routing_defaults_update,
+)
+from marketplace.models import ApiKey, Membership, Organization, PrivacyPolicy
 from marketplace.services import (
     PermissionDeniedError,
     ServiceError,
@@ -178,7 +183,7 @@ class ApiKeyOutputSerializer(serializers.Serializer):  # type: ignore[type-arg]
     active = serializers.BooleanField(source="is_active")
     log_content = serializers.BooleanField(
         help_text="Whether the key's route traces keep prompts and completions (owners and "
-        "admins set it in the console)"
+        "admins set it: `PUT .../keys/{id}/data-policy/`)"
     )
 
 
@@ -310,6 +315,174 @@ class RoutingPolicyApi(APIView):
         except ServiceError as exc:
             raise service_error(exc) from exc
         return Response({"provider": organization.routing_defaults})
+
+
+# --- data policy: privacy guard and response cache ----------------------------------------------
+
+CACHE_TTL_HELP = "Seconds a cached answer of a deterministic request is reused (at most 30 days)"
+CACHE_SIMILARITY_HELP = (
+    "Semantic cache: the cosine similarity x 1000 (500 to 1000; 920 = 0.92) at which a "
+    "differently worded prompt reuses an answer"
+)
+
+
+class OrganizationDataPolicySerializer(serializers.Serializer):  # type: ignore[type-arg]
+    class Meta:
+        ref_name = "OrganizationDataPolicy"
+
+    privacy_policy = serializers.ChoiceField(
+        choices=PrivacyPolicy.choices,
+        help_text="What to do with a prompt that contains personal data (docs/api.md)",
+    )
+    cache_ttl = serializers.IntegerField(
+        min_value=0, max_value=MAX_CACHE_TTL, help_text=f"{CACHE_TTL_HELP}; 0: only on request"
+    )
+    cache_similarity = serializers.IntegerField(
+        min_value=500,
+        max_value=1000,
+        allow_null=True,
+        help_text=f"{CACHE_SIMILARITY_HELP}; null: exact repeats only",
+    )
+    trusted_regions = serializers.CharField(
+        max_length=200,
+        allow_blank=True,
+        help_text="With `trusted_only`: the regions prompts with personal data may also go "
+        'to, comma-separated (`"eu,us-east"`; answered lower-case, sorted, unique); "": any',
+    )
+
+
+class KeyDataPolicySerializer(serializers.Serializer):  # type: ignore[type-arg]
+    class Meta:
+        ref_name = "KeyDataPolicy"
+
+    privacy_policy = serializers.ChoiceField(
+        choices=PrivacyPolicy.choices,
+        allow_blank=True,
+        help_text="The key's own privacy policy; \"\": the organisation's",
+    )
+    cache_ttl = serializers.IntegerField(
+        min_value=0,
+        max_value=MAX_CACHE_TTL,
+        allow_null=True,
+        help_text=f"{CACHE_TTL_HELP}; 0: only on request; null: the organisation's",
+    )
+    cache_similarity = serializers.IntegerField(
+        min_value=500,
+        max_value=1000,
+        allow_null=True,
+        help_text=f"{CACHE_SIMILARITY_HELP}; null: the organisation's",
+    )
+    log_content = serializers.BooleanField(
+        help_text="Whether the key's route traces keep prompts and completions"
+    )
+
+
+class KeyDataPolicyInputSerializer(KeyDataPolicySerializer):
+    class Meta:
+        ref_name = "KeyDataPolicyUpdate"
+
+    log_content = serializers.BooleanField(
+        required=False,
+        help_text="Whether the key's route traces keep prompts and completions; omitted: "
+        "left as it is",
+    )
+
+
+def _organization_data_policy(organization: Organization) -> dict[str, Any]:
+    return {
+        "privacy_policy": organization.privacy_policy,
+        "cache_ttl": organization.cache_ttl,
+        "cache_similarity": organization.cache_similarity,
+        "trusted_regions": organization.trusted_regions,
+    }
+
+
+def _key_data_policy(key: ApiKey) -> dict[str, Any]:
+    return {
+        "privacy_policy": key.privacy_policy,
+        "cache_ttl": key.cache_ttl,
+        "cache_similarity": key.cache_similarity,
+        "log_content": key.log_content,
+    }
+
+
+class OrganizationDataPolicyApi(APIView):
+    @extend_schema(
+        operation_id="organization_data_policy_get",
+        summary="The organisation's privacy policy and response-cache defaults",
+        responses={200: OrganizationDataPolicySerializer, **ERRORS},
+    )
+    def get(self, request: Request, org_slug: str) -> Response:
+        access = organization_access(request, org_slug, "org.view")
+        return Response(_organization_data_policy(access.organization))
+
+    @extend_schema(
+        operation_id="organization_data_policy_set",
+        summary="Set the organisation's privacy policy and cache defaults (owners and admins)",
+        request=OrganizationDataPolicySerializer,
+        responses={200: OrganizationDataPolicySerializer, **INPUT_ERRORS},
+    )
+    def put(self, request: Request, org_slug: str) -> Response:
+        access = organization_access(request, org_slug, "members.manage")
+        actor = access.actor_or_403()
+        serializer = OrganizationDataPolicySerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        try:
+            organization = organization_data_policy_update(
+                actor=actor,
+                organization=access.organization,
+                privacy_policy=data["privacy_policy"],
+                cache_ttl=data["cache_ttl"],
+                cache_similarity=data["cache_similarity"],
+                trusted_regions=data["trusted_regions"],
+            )
+        except ServiceError as exc:
+            raise service_error(exc) from exc
+        return Response(_organization_data_policy(organization))
+
+
+class ApiKeyDataPolicyApi(APIView):
+    @extend_schema(
+        operation_id="organization_keys_data_policy_get",
+        summary="One key's overrides of the organisation's privacy and cache settings",
+        responses={200: KeyDataPolicySerializer, **ERRORS},
+    )
+    def get(self, request: Request, org_slug: str, pk: int) -> Response:
+        access = organization_access(request, org_slug, "keys.view")
+        key = selectors.organization_api_key(organization=access.organization, pk=row_id_or_404(pk))
+        if key is None:
+            raise Http404("No such key")
+        return Response(_key_data_policy(key))
+
+    @extend_schema(
+        operation_id="organization_keys_data_policy_set",
+        summary="Set one key's privacy and cache overrides and content logging (owners and "
+        "admins); the gateways reload the key at once",
+        request=KeyDataPolicyInputSerializer,
+        responses={200: KeyDataPolicySerializer, **INPUT_ERRORS},
+    )
+    def put(self, request: Request, org_slug: str, pk: int) -> Response:
+        access = organization_access(request, org_slug, "members.manage")
+        actor = access.actor_or_403()
+        key = selectors.organization_api_key(organization=access.organization, pk=row_id_or_404(pk))
+        if key is None:
+            raise Http404("No such key")
+        serializer = KeyDataPolicyInputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        try:
+            updated = api_key_data_policy_update(
+                actor=actor,
+                api_key=key,
+                privacy_policy=data["privacy_policy"],
+                cache_ttl=data["cache_ttl"],
+                cache_similarity=data["cache_similarity"],
+                log_content=data.get("log_content"),
+            )
+        except ServiceError as exc:
+            raise service_error(exc) from exc
+        return Response(_key_data_policy(updated))
 
 
 # --- usage records -----------------------------------------------------------------------------

@@ -20,6 +20,11 @@ urlpatterns = [
         name="key-revoke",
     ),
     path(
+        "organizations/<slug:org_slug>/keys/<int:pk>/data-policy/",
+        customer_api.ApiKeyDataPolicyApi.as_view(),
+        name="key-data-policy",
+    ),
+    path(
         "organizations/<slug:org_slug>/usage/",
         customer_api.UsageRecordListApi.as_view(),
         name="usage",
@@ -28,6 +33,11 @@ urlpatterns = [
         "organizations/<slug:org_slug>/routing-policy/",
         customer_api.RoutingPolicyApi.as_view(),
         name="routing-policy",
+    ),
+    path(
+        "organizations/<slug:org_slug>/data-policy/",
+        customer_api.OrganizationDataPolicyApi.as_view(),
+        name="data-policy",
     ),
     path(
         "organizations/<slug:org_slug>/balance/",
