@@ -14,6 +14,8 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 NANOS_PER_USD = 1_000_000_000
 NANOS_PER_CENT = 10_000_000
 TOKENS_PER_PRICE_UNIT = 1_000_000  # prices are per million tokens
+# The largest amount PostgreSQL's bigint and Redis's integers hold (about 9.2 billion USD).
+MAX_NANOS = 2**63 - 1
 
 Nanos = int
 
@@ -23,12 +25,23 @@ class MoneyError(ValueError):
 
 
 def usd_to_nanos(amount: str | Decimal | int) -> Nanos:
-    """Parse a US-dollar amount (``"12.50"``) into nanos, refusing sub-nano precision."""
+    """Parse a US-dollar amount (``"12.50"``) into nanos, refusing sub-nano precision and
+    amounts beyond ``MAX_NANOS`` either way.
+
+    The size is checked on the exponent before any integer is made: ``"1e330000"`` is eight
+    bytes, and turning it into an int took seconds of CPU.
+    """
     try:
         value = Decimal(str(amount)) * NANOS_PER_USD
     except InvalidOperation:
         raise MoneyError(f"not an amount: {amount!r}") from None
-    if not value.is_finite() or value != value.to_integral_value():
+    except ArithmeticError:  # decimal.Overflow: beyond what a Decimal holds
+        raise MoneyError(f"{amount!r} is too large an amount") from None
+    if not value.is_finite():
+        raise MoneyError(f"not an amount: {amount!r}")
+    if value and (value.adjusted() > 18 or abs(value) > MAX_NANOS):
+        raise MoneyError(f"{amount!r} is too large an amount")
+    if value != value.to_integral_value():
         raise MoneyError(f"{amount!r} has more precision than one nano-dollar")
     return int(value)
 

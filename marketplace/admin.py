@@ -14,6 +14,10 @@ class OrganizationAdmin(admin.ModelAdmin):
     list_display = ("name", "slug", "billing_mode", "created_at")
     search_fields = ("name", "slug")
     inlines = [MembershipInline]
+    # Set through the console or the API (marketplace.data_policy), which check it with the
+    # gateway's parser, audit it and tell the gateways: an unchecked edit here could store a
+    # policy no request can carry.
+    readonly_fields = ("routing_defaults",)
 
 
 @admin.register(ApiKey)

@@ -142,12 +142,23 @@ def organization_routing_defaults_update(
         provider = {}
     if not isinstance(provider, dict):
         raise ServiceError("the routing policy is a JSON object, like a request's `provider`")
-    if len(orjson.dumps(provider)) > MAX_ROUTING_DEFAULTS_BYTES:
+    try:
+        size = len(orjson.dumps(provider))
+    except TypeError:  # orjson.JSONEncodeError: an integer beyond 64 bits, a lone surrogate
+        raise ServiceError(
+            "the routing policy holds a value JSON cannot carry here (an integer beyond "
+            "64 bits or invalid text)"
+        ) from None
+    if size > MAX_ROUTING_DEFAULTS_BYTES:
         raise ServiceError(f"the routing policy is larger than {MAX_ROUTING_DEFAULTS_BYTES} bytes")
     try:
-        parse_provider(provider, param="provider")
+        parsed = parse_provider(provider, param="provider")
     except BadRequest as exc:
         raise ServiceError(exc.message) from None
+    for name, allowed in (("only", parsed.only), ("region", parsed.regions)):
+        if allowed is not None and not allowed:
+            # Every request of the organisation would be refused: surely not what was meant.
+            raise ServiceError(f"`provider.{name}` is empty: no endpoint could serve a request")
     locked, changes = organization_fields_update(
         actor=actor,
         organization=organization,

@@ -106,6 +106,22 @@ def keyspend_key(key_id: int, period: str) -> str:
     return f"sy:keyspend:{key_id}:{period}"
 
 
+def trace_json(trace: dict[str, Any]) -> bytes:
+    """A route trace as JSON; one that cannot be serialised becomes a note saying so.
+
+    A trace is an explanation; the settlement it travels with is money. A value orjson
+    refuses (an integer beyond 64 bits that some check let through, say) must never stop a
+    settlement, and with it the release of the request's hold and capacity slot.
+    """
+    try:
+        return orjson.dumps(trace)
+    except (TypeError, ValueError) as exc:
+        logger.error("route trace not serialisable (%s); stored without its details", exc)
+        return orjson.dumps(
+            {"error": f"the trace could not be serialised ({exc})", "outcome": trace.get("outcome")}
+        )
+
+
 def trace_key(request_id: str) -> str:
     return f"sy:trace:{request_id}"
 
@@ -734,7 +750,7 @@ class LiveState:
                 -1 if latency_ms is None else latency_ms,
                 LATENCY_ALPHA,
                 orjson.dumps(event).decode() if event else "",
-                orjson.dumps(trace).decode() if trace else "",
+                trace_json(trace).decode() if trace else "",
                 self.config.trace_ttl,
                 tokens,
                 AFFINITY_TTL_SECONDS,
@@ -795,7 +811,7 @@ class LiveState:
         await pipe.execute()
 
     def _put_trace(self, pipe: Any, request_id: str, trace: dict[str, Any]) -> None:
-        text = orjson.dumps(trace)
+        text = trace_json(trace)
         pipe.set(trace_key(request_id), text, ex=self.config.trace_ttl)
         pipe.xadd(
             TRACE_STREAM,

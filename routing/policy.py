@@ -329,7 +329,14 @@ def _names(value: Mapping[str, Any], key: str, param: str) -> list[str] | None:
             )
         if len(name) > MAX_NAME_LENGTH:
             raise BadRequest(f"`{where}[{index}]` is too long", param=where, code="invalid_value")
-    return [name.strip() for name in names]
+        if not name.isprintable():  # control characters, NUL, lone surrogates
+            raise BadRequest(
+                f"`{where}[{index}]` holds a character no name has",
+                param=where,
+                code="invalid_value",
+            )
+    # Slugs are lowercase (slugify): "Acme" names the vendor "acme", not nothing.
+    return [name.strip().lower() for name in names]
 
 
 def _bool(value: Mapping[str, Any], key: str, param: str) -> bool | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import os
 import time
@@ -52,6 +53,8 @@ from routing.privacy import Redaction, StreamRestorer, restore_answer
 from routing.router import Candidate
 from routing.spool import Spool, settlement_record
 from vendors.ssrf import UnsafeURLError
+
+logger = logging.getLogger("switchyard.gateway")
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 VENDOR_AUTH_STATUS = frozenset({401, 403})
@@ -429,7 +432,7 @@ class Proxy:
                 try:
                     await self.run(leg, list(tier.candidates), started)
                 except GatewayError as exc:
-                    if kept is None or started.started or isinstance(exc, Unavailable):
+                    if kept is None or started.started:
                         raise
                     cascade.fell_back(tier, kept.tier, kept.endpoint, exc.code)
                     await self._serve_leg(job, kept, base, cascade, send)
@@ -441,9 +444,7 @@ class Proxy:
             capture = Capture()
             try:
                 await self.run(leg, list(tier.candidates), capture)
-            except Unavailable:
-                raise
-            except (InsufficientCredit, RateLimited) as exc:
+            except (InsufficientCredit, RateLimited, Unavailable) as exc:
                 if kept is None:
                     raise
                 cascade.fell_back(tier, kept.tier, kept.endpoint, exc.code)
@@ -479,10 +480,15 @@ class Proxy:
     ) -> None:
         """Send a judged cascade leg's answer to the client; its trace gets the whole cascade."""
         leg, answer = done.leg, done.answer
-        leg_trace = await self.live.trace(leg.request_id)
-        if leg_trace is not None:
-            leg_trace["routing"] = {**base, "cascade": cascade.to_trace()}
-            await self.live.store_trace(leg.request_id, leg_trace)
+        try:
+            leg_trace = await self.live.trace(leg.request_id)
+            if leg_trace is not None:
+                leg_trace["routing"] = {**base, "cascade": cascade.to_trace()}
+                await self.live.store_trace(leg.request_id, leg_trace)
+        except aioredis.RedisError:
+            # The leg is billed (its settlement is in Redis or the spool): the customer gets
+            # the answer paid for; its trace keeps the cascade as it stood when it settled.
+            logger.warning("cascade trace not rewritten for %s: Redis is away", leg.request_id)
         if not job.body.get("logprobs"):
             strip_logprobs(answer)
         answer["switchyard"]["cascade"] = cascade.to_trace()
@@ -835,8 +841,11 @@ class Proxy:
                             usage_chunk = chunk
                             continue
                     if completion is not None:  # opted in: keep the text as the vendor wrote it
-                        chunk = chunk or orjson.loads(data)
-                        completion.append(_delta_text(chunk))
+                        # A chunk that is not JSON is relayed as it came, as without logging:
+                        # keeping the text must not change the outcome or the charge.
+                        with contextlib.suppress(orjson.JSONDecodeError):
+                            chunk = chunk or orjson.loads(data)
+                            completion.append(_delta_text(chunk))
                     if restorer is not None:
                         chunk = chunk or orjson.loads(data)
                         data, last_chunk = _restore_chunk(chunk, restorer), chunk

@@ -15,9 +15,27 @@ from billing.money import (
 def test_it_parses_dollars_exactly():
     assert usd_to_nanos("12.50") == 12_500_000_000
     assert usd_to_nanos("0.000000001") == 1
+    assert usd_to_nanos("9223372036.854775807") == 2**63 - 1  # the largest amount stored
+    assert usd_to_nanos("1e3") == 1_000_000_000_000
 
 
-@pytest.mark.parametrize("bad", ["0.0000000001", "abc", "NaN", "Infinity"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "0.0000000001",
+        "abc",
+        "NaN",
+        "Infinity",
+        # Beyond PostgreSQL's bigint and Redis's integers, either way...
+        "9223372036.854775808",
+        "-9223372036.854775808",
+        # ...and short strings whose integer would take seconds of CPU to build.
+        "1e330000",
+        "-1e330000",
+        "1e999999999",  # beyond what a Decimal holds (decimal.Overflow)
+        "1e-990000",
+    ],
+)
 def test_it_refuses_amounts_it_cannot_represent(bad):
     with pytest.raises(MoneyError):
         usd_to_nanos(bad)

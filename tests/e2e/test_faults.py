@@ -196,3 +196,58 @@ def test_a_replica_killed_mid_stream_charges_nothing_and_its_slot_and_hold_come_
     finally:
         doomed.stop()
         survivor.stop()
+
+
+def test_a_cascade_whose_state_store_goes_away_serves_the_answer_already_paid_for(
+    tmp_path, upstream
+):
+    # The cheap tier answers unsure while Redis goes away: its settlement waits on disk (it
+    # is billed), and the dearer tier cannot be reserved. The client gets the paid-for
+    # answer, not a 503 saying that nothing was charged.
+    from tests.support.upstream import FaultUpstream
+
+    redis = EmbeddedRedis(tmp_path / "redis", persistent=True).start()
+    spool_dir = tmp_path / "spool"
+    gateway = start_gateway(REDIS_URL=redis.url, SWITCHYARD_SPOOL_DIR=str(spool_dir))
+    try:
+        with FaultUpstream() as strong:
+            weak = factories.endpoint(
+                base_url=upstream.base_url,
+                tags=("qa",),
+                price_input_usd="0.1",
+                price_output_usd="0.1",
+            )
+            factories.endpoint(
+                base_url=strong.base_url, tags=("qa",), price_input_usd="2", price_output_usd="2"
+            )
+            upstream.configure(logprob_mean=-2.0)  # exp(-2) = 0.14: the cheap answer escalates
+            customer = factories.customer(credit_usd="5")
+            body = {
+                "model": "tag:qa",
+                "messages": [{"role": "user", "content": "what is the capital of france"}],
+                "cascade": {"threshold": 0.6},
+            }
+            upstream.script(["delay:1500"])
+            answered = {}
+
+            def cascade_request() -> None:
+                with gateway.client(customer.key) as client:
+                    answered["response"] = client.post("/v1/chat/completions", json=body)
+
+            thread = threading.Thread(target=cascade_request)
+            thread.start()
+            assert wait_until(lambda: upstream.stats()["in_flight"] == 1)
+            redis.stop()  # while the cheap tier's vendor is answering
+            thread.join()
+
+            response = answered["response"]
+            assert response.status_code == 200, response.text
+            assert response.headers["x-switchyard-endpoint"] == weak.full_slug
+            cascade = response.json()["switchyard"]["cascade"]
+            assert cascade["kept_because"] == "state_unavailable"
+            assert [t["decision"] for t in cascade["tiers"]] == ["kept", "failed"]
+            assert strong.stats()["total"] == 0
+            assert list(spool_dir.glob("gateway-*.jsonl"))  # the cheap leg's settlement
+    finally:
+        gateway.stop()
+        redis.stop()

@@ -90,3 +90,25 @@ def test_the_kept_prompt_is_the_redacted_one(gateway_server, upstream):
     assert "jane.doe@example.com" in answer.text  # restored for the client
     kept = orjson.dumps(trace).decode()
     assert "jane.doe@example.com" not in kept and "<EMAIL_1>" in kept
+
+
+@pytest.mark.parametrize("log_content", [False, True])
+def test_keeping_the_completion_does_not_change_what_a_stream_costs(
+    gateway_server, upstream, log_content
+):
+    # A vendor's stream with a line that is not JSON after a good chunk is relayed as it
+    # came either way; parsing every chunk for the trace must not turn it into a break.
+    endpoint = factories.endpoint(base_url=upstream.base_url)
+    customer = factories.customer()
+    if log_content:
+        _opt_in(customer)
+    upstream.script(["invalid-sse"])
+    with gateway_server.client(customer.key) as client:
+        answer = client.post("/v1/chat/completions", json=_body(endpoint.full_slug, stream=True))
+        trace = client.get("/v1/generation", params={"id": answer.headers["x-request-id"]}).json()[
+            "data"
+        ]
+    assert answer.status_code == 200
+    assert "stream_interrupted" not in answer.text
+    assert trace["outcome"] == "success"
+    assert ("content" in trace) is log_content

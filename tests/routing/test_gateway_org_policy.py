@@ -91,3 +91,47 @@ def test_a_request_overrides_the_organisations_sort_and_a_change_reaches_the_gat
     assert refusal["code"] == "no_available_endpoint"
     assert "2 over_max_price" in refusal["message"]
     assert raised.status_code == 200 and raised.headers["x-switchyard-endpoint"] == cheap.full_slug
+
+
+@pytest.mark.parametrize(
+    ("provider", "says"),
+    [
+        ({"max_price": {"prompt": 10**23}}, "integer beyond 64 bits"),
+        ({"max_price": {"prompt": "1e999999999"}}, "too large an amount"),
+        ({"max_price": {"prompt": "100000000000"}}, "too large an amount"),
+        ({"ignore": ["acme\u0000x"]}, "holds a character no name has"),
+        ({"only": []}, "`provider.only` is empty"),
+        ({"region": []}, "`provider.region` is empty"),
+    ],
+)
+def test_a_policy_the_gateway_could_not_use_is_refused_with_a_reason(market, provider, says):
+    from marketplace.models import Organization
+    from marketplace.services import ServiceError
+
+    _cheap, _dear, customer, owner = market
+    with pytest.raises(ServiceError) as refused:
+        _set(customer, owner, provider)
+    assert says in str(refused.value)
+    assert Organization.objects.get(pk=customer.organization.pk).routing_defaults in (None, {})
+
+
+def test_a_huge_max_price_in_a_request_is_a_400_before_any_vendor_is_called(
+    gateway_server, market, upstream
+):
+    from marketplace.redis_client import sync_client
+
+    _cheap, _dear, customer, _owner = market
+    upstream.reset()
+    with gateway_server.client(customer.key) as client:
+        response = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "tag:sql",
+                "messages": MESSAGES,
+                "provider": {"max_price": {"prompt": "100000000000"}},
+            },
+        )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "provider.max_price.prompt"
+    assert upstream.stats()["total"] == 0
+    assert sync_client().zcard("sy:holds") == 0

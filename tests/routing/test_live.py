@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from django.conf import settings
@@ -635,3 +636,15 @@ def test_a_success_closes_a_circuit_opened_without_a_failure_count():
 
     assert _run(scenario, LiveConfig(circuit_cooldown=30)) == (True, Verdict.OK)
     assert sync_client().hget(live_key(10), live_mod.CIRCUIT) is None
+
+
+def test_a_trace_json_cannot_carry_becomes_a_note_not_a_lost_settlement():
+    from routing.live import trace_json
+
+    assert orjson.loads(trace_json({"outcome": "success", "cost_nanos": 5})) == {
+        "outcome": "success",
+        "cost_nanos": 5,
+    }
+    note = orjson.loads(trace_json({"outcome": "success", "policy": {"max": 2**70}}))
+    assert note["outcome"] == "success"
+    assert "could not be serialised" in note["error"]

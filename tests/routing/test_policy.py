@@ -258,6 +258,29 @@ def test_it_defaults_to_a_balanced_policy_with_fallbacks():
             "invalid_type",
         ),
         ({"model": "m", "provider": {"min_quality": True}}, "provider.min_quality", "invalid_type"),
+        # Beyond what a 64-bit amount holds (it broke the trace after the vendor was called),
+        # and exponents whose integer takes seconds to build.
+        (
+            {"model": "m", "provider": {"max_price": {"prompt": "100000000000"}}},
+            "provider.max_price.prompt",
+            "invalid_value",
+        ),
+        (
+            {"model": "m", "provider": {"max_price": {"completion": "1e330000"}}},
+            "provider.max_price.completion",
+            "invalid_value",
+        ),
+        (
+            {"model": "m", "provider": {"max_price": {"prompt": 10**23}}},
+            "provider.max_price.prompt",
+            "invalid_value",
+        ),
+        (
+            {"model": "m", "provider": {"ignore": ["acme\u0000x"]}},
+            "provider.ignore",
+            "invalid_value",
+        ),
+        ({"model": "m", "provider": {"only": ["\ud800"]}}, "provider.only", "invalid_value"),
     ],
 )
 def test_it_refuses_a_bad_policy_naming_the_parameter(body, param, code):
@@ -267,6 +290,16 @@ def test_it_refuses_a_bad_policy_naming_the_parameter(body, param, code):
     assert (caught.value.param, caught.value.code) == (param, code)
     assert caught.value.status == 400
     assert caught.value.message
+
+
+def test_vendor_and_endpoint_names_are_matched_as_the_lowercase_slugs_they_are():
+    provider = parse_provider(
+        {"ignore": ["ACME"], "only": ["Acme/SQL-Coder", " beta "], "order": ["BETA"]},
+        param="provider",
+    )
+    assert provider.ignore == frozenset({"acme"})
+    assert provider.only == frozenset({"acme/sql-coder", "beta"})
+    assert provider.order == ("beta",)
 
 
 def test_it_names_the_unknown_provider_key_and_the_known_ones():
