@@ -187,10 +187,12 @@ if attempt > 0 then
   if retrying >= math.max(budget_min, budget_ratio * active) then return {-8, 0, 0} end
 end
 
+-- A request counts once against the key's requests per minute: a fallback hop (attempt > 0)
+-- is the same request, already counted, and is neither refused nor counted again.
 local used = 0
 if rpm > 0 then
   used = tonumber(redis.call('GET', rl) or '0')
-  if used >= rpm then return {-3, 0, redis.call('TTL', rl)} end
+  if used >= rpm and attempt == 0 then return {-3, 0, redis.call('TTL', rl)} end
 end
 local tokens_used = 0
 if tpm > 0 then
@@ -275,7 +277,7 @@ if key_limit >= 0 then
   redis.call('INCRBY', keyspend, hold)
   redis.call('EXPIRE', keyspend, spend_ttl)
 end
-if rpm > 0 then
+if rpm > 0 and attempt == 0 then
   used = redis.call('INCR', rl)
   if used == 1 then redis.call('EXPIRE', rl, rl_ttl) end
 end
