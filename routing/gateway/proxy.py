@@ -357,8 +357,16 @@ class Proxy:
                 last_error = UpstreamFailed(f"the vendor failed: {exc.attempt.detail}")
                 continue
             except VendorRefused as exc:
+                # The vendor's words go to the client; the trace keeps them only for a key
+                # opted in to content (a validation error may quote the prompt).
+                detail = (
+                    exc.message
+                    if job.key.log_content
+                    else f"HTTP {exc.status}: the vendor refused the request (its message went "
+                    "to the client; traces keep it only for keys that keep content)"
+                )
                 attempts.append(
-                    Attempt(candidate.endpoint.full_slug, "refused", exc.status, detail=exc.message)
+                    Attempt(candidate.endpoint.full_slug, "refused", exc.status, detail=detail)
                 )
                 await self.live.release(reservation, vendor_failed=None)
                 await self._record_failure(job, attempts, outcome="rejected")

@@ -240,8 +240,16 @@ def test_it_passes_a_vendor_refusal_of_the_request_as_400(setup):
         response = client.post(
             "/v1/chat/completions", json={"model": endpoint.full_slug, "messages": MESSAGES}
         )
-    _assert_error(response, 400, "upstream_rejected")
+    error = _assert_error(response, 400, "upstream_rejected")
     assert response.headers["x-switchyard-attempts"] == "1"
+    assert "Injected upstream fault: HTTP 400" in error["message"]  # the vendor's words
+    # ...which the trace keeps only for a key opted in to content: vendors' validation
+    # errors may quote the prompt.
+    with server.client(customer.key) as client:
+        trace = client.get("/v1/generation", params={"id": response.headers["x-request-id"]})
+    (attempt,) = trace.json()["data"]["attempts"]
+    assert attempt["outcome"] == "refused" and attempt["status"] == 400
+    assert "Injected upstream fault" not in attempt["detail"]
 
 
 def test_it_tells_the_client_when_a_stream_breaks_after_bytes_were_sent(setup):
