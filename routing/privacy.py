@@ -18,8 +18,13 @@ without a policy never reach this module.
 * ``trusted_only``: a prompt with personal data is routed only to endpoints the
   organisation trusts (its private endpoints and vendors that keep no data).
 
+Embeddings inputs (a string or strings) are guarded the same way; under ``redact`` nothing
+is put back (the vectors are of the redacted text). Token arrays cannot be read: the
+gateway refuses them under a policy.
+
 What is recorded (trace, usage) is the kinds and counts of what was found and what was
-done, never the values.
+done, never the values. Under ``trusted_only`` the vendor gets the values, but Switchyard
+keeps none: a key that logs content keeps the prompt in its redacted form (``Record``).
 """
 
 from __future__ import annotations
@@ -213,10 +218,49 @@ def scan_messages(messages: Any, analyzer: Analyzer = analyze) -> tuple[list[Any
     return copied, redaction
 
 
-async def scan_async(messages: Any) -> tuple[list[Any], Redaction]:
-    """``scan_messages`` on the guard's worker thread (loads the engine on first use)."""
+def readable_input(value: Any) -> bool:
+    """Whether the guard can read an embeddings ``input``: a string or a list of strings
+    (token arrays are ids of some vendor's tokenizer, not text)."""
+    return isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(item, str) for item in value)
+    )
+
+
+def scan_input(value: Any, analyzer: Analyzer = analyze) -> tuple[Any, Redaction]:
+    """An embeddings ``input`` (a string or strings) with its personal data replaced by
+    placeholders (a new list; the same value gets the same placeholder across the inputs),
+    and what was found. Anything else comes back as it is; check ``readable_input`` first."""
+    redaction = Redaction()
+    if isinstance(value, str):
+        return _redact_text(value, analyzer, redaction), redaction
+    if readable_input(value):
+        return [_redact_text(item, analyzer, redaction) for item in value], redaction
+    return value, redaction
+
+
+async def scan_async(
+    value: Any, scan: Callable[[Any], tuple[Any, Redaction]] = scan_messages
+) -> tuple[Any, Redaction]:
+    """``scan`` (``scan_messages`` or ``scan_input``) on the guard's worker thread (loads the
+    engine on first use)."""
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_executor, scan_messages, messages)
+    return await loop.run_in_executor(_executor, scan, value)
+
+
+class Record(dict[str, Any]):
+    """The trace's ``privacy`` entry: ``policy``, ``action`` and ``found`` (kinds and counts),
+    all that is serialised. ``redacted_prompt``, an attribute outside the entry, is the prompt
+    (messages or embeddings input) in the guard's redacted form, set when the vendor got the
+    values (``trusted_only``) and the key logs content: what the route trace keeps instead of
+    the prompt, since Switchyard itself keeps no personal data."""
+
+    __slots__ = ("redacted_prompt",)
+
+    def __init__(
+        self, *, policy: str, action: str, found: dict[str, int], redacted_prompt: Any = None
+    ) -> None:
+        super().__init__(policy=policy, action=action, found=found)
+        self.redacted_prompt = redacted_prompt
 
 
 def restore_answer(body: dict[str, Any], redaction: Redaction) -> int:

@@ -875,7 +875,7 @@ class GatewayApp:
                 await self._answer_hit(job, hit, cached[0], send)
                 return
             job.cache_status = "miss"
-        if job.key.privacy != "off" and job.kind == "chat":
+        if job.key.privacy != "off":
             policy = await self._guard(job, policy)
         auto_trace = None
         if policy.auto:
@@ -1043,9 +1043,22 @@ class GatewayApp:
 
     async def _guard(self, job: Job, policy: RoutePolicy) -> RoutePolicy:
         """The privacy guard (only for organisations that turned it on): find personal data
-        on the guard's thread; redact it, or keep the request on trusted endpoints."""
+        in the prompt (chat messages, embeddings input) on the guard's thread; redact it, or
+        keep the request on trusted endpoints."""
+        scan: Callable[[Any], tuple[Any, privacy.Redaction]]
+        if job.kind == "embeddings":
+            field, scan = "input", privacy.scan_input
+            if not privacy.readable_input(job.body.get(field)):
+                raise BadRequest(
+                    "this key's data policy has the privacy guard read every prompt, and it "
+                    "cannot read token arrays: send `input` as text",
+                    param="input",
+                    code="privacy_unreadable_input",
+                )
+        else:
+            field, scan = "messages", privacy.scan_messages
         try:
-            messages, redaction = await privacy.scan_async(job.body.get("messages"))
+            redacted, redaction = await privacy.scan_async(job.body.get(field), scan)
         except Exception:
             # Fail closed: a prompt the guard could not read never leaves unguarded.
             logger.exception("the privacy guard failed (request %s)", job.request_id)
@@ -1054,10 +1067,12 @@ class GatewayApp:
                 code="privacy_guard_unavailable",
             ) from None
         action = ""
+        kept_prompt = None
         if redaction.total:
             if job.key.privacy == "redact":
-                job.body = {**job.body, "messages": messages}
-                job.redaction = redaction
+                job.body = {**job.body, field: redacted}
+                if job.kind == "chat":
+                    job.redaction = redaction  # a vector has nothing to put back
                 # A placeholder may be longer than the value it replaces: widen the hold.
                 job.prompt_bound += 16 * redaction.total
                 action = "redacted"
@@ -1067,8 +1082,16 @@ class GatewayApp:
                     regions = trusted if regions is None else regions & trusted
                 policy = dataclasses.replace(policy, trusted_only=True, regions=regions)
                 action = "trusted_only"
+                if job.key.log_content:
+                    # The vendor gets the values; Switchyard's own trace keeps this instead.
+                    kept_prompt = redacted
             metrics.PRIVACY.labels(action=action).inc()
-        job.privacy = {"policy": job.key.privacy, "action": action, "found": dict(redaction.found)}
+        job.privacy = privacy.Record(
+            policy=job.key.privacy,
+            action=action,
+            found=dict(redaction.found),
+            redacted_prompt=kept_prompt,
+        )
         return policy
 
     def _decide(

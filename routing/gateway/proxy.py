@@ -1054,7 +1054,19 @@ def _clipped(text: str) -> dict[str, Any]:
 
 def _content_trace(job: Job, served: Served | None) -> dict[str, Any]:
     """What a key that opted in keeps: the prompt as sent to the vendor (after the privacy
-    guard's redaction) and the completion as the vendor wrote it, each clipped."""
+    guard's redaction) and the completion as the vendor wrote it, each clipped.
+
+    Under ``trusted_only``, when the guard found personal data, the vendor got the values
+    but Switchyard keeps none of them: the prompt in the guard's redacted form, and no
+    completion (a vendor that saw the values may repeat them in any form)."""
+    if job.privacy is not None and job.privacy.get("action") == "trusted_only":
+        redacted = getattr(job.privacy, "redacted_prompt", None)
+        return {
+            "prompt": _clipped(orjson.dumps(redacted).decode()) if redacted is not None else None,
+            "completion": None,
+            "note": "personal data went to a trusted endpoint only (trusted_only): the prompt "
+            "is kept redacted, the completion is not kept",
+        }
     prompt = job.body.get("messages", job.body.get("input"))
     completion = "".join(served.completion) if served and served.completion else ""
     return {

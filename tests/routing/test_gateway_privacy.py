@@ -1,6 +1,8 @@
 """The privacy guard through the real gateway: the vendor never sees the personal data of a
 redacting organisation, the answer gets it back, ``trusted_only`` keeps such prompts on
-private and zero-retention endpoints, and the trace and usage record kinds, never values."""
+private and zero-retention endpoints, and the trace and usage record kinds, never values.
+Embeddings inputs are guarded like chat prompts, and a key that logs content keeps no
+personal data in Switchyard's own trace under either policy."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ import pytest
 from billing.models import UsageRecord
 from marketplace.data_policy import api_key_data_policy_update, organization_data_policy_update
 from marketplace.models import ApiKey, Membership
-from routing.privacy import Redaction, scan_messages
+from routing.privacy import Redaction, readable_input, scan_input, scan_messages
+from routing.traces import stored_trace
 from tests import factories
-from tests.conftest import ingest_all
+from tests.conftest import ingest_all, ingest_traces
+from tests.support.upstream import DEFAULT_EMBEDDING_DIMS, _embedding_vector
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -29,6 +33,23 @@ def _guarded(customer, policy: str, regions: str = "") -> None:  # type: ignore[
         cache_ttl=0,
         cache_similarity=None,
         trusted_regions=regions,
+    )
+
+
+def _log_content(customer) -> None:  # type: ignore[no-untyped-def]
+    api_key_data_policy_update(
+        actor=factories.owner(customer.organization),
+        api_key=ApiKey.objects.get(organization=customer.organization),
+        privacy_policy="",
+        cache_ttl=None,
+        cache_similarity=None,
+        log_content=True,
+    )
+
+
+def _embedder(upstream, **extra: object):  # type: ignore[no-untyped-def]
+    return factories.endpoint(
+        base_url=upstream.base_url, kind="embeddings", tags=("embed",), **extra
     )
 
 
@@ -198,3 +219,191 @@ def test_it_finds_names_iban_and_phone_numbers_in_free_text():
     redacted, redaction = scan_messages([{"role": "user", "content": text}])
     assert redacted[0]["content"] == "Hi, I'm <NAME_1>; call <PHONE_1> or pay to <IBAN_1>."
     assert redaction.kinds() == "IBAN,NAME,PHONE"
+
+
+# --- embeddings ----------------------------------------------------------------------------
+
+
+def test_embeddings_inputs_are_redacted_before_the_vendor(gateway_server, upstream):
+    endpoint = _embedder(upstream)
+    customer = factories.customer()
+    _guarded(customer, "redact")
+    inputs = [f"write to {EMAIL}", f"call {PHONE} or {EMAIL}", "nothing personal here"]
+
+    with gateway_server.client(customer.key) as client:
+        response = client.post(
+            "/v1/embeddings", json={"model": endpoint.full_slug, "input": inputs}
+        )
+        trace = client.get(
+            "/v1/generation", params={"id": response.headers["x-request-id"]}
+        ).json()["data"]
+        single = client.post(
+            "/v1/embeddings", json={"model": endpoint.full_slug, "input": f"mail {EMAIL}"}
+        )
+
+    assert response.status_code == 200, response.text
+    sent = upstream.requests("/v1/embeddings")
+    assert sent[0]["body"]["input"] == [
+        "write to <EMAIL_1>",
+        "call <PHONE_1> or <EMAIL_1>",
+        "nothing personal here",
+    ]
+    assert single.status_code == 200 and sent[1]["body"]["input"] == "mail <EMAIL_1>"
+    # Nothing is put back: each vector is the vendor's vector of the redacted text.
+    vectors = [item["embedding"] for item in response.json()["data"]]
+    assert vectors[0] == _embedding_vector("write to <EMAIL_1>", DEFAULT_EMBEDDING_DIMS)
+    assert vectors[2] == _embedding_vector("nothing personal here", DEFAULT_EMBEDDING_DIMS)
+    assert trace["privacy"] == {
+        "policy": "redact",
+        "action": "redacted",
+        "found": {"EMAIL": 2, "PHONE": 1},
+    }
+    assert EMAIL not in orjson.dumps(trace).decode()
+
+    ingest_all()
+    record = UsageRecord.objects.get(request_id=response.headers["x-request-id"])
+    assert record.privacy_action == "redacted" and record.privacy_found == 3
+    assert record.privacy_kinds == "EMAIL,PHONE"
+
+
+def test_embeddings_without_personal_data_record_the_policy(gateway_server, upstream):
+    endpoint = _embedder(upstream)
+    customer = factories.customer()
+    _guarded(customer, "redact")
+    with gateway_server.client(customer.key) as client:
+        response = client.post(
+            "/v1/embeddings", json={"model": endpoint.full_slug, "input": "hello there"}
+        )
+        trace = client.get(
+            "/v1/generation", params={"id": response.headers["x-request-id"]}
+        ).json()["data"]
+    assert response.status_code == 200
+    assert upstream.last_request("/v1/embeddings")["body"]["input"] == "hello there"
+    assert trace["privacy"] == {"policy": "redact", "action": "", "found": {}}
+
+
+def test_embeddings_with_personal_data_stay_on_trusted_endpoints(gateway_server, upstream):
+    customer = factories.customer()
+    _guarded(customer, "trusted_only")
+    keeps_data = _embedder(upstream, data_retention_days=30)
+    zero_retention = _embedder(upstream, price_input_usd="5")
+
+    served = set()
+    with gateway_server.client(customer.key) as client:
+        for _ in range(4):
+            response = client.post(
+                "/v1/embeddings", json={"model": "tag:embed", "input": [f"write to {EMAIL}"]}
+            )
+            assert response.status_code == 200, response.text
+            served.add(response.json()["model"])
+        trace = client.get(
+            "/v1/generation", params={"id": response.headers["x-request-id"]}
+        ).json()["data"]
+        plain = client.post("/v1/embeddings", json={"model": "tag:embed", "input": "hello there"})
+
+    assert served == {zero_retention.full_slug}
+    # trusted_only does not change what is sent: the trusted vendor gets the text as is.
+    assert upstream.requests("/v1/embeddings")[0]["body"]["input"] == [f"write to {EMAIL}"]
+    assert trace["privacy"] == {
+        "policy": "trusted_only",
+        "action": "trusted_only",
+        "found": {"EMAIL": 1},
+    }
+    assert trace["routing"]["policy"]["trusted_only"] is True
+    # Without personal data the cheaper endpoint that keeps data is fine.
+    assert plain.json()["model"] == keeps_data.full_slug
+
+
+@pytest.mark.parametrize("policy", ["redact", "trusted_only"])
+@pytest.mark.parametrize("tokens", [[101, 2023, 102], [[101, 2023], [102]], ["hi", [101, 102]]])
+def test_token_arrays_are_refused_under_a_policy(gateway_server, upstream, policy, tokens):
+    endpoint = _embedder(upstream)
+    customer = factories.customer()
+    _guarded(customer, policy)
+    with gateway_server.client(customer.key) as client:
+        response = client.post(
+            "/v1/embeddings", json={"model": endpoint.full_slug, "input": tokens}
+        )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "privacy_unreadable_input" and error["param"] == "input"
+    assert "token" in error["message"]
+    assert upstream.requests("/v1/embeddings") == []  # nothing went to a vendor
+
+
+def test_token_arrays_pass_without_a_policy(gateway_server, upstream):
+    endpoint = _embedder(upstream)
+    customer = factories.customer()
+    _guarded(customer, "off")
+    with gateway_server.client(customer.key) as client:
+        response = client.post(
+            "/v1/embeddings", json={"model": endpoint.full_slug, "input": [101, 2023, 102]}
+        )
+    assert response.status_code == 200, response.text
+
+
+def test_scan_input_shares_placeholders_across_inputs():
+    inputs = [f"to {EMAIL}", f"cc {EMAIL} and b@example.org"]
+    redacted, redaction = scan_input(inputs)
+    assert redacted == ["to <EMAIL_1>", "cc <EMAIL_1> and <EMAIL_2>"]
+    assert inputs[0] == f"to {EMAIL}"  # the caller's list is untouched
+    assert redaction.found == {"EMAIL": 3}
+    assert scan_input(f"to {EMAIL}")[0] == "to <EMAIL_1>"
+    assert readable_input("text") and readable_input(["a", "b"])
+    assert not readable_input([1, 2]) and not readable_input(["a", [1]])
+
+
+# --- what Switchyard's own trace keeps (a key that logs content) ---------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_trusted_only_keeps_the_prompt_redacted_and_no_completion(gateway_server, upstream, stream):
+    factories.endpoint(base_url=upstream.base_url, tags=("chat", "pii"))  # keeps no data
+    customer = factories.customer()
+    _guarded(customer, "trusted_only")
+    _log_content(customer)
+    text = f"write to {EMAIL} today"
+
+    with gateway_server.client(customer.key) as client:
+        answer = client.post("/v1/chat/completions", json=_chat("tag:pii", text, stream=stream))
+        request_id = answer.headers["x-request-id"]
+        trace = client.get("/v1/generation", params={"id": request_id}).json()["data"]
+        plain = client.post("/v1/chat/completions", json=_chat("tag:pii", "hello there"))
+        plain_trace = client.get(
+            "/v1/generation", params={"id": plain.headers["x-request-id"]}
+        ).json()["data"]
+
+    assert answer.status_code == 200, answer.text
+    assert EMAIL in answer.text  # the (trusted) vendor saw it and echoed it to the client
+    assert EMAIL in orjson.dumps(upstream.requests("/v1/chat/completions")[0]).decode()
+    assert trace["privacy"]["action"] == "trusted_only"
+    content = trace["content"]
+    assert orjson.loads(content["prompt"]["text"]) == [
+        {"role": "user", "content": "write to <EMAIL_1> today"}
+    ]
+    assert content["completion"] is None and "trusted_only" in content["note"]
+    assert EMAIL not in orjson.dumps(trace).decode()
+    ingest_traces()  # PostgreSQL's copy neither
+    stored = stored_trace(request_id)
+    assert stored is not None and EMAIL not in orjson.dumps(stored).decode()
+    # A prompt without personal data is kept as usual.
+    assert plain_trace["content"]["completion"]["text"]
+    assert "note" not in plain_trace["content"]
+
+
+@pytest.mark.parametrize("policy", ["redact", "trusted_only"])
+def test_embeddings_content_keeps_no_personal_data(gateway_server, upstream, policy):
+    _embedder(upstream)
+    customer = factories.customer()
+    _guarded(customer, policy)
+    _log_content(customer)
+    with gateway_server.client(customer.key) as client:
+        response = client.post(
+            "/v1/embeddings", json={"model": "tag:embed", "input": [f"write to {EMAIL}"]}
+        )
+        trace = client.get(
+            "/v1/generation", params={"id": response.headers["x-request-id"]}
+        ).json()["data"]
+    assert response.status_code == 200, response.text
+    assert orjson.loads(trace["content"]["prompt"]["text"]) == ["write to <EMAIL_1>"]
+    assert EMAIL not in orjson.dumps(trace).decode()
