@@ -2,9 +2,12 @@
 
 Keys are looked up by their keyed hash: first in a small in-process cache, then once in
 the database. A revoked key is dropped from every replica's cache through the
-invalidation channel; the cache's TTL bounds staleness should a message be lost. A known key
-past its TTL is answered from the cache while it is re-read in the background, so no request
-waits for the database, and while PostgreSQL is away the last answer is kept.
+invalidation channel (as is a key whose data changed: its organisation's routing policy,
+its data policy, ...); the cache's TTL bounds staleness should a message be lost. A read
+that was under way when its key was invalidated may predate the change: it is not cached (a
+request waiting on it reads once more). A known key past its TTL is answered from the cache
+while it is re-read in the background, so no request waits for the database, and while
+PostgreSQL is away the last answer is kept.
 Unknown keys are remembered briefly too, so guessing keys cannot hammer the database.
 """
 
@@ -142,6 +145,17 @@ def _provider_default(organization_id: int, value: Any) -> ProviderPolicy | None
         return None
 
 
+class _Load:
+    """The reads of one key under way since it was last invalidated. ``forget()`` and
+    ``clear()`` drop it from ``KeyCache._loads``, which is how a read learns that the row it
+    got may predate a change: only a read whose ``_Load`` is still the current one is cached."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending = 0
+
+
 class KeyCache:
     def __init__(
         self,
@@ -157,12 +171,17 @@ class KeyCache:
         self._entries: OrderedDict[str, tuple[float, KeyInfo | None]] = OrderedDict()
         self._loader = loader or off_loop(_query_key)
         self._refreshing: dict[str, asyncio.Task[None]] = {}
+        # Keys being read (misses and background refreshes), each with its current _Load;
+        # only keys with a read under way are here, so invalidations cannot grow it.
+        self._loads: dict[str, _Load] = {}
 
     def forget(self, key_hash: str) -> None:
         self._entries.pop(key_hash, None)
+        self._loads.pop(key_hash, None)  # reads under way must not cache what they got
 
     def clear(self) -> None:
         self._entries.clear()
+        self._loads.clear()
 
     async def authenticate(self, authorization: str | None, scope: str | None = None) -> KeyInfo:
         """The key's cached facts; with ``scope``, also refuse a key not allowed that API."""
@@ -187,14 +206,13 @@ class KeyCache:
             info = None  # an unknown key, remembered briefly
         else:
             try:
-                info = await self._loader(key_hash)
+                info = await self._load(key_hash)
             except Exception:
                 logger.warning("key lookup failed", exc_info=True)
                 raise Unavailable(
                     "this API key cannot be checked right now; retry shortly",
                     code="auth_unavailable",
                 ) from None
-            self._store(key_hash, info)
         if info is None:
             raise Unauthorized("invalid API key")
         if info.revoked:
@@ -204,6 +222,37 @@ class KeyCache:
         if scope is not None:
             require_scope(info, scope)
         return info
+
+    async def _load(self, key_hash: str) -> KeyInfo | None:
+        """Read a key missing from the cache and cache it. Should the key be invalidated
+        while it is read, the row may predate the change: it is read once more, and that
+        answer is cached only if no invalidation came in meanwhile either."""
+        for _ in range(2):
+            load = self._begin_load(key_hash)
+            try:
+                info = await self._loader(key_hash)
+            finally:
+                current = self._end_load(key_hash, load)
+            if current:
+                self._store(key_hash, info)
+                break
+        return info
+
+    def _begin_load(self, key_hash: str) -> _Load:
+        load = self._loads.get(key_hash)
+        if load is None:
+            load = self._loads[key_hash] = _Load()
+        load.pending += 1
+        return load
+
+    def _end_load(self, key_hash: str, load: _Load) -> bool:
+        """Whether the key was not invalidated since ``load`` began, so its read may be
+        cached (called with no await between it and the store)."""
+        load.pending -= 1
+        current = self._loads.get(key_hash) is load
+        if current and not load.pending:
+            del self._loads[key_hash]
+        return current
 
     def _store(self, key_hash: str, info: KeyInfo | None) -> None:
         ttl = self._ttl if info is not None else self._negative_ttl
@@ -220,14 +269,23 @@ class KeyCache:
         task.add_done_callback(lambda _: self._refreshing.pop(key_hash, None))
 
     async def _refresh(self, key_hash: str) -> None:
+        load = self._begin_load(key_hash)
+        error: Exception | None = None
         try:
             info = await self._loader(key_hash)
-        except Exception:
+        except Exception as exc:
+            error = exc
+        finally:
+            current = self._end_load(key_hash, load)
+        if not current:
+            # Invalidated (revoked, its policy changed) while we were reading: what we read
+            # may predate the change. The entry is gone; the next request reads afresh.
+            return
+        if error is not None:
             cached = self._entries.get(key_hash)
-            if cached is None:  # forgotten meanwhile (revoked): nothing to keep
+            if cached is None:  # evicted meanwhile: nothing to keep
                 return
             # The database is away: keep trusting what we knew for another TTL.
-            logger.warning("key refresh failed; serving the cached answer", exc_info=True)
+            logger.warning("key refresh failed; serving the cached answer", exc_info=error)
             info = cached[1]
-        if key_hash in self._entries:  # not forgotten (revoked) while we were reading
-            self._store(key_hash, info)
+        self._store(key_hash, info)

@@ -112,3 +112,137 @@ def test_a_known_key_past_its_ttl_is_answered_without_waiting_and_refreshed_behi
         return stale.organization_id, again.organization_id
 
     assert asyncio.run(scenario()) == (2, 2)
+
+
+class _Database:
+    """The key's row as PostgreSQL holds it. A read sees the row as it is when it starts;
+    with ``hold`` armed, its answer comes back only once the test releases it (the thread
+    hop, a slow query), while the row may change and the change's invalidation arrive."""
+
+    def __init__(self) -> None:
+        self.rpm = 60
+        self.reads = 0
+        self.reading = asyncio.Event()  # the held read has seen the row
+        self.hold: asyncio.Event | None = None
+
+    async def loader(self, key_hash: str) -> KeyInfo | None:
+        self.reads += 1
+        seen = self.rpm
+        hold, self.hold = self.hold, None
+        if hold is not None:
+            self.reading.set()
+            await hold.wait()
+        return KeyInfo(
+            key_id=1,
+            organization_id=2,
+            key_hash=key_hash,
+            prefix="p",
+            expires_at=None,
+            revoked=False,
+            rate_limit_rpm=seen,
+        )
+
+    def change(self, cache: KeyCache, key_hash: str, *, clear: bool) -> None:
+        """The control plane commits a change, then the gateway hears of it."""
+        self.rpm = 6
+        if clear:  # the gateway (re)subscribed: it drops every key
+            cache.clear()
+        else:
+            cache.forget(key_hash)
+
+
+async def _background_tasks_done() -> None:
+    """Let the cache's background refreshes finish (waiting on them, not on a clock)."""
+    while others := asyncio.all_tasks() - {asyncio.current_task()}:
+        await asyncio.gather(*others)
+
+
+@pytest.mark.parametrize("clear", [False, True], ids=["forget", "clear"])
+def test_a_key_invalidated_while_a_miss_reads_it_is_not_cached_as_it_was_read(clear):
+    key = generate_key()
+    bearer = f"Bearer {key.plaintext}"
+    db = _Database()
+
+    async def scenario() -> tuple[int | None, int | None, int]:
+        cache = KeyCache(ttl=60, loader=db.loader)
+        release = db.hold = asyncio.Event()
+        request = asyncio.create_task(cache.authenticate(bearer))
+        await asyncio.wait_for(db.reading.wait(), 5)  # the miss read the row; its answer is due
+        db.change(cache, key.key_hash, clear=clear)
+        release.set()
+        first = await asyncio.wait_for(request, 5)
+        later = await cache.authenticate(bearer)  # within the TTL: from the cache
+        return first.rate_limit_rpm, later.rate_limit_rpm, db.reads
+
+    # The request that raced the change read the key once more; the new row is cached.
+    assert asyncio.run(scenario()) == (6, 6, 2)
+
+
+def test_a_miss_raced_by_invalidations_twice_answers_without_caching_either_read():
+    key = generate_key()
+    bearer = f"Bearer {key.plaintext}"
+    db = _Database()
+
+    async def scenario() -> tuple[int | None, int | None, int]:
+        cache = KeyCache(ttl=60, loader=db.loader)
+        first_read = db.hold = asyncio.Event()
+        request = asyncio.create_task(cache.authenticate(bearer))
+        await asyncio.wait_for(db.reading.wait(), 5)
+        db.change(cache, key.key_hash, clear=False)
+        db.reading.clear()
+        second_read = db.hold = asyncio.Event()  # the read once more is held and raced too
+        first_read.set()
+        await asyncio.wait_for(db.reading.wait(), 5)
+        db.rpm = 3
+        cache.forget(key.key_hash)
+        second_read.set()
+        answered = await asyncio.wait_for(request, 5)  # no third read: answered, not cached
+        later = await cache.authenticate(bearer)
+        return answered.rate_limit_rpm, later.rate_limit_rpm, db.reads
+
+    assert asyncio.run(scenario()) == (6, 3, 3)
+
+
+def test_a_refresh_that_raced_an_invalidation_does_not_overwrite_the_fresh_answer():
+    key = generate_key()
+    bearer = f"Bearer {key.plaintext}"
+    db = _Database()
+
+    async def scenario() -> tuple[int | None, int | None, int | None, int]:
+        cache = KeyCache(ttl=0.0, loader=db.loader)  # every answer from the cache is stale
+        await cache.authenticate(bearer)
+        release = db.hold = asyncio.Event()
+        stale = await cache.authenticate(bearer)  # answered from the cache, re-read behind
+        await asyncio.wait_for(db.reading.wait(), 5)  # the refresh has read the old row
+        db.change(cache, key.key_hash, clear=False)
+        fresh = await cache.authenticate(bearer)  # forgotten: a miss reads the new row
+        release.set()  # the refresh's old row comes back now ...
+        await _background_tasks_done()
+        later = await cache.authenticate(bearer)  # ... and must not replace the new one
+        await _background_tasks_done()
+        return stale.rate_limit_rpm, fresh.rate_limit_rpm, later.rate_limit_rpm, db.reads
+
+    # Reads: the first miss, the raced refresh, the miss after the change, the refresh
+    # behind `later`.
+    assert asyncio.run(scenario()) == (60, 6, 6, 4)
+
+
+def test_a_refresh_that_raced_an_invalidation_does_not_bring_the_key_back():
+    key = generate_key()
+    bearer = f"Bearer {key.plaintext}"
+    db = _Database()
+
+    async def scenario() -> tuple[int | None, int]:
+        cache = KeyCache(ttl=0.0, loader=db.loader)
+        await cache.authenticate(bearer)
+        release = db.hold = asyncio.Event()
+        await cache.authenticate(bearer)  # stale: re-read behind
+        await asyncio.wait_for(db.reading.wait(), 5)
+        db.change(cache, key.key_hash, clear=True)
+        release.set()
+        await _background_tasks_done()
+        later = await cache.authenticate(bearer)  # not cached: read afresh
+        await _background_tasks_done()
+        return later.rate_limit_rpm, db.reads
+
+    assert asyncio.run(scenario()) == (6, 3)
