@@ -132,17 +132,37 @@ def _query_key(key_hash: str) -> KeyInfo | None:
     )
 
 
+# A stored policy's fields that protect data or keep vendors out: one of these that no
+# longer parses is not dropped (that would quietly send prompts where the organisation said
+# they must not go) but read as allowing no endpoint.
+_PROTECTIVE_FIELDS = frozenset({"data_collection", "zdr", "region", "only", "ignore"})
+
+
 def _provider_default(organization_id: int, value: Any) -> ProviderPolicy | None:
-    """The organisation's routing policy; one that no longer parses (checked when it was
-    saved, so only after a change of the rules) is logged and ignored, not a 400 on every
-    request of the organisation."""
+    """The organisation's routing policy. It was checked when it was saved, so a field that
+    no longer parses can only follow a change of the rules (or an edit outside the
+    services): a preference (sort, max_price...) is dropped, a protective field fails closed
+    (``only: []``: no endpoint serves the organisation until an owner saves the policy
+    again). Either is logged; neither is a 400 on every request."""
     if not value:
         return None
     try:
         return parse_provider(value, param="organization.provider")
     except BadRequest as exc:
-        logger.warning("organisation %s: routing policy ignored: %s", organization_id, exc.message)
-        return None
+        logger.warning("organisation %s: routing policy: %s", organization_id, exc.message)
+    if not isinstance(value, dict):
+        return parse_provider({"only": []}, param="organization.provider")
+    kept: dict[str, Any] = {}
+    for field, item in value.items():
+        try:
+            parse_provider({field: item}, param="organization.provider")
+        except BadRequest:
+            if field in _PROTECTIVE_FIELDS:
+                kept["only"] = []
+            continue
+        if "only" not in kept or field != "only":
+            kept[field] = item
+    return parse_provider(kept, param="organization.provider")
 
 
 class _Load:

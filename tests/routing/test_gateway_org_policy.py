@@ -135,3 +135,38 @@ def test_a_huge_max_price_in_a_request_is_a_400_before_any_vendor_is_called(
     assert response.json()["error"]["param"] == "provider.max_price.prompt"
     assert upstream.stats()["total"] == 0
     assert sync_client().zcard("sy:holds") == 0
+
+
+@pytest.mark.parametrize(
+    ("stored", "served"),
+    [
+        # A preference that no longer parses is dropped; the protective field still holds.
+        ({"sort": "cheapest-first", "ignore": ["CHEAP"]}, "dear"),
+        # A protective field that no longer parses is not dropped: nothing serves the
+        # organisation rather than a prompt going where it said it must not.
+        ({"data_collection": "never", "sort": "price"}, None),
+        ({"region": 7}, None),
+    ],
+)
+def test_a_stored_policy_that_no_longer_parses_fails_closed_where_it_protects(
+    gateway_server, market, upstream, stored, served
+):
+    from marketplace.models import Organization
+
+    cheap, dear, customer, _owner = market
+    if "ignore" in stored:
+        stored = {**stored, "ignore": [cheap.vendor.slug.upper()]}
+    # As after a change of the rules: stored without the service's check.
+    Organization.objects.filter(pk=customer.organization.pk).update(routing_defaults=stored)
+    upstream.reset()
+    with gateway_server.client(customer.key) as client:
+        response = client.post(
+            "/v1/chat/completions", json={"model": "tag:sql", "messages": MESSAGES}
+        )
+    if served is None:
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]["code"] == "no_matching_endpoint"
+        assert upstream.stats()["total"] == 0
+    else:
+        assert response.status_code == 200, response.text
+        assert response.headers["x-switchyard-endpoint"] == dear.full_slug
