@@ -1,10 +1,10 @@
-"""Where the gateway's tail latency at concurrency 1 comes from.
+"""Where the gateway's tail latency comes from (at concurrency 1 unless told).
 
     .venv/bin/python -m marketplace.devenv --data-dir var/bench exec -- \\
-        .venv/bin/python -m bench.tail_bench [--seconds 10] [--rounds 2]
+        .venv/bin/python -m bench.tail_bench [--seconds 10] [--rounds 2] [--concurrency 1]
 
 One instant fake upstream and one gateway (as ``bench.gateway_bench`` starts them), driven
-at concurrency 1 for ``--seconds`` per condition and round, with beside it:
+closed-loop at ``--concurrency`` (1) for ``--seconds`` per condition and round, with beside it:
 
 * ``none``: nothing (the gateway alone);
 * ``ingest``: the usage and route-trace ingest loop, as ``bench.gateway_bench`` runs it;
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import subprocess
@@ -46,6 +47,7 @@ from bench.gateway_bench import (
     asyncio_run,
     find_postgres_pid,
     find_redis_pid,
+    ingest_lag,
     log,
     one_request,
     pct,
@@ -117,14 +119,28 @@ def _overlap(rows: list[tuple[float, float]], batches: list[list[float]]) -> str
     return f"{len(slow)} slow (> p50 + 2 ms); " + "; ".join(out)
 
 
-async def _c1(session: LeanSession, target: Target, seconds: float) -> list[tuple[float, float]]:
+async def _closed_loop(
+    session: LeanSession, target: Target, seconds: float, concurrency: int
+) -> list[tuple[float, float]]:
+    """``concurrency`` workers, each sending its next request when the last ended; the load
+    generator's garbage collector off meanwhile (as in ``bench.gateway_bench``: its pauses
+    would stall every request in flight and show as the gateway's tail)."""
     url, body = target.url("instant"), target.body("instant", False)
     rows: list[tuple[float, float]] = []
     end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        outcome = await one_request(session, url, body, target.headers, False)
-        if outcome.ok:
-            rows.append((outcome.begin, outcome.end))
+
+    async def worker() -> None:
+        while time.perf_counter() < end:
+            outcome = await one_request(session, url, body, target.headers, False)
+            if outcome.ok:
+                rows.append((outcome.begin, outcome.end))
+
+    gc.collect()
+    gc.disable()
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        gc.enable()
     return rows
 
 
@@ -133,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--conditions", default=",".join(CONDITIONS))
+    parser.add_argument("--concurrency", type=int, default=1)
     args = parser.parse_args(argv)
     conditions = [c for c in args.conditions.split(",") if c]
     unknown = set(conditions) - set(CONDITIONS)
@@ -167,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         c: {"direct": [], "gateway": []} for c in conditions
     }
     notes: dict[str, list[str]] = {c: [] for c in conditions}
+    served: dict[str, int] = dict.fromkeys(conditions, 0)  # gateway requests, for req/s
 
     async def one_condition(sessions: dict[str, LeanSession], condition: str, n: int) -> None:
         helper: Proc | None = None
@@ -181,6 +199,14 @@ def main(argv: list[str] | None = None) -> int:
             helper = Proc("burn", subprocess.Popen([sys.executable, "-c", BURNER]))
         try:
             await asyncio.sleep(1.5)  # the ingest loop imports Django
+            if helper is not None and condition.startswith("ingest"):
+                # Events the conditions without metering left in Redis: ingested before the
+                # load, not during it (the gateway benchmark's ingest never has a backlog).
+                backlog = await asyncio.to_thread(ingest_lag, 120.0)
+                notes[condition].append(
+                    f"backlog before the load: {backlog.get('lag_at_end')} events, ingested in "
+                    f"{backlog.get('drain_seconds')} s"
+                )
             if helper is not None and condition.endswith("-idle"):
                 _set_idle([helper.pid, *(_postgres_pids() if condition == "ingest-idle" else [])])
             if helper is not None and condition == "burn-apart":
@@ -188,10 +214,14 @@ def main(argv: list[str] | None = None) -> int:
                 _pin(chain, {0})
             stats = _redis_calls()
             results[condition]["direct"] += [
-                e - b for b, e in await _c1(sessions["direct"], direct, args.seconds / 4)
+                e - b
+                for b, e in await _closed_loop(
+                    sessions["direct"], direct, args.seconds / 4, args.concurrency
+                )
             ]
-            rows = await _c1(sessions["gateway"], routed, args.seconds)
+            rows = await _closed_loop(sessions["gateway"], routed, args.seconds, args.concurrency)
             results[condition]["gateway"] += [e - b for b, e in rows]
+            served[condition] += len(rows)
             after = _redis_calls()
         finally:
             if condition == "burn-apart":
@@ -227,12 +257,16 @@ def main(argv: list[str] | None = None) -> int:
         gateway.stop()
         upstream.stop()
 
-    print(f"\nc=1, instant upstream, {args.rounds} x {args.seconds:.0f} s per condition (ms)")
-    heads = ("direct p50", "p99", "gateway p50", "p99", "p99.9")
+    print(
+        f"\nc={args.concurrency}, instant upstream, {args.rounds} x {args.seconds:.0f} s per "
+        "condition (ms)"
+    )
+    heads = ("direct p50", "p99", "gateway p50", "p99", "p99.9", "req/s")
     print(f"{'condition':<13} " + " ".join(f"{h:>{max(len(h), 6)}}" for h in heads))
     for condition in conditions:
         d, g = results[condition]["direct"], results[condition]["gateway"]
-        figures = (pct(d, 50), pct(d, 99), pct(g, 50), pct(g, 99), pct(g, 99.9))
+        rate = served[condition] / (args.seconds * args.rounds)
+        figures = (pct(d, 50), pct(d, 99), pct(g, 50), pct(g, 99), pct(g, 99.9), rate)
         print(
             f"{condition:<13} "
             + " ".join(f"{f or 0:{max(len(h), 6)}.2f}" for h, f in zip(heads, figures, strict=True))
@@ -240,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         for note in notes[condition]:
             print(f"    {note}")
     out = run_dir / "report.json"
-    out.write_text(json.dumps({"results": results, "notes": notes}))
+    out.write_text(json.dumps({"results": results, "notes": notes, "served": served}))
     print(f"\nraw data: {Path(out).relative_to(ROOT)}")
     return 0
 
