@@ -877,6 +877,12 @@ class GatewayApp:
             job.cache_status = "miss"
         if job.key.privacy != "off":
             policy = await self._guard(job, policy)
+            if cached is not None and job.privacy is not None and job.privacy["found"]:
+                # The answer to a prompt with personal data is not kept: the guard's promise
+                # is that Switchyard keeps no such values (nor would it, without the cache).
+                cached = None
+                cache_trace = {"lookup": "miss", "stored": False, "reason": "personal data"}
+                job.cache_status = None
         auto_trace = None
         if policy.auto:
             classification = await self._classify(job.body.get("messages"))

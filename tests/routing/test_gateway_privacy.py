@@ -12,6 +12,7 @@ import pytest
 from billing.models import UsageRecord
 from marketplace.data_policy import api_key_data_policy_update, organization_data_policy_update
 from marketplace.models import ApiKey, Membership
+from marketplace.redis_client import sync_client
 from routing.privacy import Redaction, readable_input, scan_input, scan_messages
 from routing.traces import stored_trace
 from tests import factories
@@ -407,3 +408,42 @@ def test_embeddings_content_keeps_no_personal_data(gateway_server, upstream, pol
     assert response.status_code == 200, response.text
     assert orjson.loads(trace["content"]["prompt"]["text"]) == ["write to <EMAIL_1>"]
     assert EMAIL not in orjson.dumps(trace).decode()
+
+
+@pytest.mark.parametrize("policy", ["redact", "trusted_only"])
+def test_an_answer_to_a_prompt_with_personal_data_is_never_cached(gateway_server, upstream, policy):
+    # The cache keeps answers as the client got them (values restored): under a data policy,
+    # the answer to a prompt that holds personal data is not kept; others are, as usual.
+    endpoint = factories.endpoint(base_url=upstream.base_url)
+    customer = factories.customer()
+    _guarded(customer, policy)
+    upstream.reset()
+
+    def chat(text: str) -> dict:
+        return {
+            "model": endpoint.full_slug,
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": 8,
+            "temperature": 0,
+            "cache": {"ttl": 600},
+        }
+
+    with gateway_server.client(customer.key) as client:
+        personal = [client.post("/v1/chat/completions", json=chat(PROMPT)) for _ in range(2)]
+        plain = [
+            client.post("/v1/chat/completions", json=chat("what is the capital of france"))
+            for _ in range(2)
+        ]
+        trace = client.get("/v1/generation", params={"id": personal[1].json()["id"]}).json()
+    assert [r.status_code for r in personal + plain] == [200] * 4
+    assert ["x-switchyard-cache" in r.headers for r in personal] == [False, False]
+    assert [r.headers["x-switchyard-cache"] for r in plain] == ["miss", "hit"]
+    assert len(upstream.requests("/v1/chat/completions")) == 3
+    assert trace["data"]["routing"]["cache"]["reason"] == "personal data"
+    redis = sync_client()
+    prefix = f"sy:cache:{customer.organization.pk}:*"
+    stored = [  # exact entries are strings (semantic ones would be hashes: none asked here)
+        redis.get(key) or b"" for key in redis.scan_iter(prefix) if redis.type(key) == b"string"
+    ]
+    assert any(b"france" in value for value in stored)  # the plain answer is there...
+    assert not any(b"jane.doe" in value for value in stored)  # ...and nothing personal
