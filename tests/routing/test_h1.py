@@ -30,6 +30,21 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
     return head + await reader.readexactly(length)
 
 
+def answering(*writes: bytes, pause: float = 0.0) -> Handler:
+    """A handler answering every request with ``writes``, ``pause`` seconds apart."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            for index, data in enumerate(writes):
+                if index and pause:
+                    await asyncio.sleep(pause)
+                writer.write(data)
+                await writer.drain()
+
+    return handler
+
+
 class Server:
     """A loopback TCP server; counts connections and keeps every request it read."""
 
@@ -98,14 +113,9 @@ def test_it_keeps_a_connection_alive_and_sends_a_well_formed_request():
 
 def test_a_response_released_before_it_arrived_whole_closes_its_connection():
     async def scenario() -> None:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            while True:
-                await read_request(reader)
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123")
-                await writer.drain()
-                await asyncio.sleep(0.2)
-                writer.write(b"456789")
-                await writer.drain()
+        handler = answering(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123", b"456789", pause=0.2
+        )
 
         client = pool()
         async with Server(handler) as server:
@@ -123,12 +133,7 @@ def test_a_response_released_before_it_arrived_whole_closes_its_connection():
 
 def test_a_response_that_arrived_whole_keeps_its_connection_even_if_read_in_part():
     async def scenario() -> None:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            while True:
-                await read_request(reader)
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789")
-                await writer.drain()
-
+        handler = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789")
         client = pool()
         async with Server(handler) as server:
             response = await client.post(server.url(), b"{}", {})
@@ -167,14 +172,7 @@ def test_a_stream_whose_closing_chunk_comes_after_its_last_event_keeps_its_conne
     # Servers write an SSE stream's events, then (a write later) the chunked body's closing
     # chunk: the client has read [DONE] and released the answer before that chunk arrives.
     async def scenario() -> None:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            while True:
-                await read_request(reader)
-                writer.write(SSE_HEAD + SSE_BODY)
-                await writer.drain()
-                await asyncio.sleep(0.05)
-                writer.write(b"0\r\n\r\n")
-                await writer.drain()
+        handler = answering(SSE_HEAD + SSE_BODY, b"0\r\n\r\n", pause=0.05)
 
         client = pool()
         async with Server(handler) as server:
@@ -191,11 +189,7 @@ def test_a_stream_whose_closing_chunk_comes_after_its_last_event_keeps_its_conne
 
 def test_a_stream_whose_closing_chunk_never_comes_is_closed_after_the_drain_time():
     async def scenario() -> None:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            while True:
-                await read_request(reader)
-                writer.write(SSE_HEAD + SSE_BODY)  # ...and never the closing chunk
-                await writer.drain()
+        handler = answering(SSE_HEAD + SSE_BODY)  # ...and never the closing chunk
 
         client = H1Pool(connect_timeout=2, drain_seconds=0.1, resolver=GuardedResolver())
         async with Server(handler) as server:
@@ -214,15 +208,10 @@ def test_a_stream_whose_closing_chunk_never_comes_is_closed_after_the_drain_time
 
 def test_a_vendor_that_keeps_sending_after_the_end_loses_the_connection():
     async def scenario() -> None:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            while True:
-                await read_request(reader)
-                writer.write(SSE_HEAD + SSE_BODY)
-                await writer.drain()
-                await asyncio.sleep(0.05)
-                more = b"data: " + b"x" * 8000 + b"\n\n"
-                writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(more), more))
-                await writer.drain()
+        more = b"data: " + b"x" * 8000 + b"\n\n"
+        handler = answering(
+            SSE_HEAD + SSE_BODY, b"%x\r\n%s\r\n0\r\n\r\n" % (len(more), more), pause=0.05
+        )
 
         client = pool()
         async with Server(handler) as server:
