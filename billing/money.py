@@ -28,7 +28,7 @@ def usd_to_nanos(amount: str | Decimal | int) -> Nanos:
     """Parse a US-dollar amount (``"12.50"``) into nanos, refusing sub-nano precision and
     amounts beyond ``MAX_NANOS`` either way.
 
-    The size is checked on the exponent before any integer is made: ``"1e330000"`` is eight
+    The size is checked on the Decimal, before any integer is made: ``"1e330000"`` is eight
     bytes, and turning it into an int took seconds of CPU.
     """
     try:
@@ -39,7 +39,7 @@ def usd_to_nanos(amount: str | Decimal | int) -> Nanos:
         raise MoneyError(f"{amount!r} is too large an amount") from None
     if not value.is_finite():
         raise MoneyError(f"not an amount: {amount!r}")
-    if value and (value.adjusted() > 18 or abs(value) > MAX_NANOS):
+    if abs(value) > MAX_NANOS:
         raise MoneyError(f"{amount!r} is too large an amount")
     if value != value.to_integral_value():
         raise MoneyError(f"{amount!r} has more precision than one nano-dollar")

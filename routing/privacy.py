@@ -24,7 +24,7 @@ gateway refuses them under a policy.
 
 What is recorded (trace, usage) is the kinds and counts of what was found and what was
 done, never the values. Under ``trusted_only`` the vendor gets the values, but Switchyard
-keeps none: a key that logs content keeps the prompt in its redacted form (``Record``).
+keeps none: a key that logs content keeps the prompt in its redacted form.
 """
 
 from __future__ import annotations
@@ -245,22 +245,6 @@ async def scan_async(
     engine on first use)."""
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(_executor, scan, value)
-
-
-class Record(dict[str, Any]):
-    """The trace's ``privacy`` entry: ``policy``, ``action`` and ``found`` (kinds and counts),
-    all that is serialised. ``redacted_prompt``, an attribute outside the entry, is the prompt
-    (messages or embeddings input) in the guard's redacted form, set when the vendor got the
-    values (``trusted_only``) and the key logs content: what the route trace keeps instead of
-    the prompt, since Switchyard itself keeps no personal data."""
-
-    __slots__ = ("redacted_prompt",)
-
-    def __init__(
-        self, *, policy: str, action: str, found: dict[str, int], redacted_prompt: Any = None
-    ) -> None:
-        super().__init__(policy=policy, action=action, found=found)
-        self.redacted_prompt = redacted_prompt
 
 
 def restore_answer(body: dict[str, Any], redaction: Redaction) -> int:

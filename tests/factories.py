@@ -49,6 +49,35 @@ def customer(*, credit_usd: str | None = "10") -> Customer:
     return Customer(org, api_key_create(organization=org, name="test key").plaintext)
 
 
+def guarded(customer: Customer, policy: str, regions: str = "") -> None:
+    """Turn on the customer's privacy guard (``redact`` or ``trusted_only``), cache off."""
+    from marketplace.data_policy import organization_data_policy_update
+
+    organization_data_policy_update(
+        actor=owner(customer.organization),
+        organization=customer.organization,
+        privacy_policy=policy,
+        cache_ttl=0,
+        cache_similarity=None,
+        trusted_regions=regions,
+    )
+
+
+def log_content(customer: Customer) -> None:
+    """Opt the customer's key in to keeping prompts and completions in its traces."""
+    from marketplace.data_policy import api_key_data_policy_update
+    from marketplace.models import ApiKey
+
+    api_key_data_policy_update(
+        actor=owner(customer.organization),
+        api_key=ApiKey.objects.get(organization=customer.organization),
+        privacy_policy="",
+        cache_ttl=None,
+        cache_similarity=None,
+        log_content=True,
+    )
+
+
 def vendor(*, approved: bool = True, slug: str | None = None) -> Vendor:
     n = next(_seq)
     v = vendor_create(name=f"Vendor {n}", slug=slug or f"vendor-{n}")

@@ -1073,7 +1073,6 @@ class GatewayApp:
                 code="privacy_guard_unavailable",
             ) from None
         action = ""
-        kept_prompt = None
         if redaction.total:
             if job.key.privacy == "redact":
                 job.body = {**job.body, field: redacted}
@@ -1090,14 +1089,9 @@ class GatewayApp:
                 action = "trusted_only"
                 if job.key.log_content:
                     # The vendor gets the values; Switchyard's own trace keeps this instead.
-                    kept_prompt = redacted
+                    job.redacted_prompt = redacted
             metrics.PRIVACY.labels(action=action).inc()
-        job.privacy = privacy.Record(
-            policy=job.key.privacy,
-            action=action,
-            found=dict(redaction.found),
-            redacted_prompt=kept_prompt,
-        )
+        job.privacy = {"policy": job.key.privacy, "action": action, "found": dict(redaction.found)}
         return policy
 
     def _decide(

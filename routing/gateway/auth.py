@@ -150,18 +150,17 @@ def _provider_default(organization_id: int, value: Any) -> ProviderPolicy | None
         return parse_provider(value, param="organization.provider")
     except BadRequest as exc:
         logger.warning("organisation %s: routing policy: %s", organization_id, exc.message)
-    if not isinstance(value, dict):
-        return parse_provider({"only": []}, param="organization.provider")
     kept: dict[str, Any] = {}
-    for field, item in value.items():
+    closed = not isinstance(value, dict)
+    for field, item in value.items() if isinstance(value, dict) else ():
         try:
             parse_provider({field: item}, param="organization.provider")
         except BadRequest:
-            if field in _PROTECTIVE_FIELDS:
-                kept["only"] = []
+            closed = closed or field in _PROTECTIVE_FIELDS
             continue
-        if "only" not in kept or field != "only":
-            kept[field] = item
+        kept[field] = item
+    if closed:
+        kept["only"] = []
     return parse_provider(kept, param="organization.provider")
 
 

@@ -84,6 +84,9 @@ class Job:
     # Privacy guard: the placeholders to put back in the answer, and what to record.
     redaction: Redaction | None = None
     privacy: dict[str, Any] | None = None  # {"action": ..., "found": {kind: count}}
+    # Under trusted_only, for a key that keeps content: the prompt in the guard's redacted
+    # form, which the trace keeps instead of the one the vendor got.
+    redacted_prompt: Any = None
     served: Served | None = None  # set once an answer was delivered and settled
     cache_status: str | None = None  # "miss" when the answer may be cached (a header)
 
@@ -1060,7 +1063,7 @@ def _content_trace(job: Job, served: Served | None) -> dict[str, Any]:
     but Switchyard keeps none of them: the prompt in the guard's redacted form, and no
     completion (a vendor that saw the values may repeat them in any form)."""
     if job.privacy is not None and job.privacy.get("action") == "trusted_only":
-        redacted = getattr(job.privacy, "redacted_prompt", None)
+        redacted = job.redacted_prompt
         return {
             "prompt": _clipped(orjson.dumps(redacted).decode()) if redacted is not None else None,
             "completion": None,

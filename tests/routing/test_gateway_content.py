@@ -5,8 +5,6 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from marketplace.data_policy import api_key_data_policy_update, organization_data_policy_update
-from marketplace.models import ApiKey
 from routing.traces import stored_trace
 from tests import factories
 from tests.conftest import ingest_traces
@@ -17,23 +15,9 @@ PROMPT = "tell me about the weather in lisbon"
 
 
 def _opt_in(customer, *, privacy: str = "") -> None:  # type: ignore[no-untyped-def]
-    owner = factories.owner(customer.organization)
     if privacy:
-        organization_data_policy_update(
-            actor=owner,
-            organization=customer.organization,
-            privacy_policy=privacy,
-            cache_ttl=0,
-            cache_similarity=None,
-        )
-    api_key_data_policy_update(
-        actor=owner,
-        api_key=ApiKey.objects.get(organization=customer.organization),
-        privacy_policy="",
-        cache_ttl=None,
-        cache_similarity=None,
-        log_content=True,
-    )
+        factories.guarded(customer, privacy)
+    factories.log_content(customer)
 
 
 def _body(model: str, text: str = PROMPT, **extra: object) -> dict:

@@ -307,21 +307,21 @@ def test_it_rate_limits_a_key_with_headers(gateway_server, upstream):
     assert upstream.stats()["total"] == 2
 
 
-def test_a_fallback_hop_is_the_same_request_for_the_rate_limit(gateway_server, upstream):
+def test_a_fallback_hop_is_the_same_request_for_the_rate_limit(
+    gateway_server, upstream, two_vendors
+):
     # RPM 1: the first vendor fails, the second answers. One request, counted once: the
     # hop is neither refused by the limit the request itself used up nor counted again.
-    with FaultUpstream() as other:
-        factories.endpoint(base_url=upstream.base_url, tags=("sql",), price_output_usd="1")
-        second = factories.endpoint(base_url=other.base_url, tags=("sql",), price_output_usd="3")
-        customer = factories.customer()
-        ApiKey.objects.filter(organization=customer.organization).update(rate_limit_rpm=1)
-        upstream.script(["status:500"])
-        body = {"model": "tag:sql", "messages": MESSAGES, "provider": {"sort": "price"}}
-        with gateway_server.client(customer.key) as client:
-            served = client.post("/v1/chat/completions", json=body)
-            refused = client.post("/v1/chat/completions", json=body)
+    _cheap, dear = two_vendors
+    customer = factories.customer()
+    ApiKey.objects.filter(organization=customer.organization).update(rate_limit_rpm=1)
+    upstream.script(["status:500"])
+    body = {"model": "tag:sql", "messages": MESSAGES, "provider": {"sort": "price"}}
+    with gateway_server.client(customer.key) as client:
+        served = client.post("/v1/chat/completions", json=body)
+        refused = client.post("/v1/chat/completions", json=body)
     assert served.status_code == 200, served.text
-    assert served.headers["x-switchyard-endpoint"] == second.full_slug
+    assert served.headers["x-switchyard-endpoint"] == dear.full_slug
     assert served.headers["x-switchyard-attempts"] == "2"
     assert served.headers["x-ratelimit-remaining-requests"] == "0"
     assert refused.status_code == 429  # the minute's one request was that one

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from billing.models import UsageRecord
-from marketplace.data_policy import api_key_data_policy_update, organization_data_policy_update
+from marketplace.data_policy import api_key_data_policy_update
 from marketplace.models import ApiKey, Membership
 from marketplace.redis_client import sync_client
 from routing.privacy import Redaction, readable_input, scan_input, scan_messages
@@ -25,27 +25,8 @@ EMAIL, PHONE, CARD = "jane.doe@example.com", "+1 212-555-0199", "4111 1111 1111 
 PROMPT = f"Repeat after me: {EMAIL} {PHONE} card {CARD}"
 
 
-def _guarded(customer, policy: str, regions: str = "") -> None:  # type: ignore[no-untyped-def]
-    owner = factories.owner(customer.organization)
-    organization_data_policy_update(
-        actor=owner,
-        organization=customer.organization,
-        privacy_policy=policy,
-        cache_ttl=0,
-        cache_similarity=None,
-        trusted_regions=regions,
-    )
-
-
-def _log_content(customer) -> None:  # type: ignore[no-untyped-def]
-    api_key_data_policy_update(
-        actor=factories.owner(customer.organization),
-        api_key=ApiKey.objects.get(organization=customer.organization),
-        privacy_policy="",
-        cache_ttl=None,
-        cache_similarity=None,
-        log_content=True,
-    )
+_guarded = factories.guarded
+_log_content = factories.log_content
 
 
 def _embedder(upstream, **extra: object):  # type: ignore[no-untyped-def]
